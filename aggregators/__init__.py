@@ -1,0 +1,35 @@
+"""Learnable ensemble aggregation with hypergradient-tuned hyperparameters.
+
+Estimators
+----------
+AggregatedClassifier, AggregatedRegressor
+    scikit-learn estimators over a pool of base models.
+
+Aggregation functions
+---------------------
+Stacking, LearnedWeights
+    Each declares its parameters, hyperparameters and forward pass
+    (see :class:`Aggregator` and the README's "Write your own aggregator").
+
+The hypergradient engine lives in :mod:`aggregators.hypergrad`.
+"""
+
+from ._base import AggregationContext, Aggregator, Hyperparameter
+from ._estimators import AggregatedClassifier, AggregatedRegressor, HypergradientWarning
+from ._registry import available_aggregators
+from .stacking import Stacking
+from .weights import LearnedWeights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AggregatedClassifier",
+    "AggregatedRegressor",
+    "AggregationContext",
+    "Aggregator",
+    "HypergradientWarning",
+    "Hyperparameter",
+    "LearnedWeights",
+    "Stacking",
+    "available_aggregators",
+]

@@ -1,0 +1,217 @@
+"""What an aggregation function is: parameters, hyperparameters, a forward pass.
+
+An aggregation function is an unfitted *specification* (a scikit-learn style
+object whose ``__init__`` only stores arguments) that tells the estimator
+
+* its **hyperparameters** (:meth:`Aggregator.hyperparameters`): continuous,
+  box-bounded, optionally log-scaled, possibly vectors (one per base model);
+  tuned on the inner validation split by hypergradient;
+* its **parameters** (:meth:`Aggregator.init_params`): tensors fitted on the
+  inner training split by minimising the data loss plus :meth:`penalty`;
+* optional constants computed once from the training rows
+  (:meth:`Aggregator.fit_buffers`), e.g. scalers;
+* its **forward pass** (:meth:`Aggregator.forward`) on base outputs
+  ``Z`` of shape ``(n_rows, n_models, n_outputs)`` (class probabilities for
+  classifiers, standardised predictions for regressors) and optionally the
+  input features ``X``. For classifiers it returns class log-scores
+  (``softmax`` gives probabilities); for regressors, predictions in the
+  standardised target space.
+
+It never touches the estimator or the hypergradient engine. After fitting,
+the estimator stores a copy with ``params_``, ``buffers_``, ``hyperparams_``
+and ``context_`` set as ``aggregator_``; subclasses add readable views
+(weights, Shapley values, ...) on top of those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator
+
+__all__ = ["AggregationContext", "Aggregator", "Hyperparameter"]
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A continuous hyperparameter an aggregation function declares.
+
+    Parameters
+    ----------
+    name : str
+        Key in the hyperparameter dict given to :meth:`Aggregator.forward`
+        and :meth:`Aggregator.penalty`.
+    init : float or array-like
+        Starting (or fixed) value; broadcast to ``size``.
+    low, high : float
+        Bounds (inclusive); for ``log=True`` both must be positive.
+    log : bool, default=True
+        Tune ``log(value)`` rather than the value.
+    size : int, default=1
+        Length of a vector hyperparameter (e.g. one L2 weight per base model).
+    labels : tuple of str, default=None
+        Names of the entries of a vector hyperparameter (e.g. model names).
+    """
+
+    name: str
+    init: Any
+    low: float
+    high: float
+    log: bool = True
+    size: int = 1
+    labels: tuple | None = None
+
+    def initial(self) -> np.ndarray:
+        """The initial value as a float array of length ``size``, clipped to bounds."""
+        v = np.broadcast_to(np.asarray(self.init, dtype=np.float64), (self.size,))
+        return np.clip(v, self.low, self.high).copy()
+
+    def entry_names(self) -> list[str]:
+        """Flat names such as ``l2[rf]`` for each entry of the vector."""
+        if self.size == 1 and self.labels is None:
+            return [self.name]
+        labels = self.labels or tuple(range(self.size))
+        return [f"{self.name}[{lab}]" for lab in labels]
+
+
+@dataclass
+class AggregationContext:
+    """What an aggregation function knows about the problem it is fitted on.
+
+    Attributes
+    ----------
+    task : {"classification", "regression"}
+    n_models : int
+    n_outputs : int
+        Classes (classification) or targets (regression).
+    n_features : int
+        Columns of ``X``.
+    model_names : list of str
+    classes : ndarray or None
+    device : torch.device
+    dtype : torch.dtype
+    generator : torch.Generator
+        Seeded from the estimator's ``random_state``; use it for any
+        random initialisation.
+    """
+
+    task: str
+    n_models: int
+    n_outputs: int
+    n_features: int
+    model_names: list
+    classes: np.ndarray | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float64
+    generator: torch.Generator | None = None
+
+    def zeros(self, *shape) -> torch.Tensor:
+        """A zero tensor on the context's device and dtype."""
+        return torch.zeros(*shape, device=self.device, dtype=self.dtype)
+
+    def full(self, shape, value) -> torch.Tensor:
+        """A constant tensor on the context's device and dtype."""
+        return torch.full(shape, float(value), device=self.device, dtype=self.dtype)
+
+
+def readable_hyperparams(specs: list, values: dict) -> dict:
+    """``name -> float`` for scalars, ``name -> Series`` (by label) for vectors."""
+    out = {}
+    for spec in specs:
+        v = np.asarray(values[spec.name], dtype=np.float64)
+        if spec.size == 1 and spec.labels is None:
+            out[spec.name] = float(v.ravel()[0])
+        else:
+            out[spec.name] = pd.Series(v, index=list(spec.labels or range(spec.size)), name=spec.name)
+    return out
+
+
+class Aggregator(BaseEstimator):
+    """Base class of aggregation functions (see the module docstring).
+
+    Subclasses implement :meth:`hyperparameters`, :meth:`init_params` and
+    :meth:`forward`, and may override :meth:`penalty`, :meth:`fit_buffers`
+    and :meth:`check_task`. Set the class attribute ``uses_X = True`` when the
+    forward pass reads the input features.
+    """
+
+    #: Whether :meth:`forward` reads ``X`` (the estimator then moves it to the device).
+    uses_X: bool = False
+
+    # -- what a subclass declares -------------------------------------------------
+    def check_task(self, ctx: AggregationContext) -> None:
+        """Raise ``ValueError`` if the function cannot serve ``ctx.task``."""
+
+    def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
+        """Continuous hyperparameters tuned on the validation split."""
+        return []
+
+    def fit_buffers(
+        self, ctx: AggregationContext, Z: torch.Tensor, y: torch.Tensor, X=None
+    ) -> Params:
+        """Constants computed once from the training rows (not trained)."""
+        return {}
+
+    def init_params(
+        self, ctx: AggregationContext, Z: torch.Tensor, y: torch.Tensor, X=None
+    ) -> Params:
+        """Initial values of the trainable parameters."""
+        raise NotImplementedError
+
+    def forward(
+        self, params: Params, hyper: Params, Z: torch.Tensor, X=None
+    ) -> torch.Tensor:
+        """Aggregate base outputs: class log-scores or standardised predictions.
+
+        Parameters
+        ----------
+        params : dict of Tensor
+            Trainable parameters and buffers.
+        hyper : dict of Tensor
+            Hyperparameter values (1-D tensors of their declared size).
+        Z : Tensor of shape (n_rows, n_models, n_outputs)
+        X : Tensor of shape (n_rows, n_features) or None
+
+        Returns
+        -------
+        Tensor of shape (n_rows, n_outputs)
+        """
+        raise NotImplementedError
+
+    def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
+        """Regularisation added to the mean training loss."""
+        first = next(iter(params.values()))
+        return first.new_zeros(())
+
+    # -- fitted state, set by the estimator ---------------------------------------
+    def _set_fitted(
+        self, ctx, params: Params, buffers: Params, hyper: dict, specs: list
+    ) -> None:
+        # Numpy, not tensors: a pickle then loads on any machine, CUDA or not.
+        self.params_ = {k: v.detach().cpu().numpy() for k, v in params.items()}
+        self.buffers_ = {k: v.detach().cpu().numpy() for k, v in buffers.items()}
+        self._hyper_vectors_ = {k: np.asarray(v, dtype=np.float64) for k, v in hyper.items()}
+        self.hyperparams_ = readable_hyperparams(specs, self._hyper_vectors_)
+        self.model_names_ = list(ctx.model_names)
+        self.n_models_ = ctx.n_models
+        self.n_outputs_ = ctx.n_outputs
+        self.task_ = ctx.task
+        self.classes_ = ctx.classes
+
+    def _fitted_tensors(self, device, dtype) -> tuple[Params, Params]:
+        """Fitted parameters and hyperparameters as tensors on ``device``."""
+        params = {
+            k: torch.as_tensor(v, device=device, dtype=dtype)
+            for k, v in {**self.params_, **self.buffers_}.items()
+        }
+        hyper = {
+            k: torch.as_tensor(np.atleast_1d(v), device=device, dtype=dtype)
+            for k, v in self._hyper_vectors_.items()
+        }
+        return params, hyper

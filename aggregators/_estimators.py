@@ -1,0 +1,679 @@
+"""AggregatedClassifier and AggregatedRegressor: scikit-learn estimators.
+
+The estimator validates input, collects each base model's predictions once,
+splits the rows, hands the engine a bilevel problem per split, and refits the
+aggregation parameters on all rows with the tuned hyperparameters.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone, is_classifier
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import KFold, StratifiedKFold, check_cv, cross_val_predict
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelEncoder
+from sklearn.utils import Bunch
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
+
+from base_models import (
+    BaseModel,
+    IncompatibleBaseModelError,
+    SklearnModel,
+    UnfittedBaseModelError,
+    as_base_model,
+    class_probabilities,
+    is_fitted_estimator,
+    regression_outputs,
+    resolve_device,
+    resolve_dtype,
+    to_tensor,
+)
+
+from ._base import AggregationContext, Aggregator
+from ._bilevel import HyperSpace, Split, make_problem
+from ._registry import resolve_aggregator
+from .hypergrad import METHODS, InnerDivergenceError, solve_inner, tune
+
+__all__ = ["AggregatedClassifier", "AggregatedRegressor", "HypergradientWarning"]
+
+
+class HypergradientWarning(ConvergenceWarning):
+    """Tuning stopped early (e.g. an inner solve diverged); the last good point is kept."""
+
+
+def _is_sklearn_estimator(obj) -> bool:
+    return (
+        not isinstance(obj, (BaseModel, type))
+        and hasattr(obj, "fit")
+        and hasattr(obj, "predict")
+        and hasattr(obj, "get_params")
+    )
+
+
+class _Progress:
+    """Prints one line per outer step (``verbose > 0``)."""
+
+    def __init__(self):
+        self.step = 0
+
+    def __call__(self, entry: dict) -> None:
+        print(
+            f"[hyperagg] step {self.step}: validation loss {entry['outer_loss']:.6g}  "
+            f"|hypergrad| {entry['hypergrad_norm']:.3g}  inner iters "
+            f"{entry['inner_iter']}  {entry['seconds']:.3f}s",
+            flush=True,
+        )
+        self.step += 1
+
+
+class _BaseAggregated(BaseEstimator):
+    """Shared machinery of the two estimators (not public)."""
+
+    _task: str = ""
+
+    _parameter_constraints: dict = {
+        "estimators": [list],
+        "aggregator": [str, HasMethods(["hyperparameters", "init_params", "forward"])],
+        "hyperparams": [StrOptions({"tune", "fixed"}), dict],
+        "tuner": [StrOptions(set(METHODS))],
+        "tuner_options": [None, dict],
+        "optimizer": [StrOptions({"lbfgs", "adam"})],
+        "cv": [None, Interval(Integral, 2, None, closed="left"), "cv_object"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "max_outer_iter": [Interval(Integral, 0, None, closed="left")],
+        "max_inner_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "prefit": [StrOptions({"auto"}), "boolean"],
+        "base_cv": ["cv_object"],
+        "device": [str, torch.device],
+        "dtype": [StrOptions({"float32", "float64"})],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        estimators,
+        *,
+        aggregator="stacking",
+        hyperparams="tune",
+        tuner="implicit-cg",
+        tuner_options=None,
+        optimizer="lbfgs",
+        cv=5,
+        validation_fraction=0.25,
+        max_outer_iter=30,
+        max_inner_iter=500,
+        tol=1e-5,
+        prefit="auto",
+        base_cv=5,
+        device="auto",
+        dtype="float64",
+        random_state=None,
+        verbose=0,
+    ):
+        self.estimators = estimators
+        self.aggregator = aggregator
+        self.hyperparams = hyperparams
+        self.tuner = tuner
+        self.tuner_options = tuner_options
+        self.optimizer = optimizer
+        self.cv = cv
+        self.validation_fraction = validation_fraction
+        self.max_outer_iter = max_outer_iter
+        self.max_inner_iter = max_inner_iter
+        self.tol = tol
+        self.prefit = prefit
+        self.base_cv = base_cv
+        self.device = device
+        self.dtype = dtype
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- nested parameters: ``rf__max_depth`` as well as ``aggregator__l2`` ---------
+    def get_params(self, deep=True):
+        out = super().get_params(deep=deep)
+        if not deep or not isinstance(self.estimators, list):
+            return out
+        for item in self.estimators:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                continue
+            name, est = item
+            out[name] = est
+            if hasattr(est, "get_params") and not isinstance(est, type):
+                for key, value in est.get_params(deep=True).items():
+                    out[f"{name}__{key}"] = value
+        return out
+
+    def set_params(self, **params):
+        if "estimators" in params:
+            self.estimators = params.pop("estimators")
+        names = [n for n, _ in self.estimators] if isinstance(self.estimators, list) else []
+        estimators = list(self.estimators) if names else self.estimators
+        for name in list(params):
+            if name in names:
+                estimators[names.index(name)] = (name, params.pop(name))
+        nested: dict = {}
+        for key in list(params):
+            head, _, rest = key.partition("__")
+            if rest and head in names:
+                nested.setdefault(head, {})[rest] = params.pop(key)
+        for head, sub in nested.items():
+            estimators[names.index(head)][1].set_params(**sub)
+        if names:
+            self.estimators = estimators
+        return super().set_params(**params)
+
+    # -- fit ---------------------------------------------------------------------
+    def _check_estimators(self) -> list[tuple[str, object]]:
+        ests = self.estimators
+        if not all(isinstance(e, tuple) and len(e) == 2 for e in ests):
+            raise TypeError(
+                "estimators must be a list of (name, model) tuples; got "
+                f"{[type(e).__name__ for e in ests]}."
+            )
+        if len(ests) < 2:
+            raise ValueError(
+                f"an aggregator needs at least 2 base models; got {len(ests)}. "
+                "With a single model there is nothing to combine."
+            )
+        names = [n for n, _ in ests]
+        if len(set(names)) != len(names):
+            raise ValueError(f"names of estimators must be unique; got {names}.")
+        for n in names:
+            if not isinstance(n, str) or "__" in n or n in self.get_params(deep=False):
+                raise ValueError(
+                    f"estimator name {n!r} is not allowed: names are strings without "
+                    "'__' that do not clash with the estimator's own parameters."
+                )
+        return ests
+
+    def _validate_X(self, X, reset: bool):
+        arr = validate_data(self, X, reset=reset, ensure_all_finite=True)
+        # Base models get the user's DataFrame (column names, index keys) as is.
+        return arr, (X if isinstance(X, (pd.DataFrame, pd.Series)) else arr)
+
+    def _base_outputs(self, name, model, Xb, raw=None) -> np.ndarray:
+        if self._task == "classification":
+            if model.task == "regression":
+                raise IncompatibleBaseModelError(
+                    f"base model {name!r} is a regressor; a classifier's pool needs "
+                    "classifiers (or models giving class probabilities)."
+                )
+            out = class_probabilities(name, model, Xb, self.classes_, raw=raw)
+        else:
+            out = regression_outputs(name, model, Xb, self._n_targets, raw=raw)
+        if not np.all(np.isfinite(out)):
+            raise ValueError(f"base model {name!r} returned NaN or infinite predictions.")
+        return out
+
+    def _collect(self, Xb, y_orig, seed) -> np.ndarray:
+        """Fit what must be fitted, and stack every base model's outputs once."""
+        base_cv = check_cv(self.base_cv, y_orig, classifier=self._task == "classification")
+        models, outs = {}, []
+        for name, obj in self._check_estimators():
+            raw = None
+            if _is_sklearn_estimator(obj):
+                fitted = is_fitted_estimator(obj)
+                if self.prefit is True and not fitted:
+                    raise UnfittedBaseModelError(
+                        f"base estimator {name!r} ({type(obj).__name__}) is not fitted "
+                        "but prefit=True: fit it first, or use prefit='auto'."
+                    )
+                if self.prefit is False or not fitted:
+                    est = clone(obj)
+                    spec = SklearnModel(est)
+                    method = {
+                        "proba": "predict_proba",
+                        "decision": "decision_function",
+                    }.get(spec.output, "predict")
+                    # Out-of-fold outputs for the aggregator, as scikit-learn's
+                    # stacking does; the model used at predict time sees all rows.
+                    raw = np.asarray(
+                        cross_val_predict(est, Xb, y_orig, cv=base_cv, method=method)
+                    )
+                    if raw.ndim == 1 and method != "predict":
+                        raw = raw[:, None]
+                    elif raw.ndim == 1 and spec.output == "value":
+                        raw = raw[:, None]
+                    model = SklearnModel(clone(obj).fit(Xb, y_orig))
+                else:
+                    model = SklearnModel(obj)
+            else:
+                try:
+                    model = as_base_model(obj)
+                except TypeError as e:
+                    raise TypeError(f"base model {name!r}: {e}") from e
+                try:
+                    model.check_fitted()
+                except UnfittedBaseModelError as e:
+                    raise UnfittedBaseModelError(f"base model {name!r}: {e}") from e
+            models[name] = model
+            outs.append(self._base_outputs(name, model, Xb, raw))
+        self.base_models_ = models
+        self.estimators_ = [
+            getattr(m, "estimator", getattr(m, "module", m)) for m in models.values()
+        ]
+        self.named_estimators_ = Bunch(**dict(zip(models, self.estimators_)))
+        return np.stack(outs, axis=1)
+
+    def _splits(self, n, y_strat, seed) -> list[tuple[np.ndarray, np.ndarray]]:
+        idx = np.arange(n)
+        if self.cv is None:
+            try:
+                tr, va = train_test_split(
+                    idx, test_size=self.validation_fraction, random_state=seed,
+                    stratify=y_strat,
+                )
+            except ValueError:  # a class too rare to stratify on
+                tr, va = train_test_split(
+                    idx, test_size=self.validation_fraction, random_state=seed
+                )
+            return [(tr, va)]
+        if isinstance(self.cv, Integral):
+            if y_strat is not None and np.bincount(y_strat).min() >= self.cv:
+                splitter = StratifiedKFold(self.cv, shuffle=True, random_state=seed)
+            else:
+                splitter = KFold(self.cv, shuffle=True, random_state=seed)
+        else:
+            splitter = check_cv(self.cv, y_strat, classifier=y_strat is not None)
+        return list(splitter.split(np.zeros((n, 1)), y_strat))
+
+    def _resolve_hyperparams(self) -> dict:
+        if isinstance(self.hyperparams, dict):
+            return dict(self.hyperparams)
+        return {"__all__": True} if self.hyperparams == "fixed" else {}
+
+    def _fit(self, X, y, y_model, y_orig, y_strat):
+        """``y_model``: what the aggregator is trained on (encoded / standardised)."""
+        X_arr, Xb = X
+        rs = check_random_state(self.random_state)
+        seed = int(rs.randint(np.iinfo(np.int32).max))
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype)
+        self.device_ = device
+
+        agg_spec = resolve_aggregator(self.aggregator)
+        Z = self._collect(Xb, y_orig, seed)
+        Z = self._transform_outputs(Z)
+        n, m, c = Z.shape
+        gen = torch.Generator(device=device).manual_seed(seed)
+        ctx = AggregationContext(
+            task=self._task, n_models=m, n_outputs=c, n_features=X_arr.shape[1],
+            model_names=list(self.base_models_), classes=getattr(self, "classes_", None),
+            device=device, dtype=dtype, generator=gen,
+        )
+        agg_spec.check_task(ctx)
+
+        # The one host-to-device copy of the data for this fit.
+        y_dtype = torch.long if self._task == "classification" else dtype
+        full = Split(
+            to_tensor(Z, device, dtype),
+            torch.as_tensor(y_model, device=device, dtype=y_dtype),
+            to_tensor(X_arr, device, dtype) if agg_spec.uses_X else None,
+        )
+        specs = agg_spec.hyperparameters(ctx)
+        fixed = self._resolve_hyperparams()
+        if fixed.pop("__all__", False):
+            fixed = {s.name: s.initial() for s in specs}
+        space = HyperSpace(specs, fixed, device, dtype)
+
+        problems = []
+        for tr, va in self._splits(n, y_strat, seed):
+            tr_t = torch.as_tensor(tr, device=device)
+            va_t = torch.as_tensor(va, device=device)
+            prob, _, _ = make_problem(agg_spec, ctx, full.take(tr_t), full.take(va_t), space)
+            problems.append(prob)
+
+        lower, upper = space.bounds()
+        callback = _Progress() if self.verbose else None
+        t0 = time.perf_counter()
+        try:
+            result = tune(
+                problems, space.initial(), lower=lower, upper=upper,
+                method=self.tuner, method_options=self.tuner_options,
+                optimizer=self.optimizer, max_outer_iter=self.max_outer_iter,
+                tol=self.tol, max_inner_iter=self.max_inner_iter, callback=callback,
+            )
+        except InnerDivergenceError as e:
+            raise ValueError(
+                f"fitting the aggregator diverged at its initial hyperparameters ({e}); "
+                "check the base models' outputs or give other hyperparams."
+            ) from e
+        if result.diverged:
+            warnings.warn(
+                f"hypergradient tuning stopped early: {result.message}. The last "
+                "hyperparameters with a finite validation loss are kept.",
+                HypergradientWarning,
+                stacklevel=3,
+            )
+        self.tuning_time_ = time.perf_counter() - t0
+        self.tuning_history_ = self._history_frame(result.history, space, len(problems))
+
+        # Refit the parameters on all rows with the tuned hyperparameters.
+        final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
+        try:
+            theta, n_iter, converged = solve_inner(
+                final, result.h, result.thetas[0], max_iter=self.max_inner_iter
+            )
+        except InnerDivergenceError as e:
+            raise ValueError(f"refitting the aggregator on all rows diverged: {e}") from e
+        if not converged:
+            warnings.warn(
+                f"the final fit of the aggregator did not reach its tolerance in "
+                f"{self.max_inner_iter} iterations; raise max_inner_iter.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
+        self.aggregator_ = clone(agg_spec)
+        self.aggregator_._set_fitted(ctx, packer.unflatten(theta), buffers, hyper, specs)
+        self.hyperparams_ = self.aggregator_.hyperparams_
+        self.validation_loss_ = result.value / len(problems)
+        self.n_iter_ = len(result.history)
+        return self
+
+    @staticmethod
+    def _history_frame(history, space: HyperSpace, n_folds: int) -> pd.DataFrame:
+        names = space.entry_names()
+        rows = []
+        for step, e in enumerate(history):
+            vals = space.flat_values(torch.as_tensor(e["h"], dtype=space.dtype, device=space.device))
+            row = {
+                "step": step,
+                "validation_loss": e["outer_loss"] / n_folds,
+                "hypergrad_norm": e["hypergrad_norm"],
+                "inner_iter": e["inner_iter"],
+                "seconds": e["seconds"],
+            }
+            row.update(dict(zip(names, vals)))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def _transform_outputs(self, Z):
+        return Z
+
+    # -- predict -----------------------------------------------------------------
+    def _aggregate(self, X) -> torch.Tensor:
+        check_is_fitted(self, "aggregator_")
+        X_arr, Xb = self._validate_X(X, reset=False)
+        outs = [
+            self._base_outputs(name, model, Xb) for name, model in self.base_models_.items()
+        ]
+        Z = self._transform_outputs(np.stack(outs, axis=1))
+        device = self.device_
+        if device.type == "cuda" and not torch.cuda.is_available():
+            warnings.warn(
+                "this estimator was fitted on CUDA, which is not available here; "
+                "predicting on the CPU.",
+                UserWarning,
+                stacklevel=3,
+            )
+            device = torch.device("cpu")
+        dtype = resolve_dtype(self.dtype)
+        params, hyper = self.aggregator_._fitted_tensors(device, dtype)
+        Xt = to_tensor(X_arr, device, dtype) if self.aggregator_.uses_X else None
+        with torch.no_grad():
+            return self.aggregator_.forward(params, hyper, to_tensor(Z, device, dtype), Xt)
+
+
+class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
+    """Combine pretrained classifiers with a learnable, hypergradient-tuned function.
+
+    ``fit`` computes each base model's class probabilities once (fitting,
+    with out-of-fold predictions, any base estimator that is not fitted yet),
+    splits the rows into inner-train / inner-validation (or ``cv`` folds),
+    fits the aggregation function's parameters on inner-train while tuning
+    its continuous hyperparameters by hypergradient descent on the
+    inner-validation log-loss, and finally refits the parameters on all rows
+    with the tuned hyperparameters.
+
+    Parameters
+    ----------
+    estimators : list of (str, model)
+        Base models: fitted scikit-learn classifiers (kept frozen), unfitted
+        ones (fitted inside, see ``prefit``), ``torch.nn.Module`` s,
+        callables, arrays of stored predictions, or :mod:`base_models`
+        wrappers. Use ``sklearn.frozen.FrozenEstimator`` or
+        :func:`base_models.as_base_model` to keep a fitted model frozen
+        through :func:`sklearn.base.clone`.
+    aggregator : str or Aggregator, default="stacking"
+        The aggregation function: ``"stacking"``, ``"weights"`` or an
+        :class:`Aggregator` instance (its parameters are reachable as
+        ``aggregator__<name>``).
+    hyperparams : "tune", "fixed" or dict, default="tune"
+        ``"tune"`` tunes every hyperparameter from the aggregator's initial
+        values; ``"fixed"`` tunes none; a dict fixes the named ones (to the
+        given values) and tunes the rest.
+    tuner : str, default="implicit-cg"
+        Hypergradient method: ``"implicit-cg"``, ``"implicit-neumann"``,
+        ``"truncated-reverse"`` or ``"reverse"`` (unrolled).
+    tuner_options : dict, default=None
+        Options of the method (e.g. ``{"n_steps": 200}`` for ``"reverse"``).
+    optimizer : {"lbfgs", "adam"}, default="lbfgs"
+        Outer optimizer over the (log-scaled, bounded) hyperparameters.
+    cv : int, cross-validation generator or None, default=5
+        Folds of the cross-fitted validation loss; ``None`` uses one split
+        with ``validation_fraction`` of the rows for validation.
+    validation_fraction : float, default=0.25
+        Validation share when ``cv=None``.
+    max_outer_iter : int, default=30
+        Bound on outer (hyperparameter) iterations.
+    max_inner_iter : int, default=500
+        Bound on L-BFGS iterations of each inner solve.
+    tol : float, default=1e-5
+        Relative change of the validation loss at which tuning stops.
+    prefit : "auto" or bool, default="auto"
+        ``"auto"``: fitted estimators are used as they are, unfitted ones are
+        fitted inside; ``True``: every estimator must be fitted already;
+        ``False``: every scikit-learn estimator is refit (on clones).
+    base_cv : int or cross-validation generator, default=5
+        Folds for the out-of-fold predictions of estimators fitted inside.
+    device : str, default="auto"
+        ``"auto"`` uses CUDA when available, else the CPU.
+    dtype : {"float64", "float32"}, default="float64"
+    random_state : int, RandomState instance or None, default=None
+        Seeds the splits and any random initialisation.
+    verbose : int, default=0
+        Print one line per outer step when positive.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    estimators_ : list
+        The fitted base models (as given when pretrained).
+    named_estimators_ : Bunch
+    base_models_ : dict of str to BaseModel
+        The frozen wrappers used for prediction.
+    aggregator_ : Aggregator
+        The fitted aggregation function.
+    hyperparams_ : dict
+        Tuned hyperparameters: ``name -> float``, or a Series by base model.
+    tuning_history_ : DataFrame
+        One row per outer evaluation: ``validation_loss``,
+        ``hypergrad_norm``, ``inner_iter``, ``seconds`` and every
+        hyperparameter entry.
+    validation_loss_ : float
+        Best mean validation log-loss found.
+    n_iter_ : int
+        Outer evaluations made.
+    tuning_time_ : float
+        Seconds spent tuning.
+    n_features_in_ : int
+    feature_names_in_ : ndarray
+        Defined when ``X`` has string column names.
+
+    See Also
+    --------
+    AggregatedRegressor : the same for regression.
+    sklearn.ensemble.StackingClassifier : stacking with a fixed meta-learner.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.naive_bayes import GaussianNB
+    >>> from sklearn.tree import DecisionTreeClassifier
+    >>> from aggregators import AggregatedClassifier
+    >>> X, y = load_breast_cancer(return_X_y=True)
+    >>> clf = AggregatedClassifier(
+    ...     [("nb", GaussianNB()), ("tree", DecisionTreeClassifier(max_depth=3))],
+    ...     aggregator="weights", random_state=0).fit(X, y)
+    >>> clf.predict_proba(X[:2]).shape
+    (2, 2)
+    """
+
+    _task = "classification"
+
+    def fit(self, X, y):
+        """Fit the base models that need it, then the tuned aggregation function.
+
+        Parameters
+        ----------
+        X : array-like or DataFrame of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+            Class labels.
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        X_arr, y = validate_data(self, X, y, ensure_all_finite=True)
+        check_classification_targets(y)
+        enc = LabelEncoder().fit(y)
+        self.classes_ = enc.classes_
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"the target has a single class ({self.classes_[0]!r}); a classifier "
+                "needs at least 2 classes."
+            )
+        y_enc = enc.transform(y)
+        Xb = X if isinstance(X, (pd.DataFrame, pd.Series)) else X_arr
+        return self._fit((X_arr, Xb), y, y_enc, y, y_enc)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities of the aggregated ensemble.
+
+        Parameters
+        ----------
+        X : array-like or DataFrame of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        return torch.softmax(self._aggregate(X), dim=1).cpu().numpy()
+
+    def predict_log_proba(self, X) -> np.ndarray:
+        """Log of :meth:`predict_proba`."""
+        return torch.log_softmax(self._aggregate(X), dim=1).cpu().numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """Most probable class of each row."""
+        return self.classes_[self._aggregate(X).argmax(1).cpu().numpy()]
+
+
+class AggregatedRegressor(RegressorMixin, _BaseAggregated):
+    """Combine pretrained regressors with a learnable, hypergradient-tuned function.
+
+    Works as :class:`AggregatedClassifier` with the mean squared error as
+    the loss. Base predictions and the target are standardised with the
+    target's mean and scale before the aggregation function sees them, so
+    hyperparameter ranges do not depend on the target's units.
+
+    Parameters
+    ----------
+    estimators : list of (str, model)
+        Base regressors (see :class:`AggregatedClassifier`).
+    aggregator : str or Aggregator, default="stacking"
+    hyperparams, tuner, tuner_options, optimizer, cv, validation_fraction, \
+max_outer_iter, max_inner_iter, tol, prefit, base_cv, device, dtype, \
+random_state, verbose
+        As for :class:`AggregatedClassifier`.
+
+    Attributes
+    ----------
+    estimators_, named_estimators_, base_models_, aggregator_, hyperparams_, \
+tuning_history_, validation_loss_, n_iter_, tuning_time_, n_features_in_, \
+feature_names_in_
+        As for :class:`AggregatedClassifier` (the validation loss is the mean
+        squared error in standardised units).
+
+    See Also
+    --------
+    AggregatedClassifier
+    sklearn.ensemble.StackingRegressor
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_diabetes
+    >>> from sklearn.linear_model import Ridge
+    >>> from sklearn.tree import DecisionTreeRegressor
+    >>> from aggregators import AggregatedRegressor
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> reg = AggregatedRegressor(
+    ...     [("ridge", Ridge()), ("tree", DecisionTreeRegressor(max_depth=3))],
+    ...     random_state=0).fit(X, y)
+    >>> reg.predict(X[:3]).shape
+    (3,)
+    """
+
+    _task = "regression"
+
+    def fit(self, X, y):
+        """Fit the base models that need it, then the tuned aggregation function.
+
+        Parameters
+        ----------
+        X : array-like or DataFrame of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_targets)
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        X_arr, y = validate_data(
+            self, X, y, ensure_all_finite=True, multi_output=True, y_numeric=True
+        )
+        y = np.asarray(y, dtype=np.float64)
+        self._y_1d = y.ndim == 1
+        y2 = y.reshape(len(y), -1)
+        self._n_targets = y2.shape[1]
+        self.y_mean_ = y2.mean(0)
+        scale = y2.std(0)
+        self.y_scale_ = np.where(scale > 0, scale, 1.0)
+        Xb = X if isinstance(X, (pd.DataFrame, pd.Series)) else X_arr
+        y_std = (y2 - self.y_mean_) / self.y_scale_
+        return self._fit((X_arr, Xb), y, y_std, y, None)
+
+    def _transform_outputs(self, Z):
+        return (Z - self.y_mean_) / self.y_scale_
+
+    def predict(self, X) -> np.ndarray:
+        """Aggregated prediction of each row.
+
+        Parameters
+        ----------
+        X : array-like or DataFrame of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_targets)
+        """
+        out = self._aggregate(X).cpu().numpy() * self.y_scale_ + self.y_mean_
+        return out.ravel() if self._y_1d else out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags

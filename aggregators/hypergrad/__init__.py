@@ -1,0 +1,29 @@
+"""The hypergradient engine: bilevel problems, inner solvers, hypergradients.
+
+Pure torch; it knows nothing of scikit-learn. A :class:`BilevelProblem` holds
+an inner loss ``L(theta, h)`` and an outer loss ``Q(theta, h)`` over flat
+tensors; :func:`hypergradient` differentiates ``Q(theta*(h), h)`` by the named
+method and :func:`tune` runs the outer loop.
+"""
+
+from ._implicit import conjugate_gradient, implicit_hypergradient, neumann_series
+from ._inner import lipschitz_estimate, solve_inner
+from ._problem import BilevelProblem, HypergradResult, InnerDivergenceError
+from ._tuner import METHODS, TuningResult, hypergradient, tune
+from ._unrolled import reverse_hypergradient
+
+__all__ = [
+    "METHODS",
+    "BilevelProblem",
+    "HypergradResult",
+    "InnerDivergenceError",
+    "TuningResult",
+    "conjugate_gradient",
+    "hypergradient",
+    "implicit_hypergradient",
+    "lipschitz_estimate",
+    "neumann_series",
+    "reverse_hypergradient",
+    "solve_inner",
+    "tune",
+]

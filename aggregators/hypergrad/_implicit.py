@@ -1,0 +1,142 @@
+"""Implicit differentiation: dQ/dh = d_h Q - (d2_{h theta} L)^T H^{-1} d_theta Q.
+
+The inverse-Hessian-vector product is found either by conjugate gradient
+(exact up to ``tol``) or by a truncated Neumann series (Lorraine et al. 2020).
+Only Hessian-vector products are formed, never the Hessian.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._inner import lipschitz_estimate
+from ._problem import BilevelProblem, HypergradResult, outer_grads
+
+__all__ = ["conjugate_gradient", "implicit_hypergradient", "neumann_series"]
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+
+def conjugate_gradient(
+    matvec: MatVec, b: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-10
+) -> tuple[torch.Tensor, int, float]:
+    """Solve ``A x = b`` for symmetric positive (semi)definite ``A``.
+
+    Parameters
+    ----------
+    matvec : callable
+        ``v -> A v``.
+    b : Tensor
+        Right-hand side.
+    max_iter : int, default=100
+    tol : float, default=1e-10
+        Stop when ``||r|| <= tol * ||b||``.
+
+    Returns
+    -------
+    x : Tensor
+    n_iter : int
+    rel_residual : float
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = r @ r
+    b_norm = b.norm().clamp_min(torch.finfo(b.dtype).tiny)
+    thresh = (tol * b_norm) ** 2
+    it = 0
+    for it in range(1, max_iter + 1):
+        if rs <= thresh:
+            it -= 1
+            break
+        ap = matvec(p)
+        pap = p @ ap
+        if pap <= 0:  # direction of non-positive curvature: stop where we are
+            break
+        alpha = rs / pap
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = r @ r
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x, it, float(rs.sqrt() / b_norm)
+
+
+def neumann_series(
+    matvec: MatVec, b: torch.Tensor, *, alpha: float, n_terms: int = 50
+) -> torch.Tensor:
+    """Approximate ``A^{-1} b`` by ``alpha * sum_{j<=K} (I - alpha A)^j b``."""
+    v = b.clone()
+    p = b.clone()
+    for _ in range(n_terms):
+        v = v - alpha * matvec(v)
+        p = p + v
+    return alpha * p
+
+
+def implicit_hypergradient(
+    problem: BilevelProblem,
+    theta: torch.Tensor,
+    h: torch.Tensor,
+    *,
+    solver: str = "cg",
+    max_iter: int = 100,
+    tol: float = 1e-10,
+    damping: float = 0.0,
+    n_terms: int = 50,
+    alpha: float | None = None,
+) -> HypergradResult:
+    """Hypergradient by the implicit function theorem at an inner optimum.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+    theta : Tensor
+        A (near-)stationary point of ``L(., h)``.
+    h : Tensor
+        Hyperparameters.
+    solver : {"cg", "neumann"}, default="cg"
+        How ``H v = d_theta Q`` is solved.
+    max_iter, tol : int, float
+        Conjugate-gradient bounds.
+    damping : float, default=0.0
+        Added to the Hessian's diagonal (Levenberg style) for near-singular
+        inner problems.
+    n_terms : int, default=50
+        Terms of the Neumann series.
+    alpha : float, default=None
+        Neumann step; ``1 / lambda_max(H)`` by power iteration when omitted.
+
+    Returns
+    -------
+    HypergradResult
+    """
+    q, g_theta, g_h = outer_grads(problem, theta, h)
+    with torch.enable_grad():
+        th = theta.detach().requires_grad_(True)
+        hh = h.detach().requires_grad_(True)
+        g_inner = torch.autograd.grad(problem.inner_loss(th, hh), th, create_graph=True)[0]
+
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            (out,) = torch.autograd.grad(g_inner, th, grad_outputs=v, retain_graph=True)
+            return out + damping * v if damping else out
+
+        info: dict = {"solver": solver}
+        if solver == "cg":
+            v, n_it, res = conjugate_gradient(hvp, g_theta, max_iter=max_iter, tol=tol)
+            info.update(linear_iter=n_it, residual=res)
+        elif solver == "neumann":
+            if alpha is None:
+                alpha = float(1.0 / (lipschitz_estimate(problem, theta, h) + damping))
+            v = neumann_series(hvp, g_theta, alpha=alpha, n_terms=n_terms)
+            info.update(linear_iter=n_terms, alpha=alpha)
+        else:
+            raise ValueError(f"solver must be 'cg' or 'neumann'; got {solver!r}.")
+        (mixed,) = torch.autograd.grad(
+            g_inner, hh, grad_outputs=v.detach(), allow_unused=True
+        )
+    if mixed is None:
+        mixed = torch.zeros_like(h)
+    return HypergradResult(value=q, grad=(g_h - mixed).detach(), theta=theta, info=info)

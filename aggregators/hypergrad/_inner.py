@@ -1,0 +1,101 @@
+"""Inner solvers: L-BFGS to (near) optimality, and plain gradient steps."""
+
+from __future__ import annotations
+
+import torch
+
+from ._problem import BilevelProblem, InnerDivergenceError
+
+__all__ = ["solve_inner", "lipschitz_estimate"]
+
+
+def solve_inner(
+    problem: BilevelProblem,
+    h: torch.Tensor,
+    theta0: torch.Tensor | None = None,
+    *,
+    max_iter: int = 500,
+    tol: float = 1e-7,
+) -> tuple[torch.Tensor, int, bool]:
+    """Minimise ``L(., h)`` with L-BFGS (strong Wolfe) from ``theta0``.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+    h : Tensor
+        Hyperparameters, held fixed.
+    theta0 : Tensor, default=None
+        Warm start; ``problem.theta0`` when omitted.
+    max_iter : int, default=500
+        Bound on L-BFGS iterations.
+    tol : float, default=1e-7
+        Stop when the gradient's max-norm falls below ``tol``.
+
+    Returns
+    -------
+    theta : Tensor
+        The solution (detached).
+    n_iter : int
+        Iterations used.
+    converged : bool
+        Whether the gradient tolerance was met.
+
+    Raises
+    ------
+    InnerDivergenceError
+        When the loss or the parameters become non-finite.
+    """
+    h = h.detach()
+    start = problem.theta0 if theta0 is None else theta0
+    theta = start.detach().clone().requires_grad_(True)
+    if theta.numel() == 0:
+        return theta.detach(), 0, True
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=int(max_iter * 1.5) + 10,
+        tolerance_grad=tol,
+        tolerance_change=1e-14,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        loss = problem.inner_loss(theta, h)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    state = opt.state[opt._params[0]]
+    n_iter = int(state.get("n_iter", 0))
+    theta = theta.detach()
+    g = problem.inner_grad(theta, h)
+    if not (torch.isfinite(theta).all() and torch.isfinite(g).all()):
+        raise InnerDivergenceError(
+            "the inner solve diverged: non-finite parameters or gradient."
+        )
+    converged = bool(g.abs().max() <= tol * 10)
+    return theta, n_iter, converged
+
+
+def lipschitz_estimate(
+    problem: BilevelProblem, theta: torch.Tensor, h: torch.Tensor, n_iter: int = 20
+) -> torch.Tensor:
+    """Largest Hessian eigenvalue of ``L(., h)`` at ``theta`` by power iteration."""
+    with torch.enable_grad():
+        th = theta.detach().requires_grad_(True)
+        g = problem.inner_grad(th, h.detach(), create_graph=True)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(th.shape, generator=gen, dtype=th.dtype).to(th.device)
+        v = v / v.norm()
+        lam = torch.zeros((), dtype=th.dtype, device=th.device)
+        for _ in range(n_iter):
+            (hv,) = torch.autograd.grad(g, th, grad_outputs=v, retain_graph=True)
+            lam = hv.norm()
+            if lam <= 0:
+                break
+            v = hv / lam
+    return lam.detach().clamp_min(torch.finfo(th.dtype).eps)

@@ -1,0 +1,276 @@
+"""The outer loop: hypergradient descent on a (cross-fitted) validation loss."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+from ._implicit import implicit_hypergradient
+from ._inner import solve_inner
+from ._problem import BilevelProblem, HypergradResult, InnerDivergenceError
+from ._unrolled import reverse_hypergradient
+
+__all__ = ["METHODS", "TuningResult", "hypergradient", "tune"]
+
+#: Hypergradient methods by name, and whether each needs an inner optimum.
+METHODS: dict[str, bool] = {
+    "implicit-cg": True,
+    "implicit-neumann": True,
+    "truncated-reverse": True,
+    "reverse": False,
+}
+
+
+def hypergradient(
+    problem: BilevelProblem,
+    theta: torch.Tensor,
+    h: torch.Tensor,
+    method: str = "implicit-cg",
+    **options,
+) -> HypergradResult:
+    """Compute ``dQ/dh`` with the named method.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+    theta : Tensor
+        The inner optimum for the implicit and truncated methods; the start
+        of the trajectory for ``"reverse"``.
+    h : Tensor
+    method : {"implicit-cg", "implicit-neumann", "truncated-reverse", "reverse"}
+    **options
+        Passed to the method (``max_iter``, ``tol``, ``damping``,
+        ``n_terms``, ``n_steps``, ``truncate``, ``lr``).
+
+    Returns
+    -------
+    HypergradResult
+    """
+    if method == "implicit-cg":
+        return implicit_hypergradient(problem, theta, h, solver="cg", **options)
+    if method == "implicit-neumann":
+        return implicit_hypergradient(problem, theta, h, solver="neumann", **options)
+    if method == "truncated-reverse":
+        opts = {"n_steps": 20, **options}
+        opts.setdefault("truncate", opts["n_steps"])
+        return reverse_hypergradient(problem, theta, h, **opts)
+    if method == "reverse":
+        return reverse_hypergradient(problem, theta, h, **options)
+    raise ValueError(f"unknown hypergradient method {method!r}; choose from {list(METHODS)}.")
+
+
+@dataclass
+class TuningResult:
+    """Outcome of :func:`tune`.
+
+    Attributes
+    ----------
+    h : Tensor
+        Best hyperparameters found (lowest outer loss).
+    value : float
+        Outer loss at ``h``.
+    thetas : list of Tensor
+        Inner solutions at ``h``, one per problem.
+    history : list of dict
+        Per evaluation: ``outer_loss``, ``h`` (array), ``hypergrad_norm``,
+        ``inner_iter``, ``seconds``.
+    diverged : bool
+        Whether an inner solve diverged (the last good point is returned).
+    message : str
+        Why the loop stopped.
+    """
+
+    h: torch.Tensor
+    value: float
+    thetas: list
+    history: list = field(default_factory=list)
+    diverged: bool = False
+    message: str = ""
+
+
+class _Stop(Exception):
+    pass
+
+
+def tune(
+    problems: Sequence[BilevelProblem],
+    h0: torch.Tensor,
+    *,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    method: str = "implicit-cg",
+    method_options: dict | None = None,
+    optimizer: str = "lbfgs",
+    max_outer_iter: int = 30,
+    outer_lr: float = 0.1,
+    tol: float = 1e-4,
+    max_inner_iter: int = 500,
+    inner_tol: float = 1e-7,
+    callback: Callable[[dict], None] | None = None,
+) -> TuningResult:
+    """Minimise ``sum_k Q_k(theta_k*(h), h)`` over box-bounded ``h``.
+
+    Every problem (one per cross-fitting fold) shares ``h``; each keeps its own
+    warm-started inner solution.
+
+    Parameters
+    ----------
+    problems : sequence of BilevelProblem
+    h0 : Tensor
+        Start, in the unconstrained (e.g. log) space the problems use.
+    lower, upper : Tensor
+        Box bounds on ``h`` (``-inf`` / ``inf`` allowed).
+    method : str, default="implicit-cg"
+        Hypergradient method (see :data:`METHODS`).
+    method_options : dict, default=None
+        Options for the method.
+    optimizer : {"lbfgs", "adam"}, default="lbfgs"
+        ``"lbfgs"``: L-BFGS-B with the bounds (few evaluations, best for a
+        handful of hyperparameters); ``"adam"``: projected Adam steps of size
+        ``outer_lr`` on the device (for many hyperparameters).
+    max_outer_iter : int, default=30
+        Bound on outer iterations.
+    outer_lr : float, default=0.1
+        Adam step size.
+    tol : float, default=1e-4
+        Relative decrease of the outer loss below which the loop stops.
+    max_inner_iter : int, default=500
+    inner_tol : float, default=1e-7
+    callback : callable, default=None
+        Called with each history entry.
+
+    Returns
+    -------
+    TuningResult
+    """
+    method_options = dict(method_options or {})
+    if method not in METHODS:
+        raise ValueError(f"unknown hypergradient method {method!r}; choose from {list(METHODS)}.")
+    needs_optimum = METHODS[method]
+    thetas = [p.theta0.detach().clone() for p in problems]
+    history: list[dict] = []
+    best = {"value": math.inf, "h": h0.detach().clone(), "thetas": list(thetas)}
+    state = {"diverged": False, "message": ""}
+
+    def evaluate(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        value = torch.zeros((), dtype=h.dtype, device=h.device)
+        grad = torch.zeros_like(h)
+        inner_iter = 0
+        new_thetas = []
+        for k, prob in enumerate(problems):
+            try:
+                if needs_optimum:
+                    theta, n_it, _ = solve_inner(
+                        prob, h, thetas[k], max_iter=max_inner_iter, tol=inner_tol
+                    )
+                    inner_iter += n_it
+                else:
+                    theta = prob.theta0
+                res = hypergradient(prob, theta, h, method, **method_options)
+            except InnerDivergenceError as e:
+                state.update(diverged=True, message=str(e))
+                raise _Stop from e
+            if not (torch.isfinite(res.value) and torch.isfinite(res.grad).all()):
+                state.update(
+                    diverged=True,
+                    message="the outer loss or its hypergradient became non-finite",
+                )
+                raise _Stop
+            if not needs_optimum:
+                inner_iter += res.info.get("n_steps", 0)
+            value = value + res.value
+            grad = grad + res.grad
+            new_thetas.append(res.theta if not needs_optimum else theta)
+        thetas[:] = new_thetas
+        v = float(value)
+        entry = {
+            "outer_loss": v,
+            "h": h.detach().cpu().numpy().copy(),
+            "hypergrad_norm": float(grad.norm()),
+            "inner_iter": inner_iter,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(entry)
+        if callback is not None:
+            callback(entry)
+        if v < best["value"]:
+            best.update(value=v, h=h.detach().clone(), thetas=list(new_thetas))
+        return value, grad
+
+    if h0.numel() == 0:
+        max_outer_iter = 0
+    try:
+        if max_outer_iter <= 0:
+            evaluate(h0.detach())
+            state["message"] = "no tuning asked for"
+        elif optimizer == "lbfgs":
+            _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state)
+        elif optimizer == "adam":
+            _run_adam(evaluate, h0, lower, upper, max_outer_iter, outer_lr, tol, state)
+        else:
+            raise ValueError(f"optimizer must be 'lbfgs' or 'adam'; got {optimizer!r}.")
+    except _Stop:
+        pass
+    if not history:  # diverged at the very first point: nothing good to return
+        raise InnerDivergenceError(
+            f"the inner problem diverged at the initial hyperparameters: {state['message']}"
+        )
+    return TuningResult(
+        h=best["h"],
+        value=best["value"],
+        thetas=best["thetas"],
+        history=history,
+        diverged=state["diverged"],
+        message=state["message"],
+    )
+
+
+def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state):
+    dtype, device = h0.dtype, h0.device
+    lo, hi = lower.detach().cpu().numpy(), upper.detach().cpu().numpy()
+    bounds = [
+        (None if not np.isfinite(a) else float(a), None if not np.isfinite(b) else float(b))
+        for a, b in zip(lo, hi)
+    ]
+
+    def fun(x):
+        # Only the hyperparameter vector crosses to the host here.
+        value, grad = evaluate(torch.as_tensor(x, dtype=dtype, device=device))
+        return float(value), grad.detach().cpu().numpy().astype(np.float64)
+
+    res = minimize(
+        fun,
+        np.clip(h0.detach().cpu().numpy().astype(np.float64), lo, hi),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=bounds,
+        options={"maxiter": max_outer_iter, "maxfun": 2 * max_outer_iter, "ftol": tol, "gtol": 1e-8},
+    )
+    state["message"] = str(res.message)
+
+
+def _run_adam(evaluate, h0, lower, upper, max_outer_iter, lr, tol, state):
+    h = h0.detach().clone().clamp(lower, upper)
+    m = torch.zeros_like(h)
+    v = torch.zeros_like(h)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    prev = math.inf
+    for t in range(1, max_outer_iter + 1):
+        value, g = evaluate(h)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        step = lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        h = (h - step).clamp(lower, upper)
+        cur = float(value)
+        if abs(prev - cur) <= tol * max(1.0, abs(cur)):
+            state["message"] = "outer loss changed by less than tol"
+            return
+        prev = cur
+    state["message"] = "reached max_outer_iter"

@@ -1,0 +1,128 @@
+"""Learned convex weights over the base models (softmax parametrisation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ._base import AggregationContext, Aggregator, Hyperparameter, Params
+
+__all__ = ["LearnedWeights"]
+
+
+class LearnedWeights(Aggregator):
+    """A convex combination of the base models, ``w = softmax(a)``.
+
+    Classifiers pool probabilities linearly (``pool="linear"``,
+    ``p = sum_m w_m p_m``) or geometrically (``pool="log"``,
+    ``log p = sum_m w_m log p_m + const``), then apply an output temperature
+    ``T``: class log-scores are ``log(p) / T``. Regressors average the
+    models' predictions with the weights. Weights can be shared (``"global"``)
+    or learned per class / per target (``"per_output"``).
+
+    Hyperparameters tuned by hypergradient: ``temperature`` (classifiers),
+    ``l2`` on the logits ``a`` (pulls towards the uniform average) and
+    ``entropy``, a penalty on the weights' entropy (pulls towards selecting
+    few models, as greedy ensemble selection does).
+
+    Parameters
+    ----------
+    per : {"global", "per_output"}, default="global"
+        One weight vector, or one per class / target.
+    pool : {"linear", "log"}, default="linear"
+        How class probabilities are combined.
+    temperature : float, default=1.0
+        Initial output temperature.
+    l2 : float, default=1e-3
+        Initial L2 weight on the softmax logits.
+    entropy : float, default=1e-4
+        Initial weight of the entropy penalty.
+    eps : float, default=1e-6
+        Probabilities are clipped to ``[eps, 1]`` before the logarithm.
+
+    Examples
+    --------
+    >>> from aggregators import AggregatedClassifier, LearnedWeights
+    >>> from sklearn.datasets import load_iris
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sklearn.naive_bayes import GaussianNB
+    >>> X, y = load_iris(return_X_y=True)
+    >>> clf = AggregatedClassifier(
+    ...     [("lr", LogisticRegression(max_iter=500)), ("nb", GaussianNB())],
+    ...     aggregator=LearnedWeights(), random_state=0).fit(X, y)
+    >>> round(float(clf.aggregator_.weights_.sum()), 6)
+    1.0
+    """
+
+    short_name = "weights"
+
+    def __init__(
+        self,
+        per: str = "global",
+        pool: str = "linear",
+        temperature: float = 1.0,
+        l2: float = 1e-3,
+        entropy: float = 1e-4,
+        eps: float = 1e-6,
+    ):
+        self.per = per
+        self.pool = pool
+        self.temperature = temperature
+        self.l2 = l2
+        self.entropy = entropy
+        self.eps = eps
+
+    def check_task(self, ctx: AggregationContext) -> None:
+        if self.per not in ("global", "per_output"):
+            raise ValueError(f"per must be 'global' or 'per_output'; got {self.per!r}.")
+        if self.pool not in ("linear", "log"):
+            raise ValueError(f"pool must be 'linear' or 'log'; got {self.pool!r}.")
+
+    def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
+        hp = [
+            Hyperparameter("l2", self.l2, 1e-6, 1e2),
+            Hyperparameter("entropy", self.entropy, 1e-6, 1.0),
+        ]
+        if ctx.task == "classification":
+            hp.insert(0, Hyperparameter("temperature", self.temperature, 0.05, 20.0))
+        return hp
+
+    def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:
+        shape = (ctx.n_models,) if self.per == "global" else (ctx.n_models, ctx.n_outputs)
+        return {"logits": ctx.zeros(*shape)}  # uniform weights
+
+    @staticmethod
+    def _weights(params: Params) -> torch.Tensor:
+        w = torch.softmax(params["logits"], dim=0)
+        return w if w.dim() == 2 else w[:, None]  # (m, outputs or 1)
+
+    def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
+        w = self._weights(params)
+        if "temperature" not in hyper:  # regression
+            return (Z * w).sum(1)
+        if self.pool == "linear":
+            p = (Z * w).sum(1)
+            if self.per == "per_output":
+                p = p / p.sum(1, keepdim=True)
+            logp = torch.log(p.clamp_min(self.eps))
+        else:
+            logp = (torch.log(Z.clamp_min(self.eps)) * w).sum(1)
+        return logp / hyper["temperature"][0]
+
+    def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
+        a = params["logits"]
+        w = torch.softmax(a, dim=0)
+        ent = -(w * torch.log(w.clamp_min(1e-300))).sum(0).mean()
+        return 0.5 * hyper["l2"][0] * a.pow(2).sum() + hyper["entropy"][0] * ent
+
+    @property
+    def weights_(self) -> pd.Series | pd.DataFrame:
+        """Fitted weights: a Series by model, or a DataFrame models x outputs."""
+        a = np.asarray(self.params_["logits"])
+        w = np.exp(a - a.max(0))
+        w = w / w.sum(0)
+        if w.ndim == 1:
+            return pd.Series(w, index=self.model_names_, name="weight")
+        cols = list(self.classes_) if self.classes_ is not None else list(range(w.shape[1]))
+        return pd.DataFrame(w, index=self.model_names_, columns=cols)

@@ -1,0 +1,31 @@
+"""Frozen base models: any pretrained model, wrapped so an aggregator can call it.
+
+A base model is never refit by an aggregator. Wrappers exist for fitted
+scikit-learn estimators, torch modules, plain callables and stored predictions;
+:func:`as_base_model` picks the right one.
+"""
+
+from ._base import BaseModel, IncompatibleBaseModelError, UnfittedBaseModelError
+from ._callable import CallableModel, PrecomputedModel
+from ._device import resolve_device, resolve_dtype, to_numpy, to_tensor
+from ._pool import as_base_model, class_probabilities, regression_outputs
+from ._sklearn import SklearnModel, is_fitted_estimator
+from ._torch import TorchModel
+
+__all__ = [
+    "BaseModel",
+    "CallableModel",
+    "IncompatibleBaseModelError",
+    "PrecomputedModel",
+    "SklearnModel",
+    "TorchModel",
+    "UnfittedBaseModelError",
+    "as_base_model",
+    "class_probabilities",
+    "is_fitted_estimator",
+    "regression_outputs",
+    "resolve_device",
+    "resolve_dtype",
+    "to_numpy",
+    "to_tensor",
+]

@@ -1,0 +1,111 @@
+"""Fitted scikit-learn classifiers and regressors as frozen base models."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import is_classifier, is_regressor
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
+
+from ._base import BaseModel, UnfittedBaseModelError
+
+__all__ = ["SklearnModel", "is_fitted_estimator"]
+
+_METHODS = ("auto", "predict_proba", "decision_function", "predict")
+
+
+def is_fitted_estimator(estimator) -> bool:
+    """Whether a scikit-learn estimator has been fitted (``check_is_fitted``)."""
+    try:
+        check_is_fitted(estimator)
+    except NotFittedError:
+        return False
+    except TypeError:
+        return False
+    return True
+
+
+class SklearnModel(BaseModel):
+    """A fitted scikit-learn estimator used as a frozen base model.
+
+    Classifiers give probabilities when they have ``predict_proba``, else
+    their decision function, else one-hot predicted labels; regressors give
+    ``predict``.
+
+    Parameters
+    ----------
+    estimator : fitted scikit-learn estimator
+        A classifier or regressor that has already been trained.
+    method : {"auto", "predict_proba", "decision_function", "predict"}, default="auto"
+        Which output to use; ``"auto"`` takes the first available in that order.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_iris
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from base_models import SklearnModel
+    >>> X, y = load_iris(return_X_y=True)
+    >>> m = SklearnModel(LogisticRegression(max_iter=500).fit(X, y))
+    >>> m.predict_raw(X[:2]).shape
+    (2, 3)
+    """
+
+    def __init__(self, estimator, method: str = "auto"):
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}; got {method!r}.")
+        self.estimator = estimator
+        self.method = method
+        if is_classifier(estimator):
+            self.task = "classification"
+        elif is_regressor(estimator):
+            self.task = "regression"
+        else:
+            self.task = None
+        self.output = self._resolve_method()
+
+    def _resolve_method(self) -> str:
+        if self.task == "regression":
+            return "value"
+        if self.method == "auto":
+            for name, out in (
+                ("predict_proba", "proba"),
+                ("decision_function", "decision"),
+            ):
+                # hasattr honours available_if (e.g. SVC(probability=False)).
+                if hasattr(self.estimator, name):
+                    return out
+            return "label" if self.task == "classification" else "value"
+        return {
+            "predict_proba": "proba",
+            "decision_function": "decision",
+            "predict": "label" if self.task == "classification" else "value",
+        }[self.method]
+
+    @property
+    def classes_(self):  # type: ignore[override]
+        return getattr(self.estimator, "classes_", None)
+
+    def check_fitted(self) -> None:
+        if not is_fitted_estimator(self.estimator):
+            raise UnfittedBaseModelError(
+                f"{type(self.estimator).__name__} is not fitted: fit it first, or "
+                "pass it unfitted to an Aggregated* estimator with prefit='auto' "
+                "so that it is fitted inside with out-of-fold predictions."
+            )
+
+    def predict_raw(self, X) -> np.ndarray:
+        self.check_fitted()
+        method = {
+            "proba": "predict_proba",
+            "decision": "decision_function",
+            "label": "predict",
+            "value": "predict",
+        }[self.output]
+        out = np.asarray(getattr(self.estimator, method)(X))
+        if self.output == "label":
+            return out  # labels; one-hot encoding happens at alignment
+        out = out.astype(np.float64, copy=False)
+        return out.reshape(len(out), -1) if out.ndim == 1 else out
+
+    def _describe(self) -> str:
+        return f"{type(self.estimator).__name__}, output={self.output!r}"
