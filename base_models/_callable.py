@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from numbers import Integral
 
 import numpy as np
 import pandas as pd
@@ -139,8 +140,22 @@ class PrecomputedModel(BaseModel):
     def from_file(cls, path, **kwargs) -> "PrecomputedModel":
         """Load stored predictions from ``.npy``, ``.csv`` or ``.parquet``.
 
-        For CSV and Parquet, a column named by ``index_col`` (keyword, default
-        ``None``) becomes the keys; all other columns are outputs.
+        Parameters
+        ----------
+        path : str or os.PathLike
+            File to read; the extension picks the reader.
+        index_col : str or int, default=None
+            For CSV and Parquet, the column that holds the row keys; all other
+            columns are outputs (their header gives the class labels, as
+            strings, which :func:`class_probabilities` matches to the target's
+            labels by text). Without it the keys are ``0 .. n_rows-1``.
+        **kwargs
+            Passed to :class:`PrecomputedModel` (``output``, ``key_column``,
+            ``classes``, ...).
+
+        Returns
+        -------
+        PrecomputedModel
         """
         index_col = kwargs.pop("index_col", None)
         ext = os.path.splitext(str(path))[1].lower()
@@ -159,12 +174,28 @@ class PrecomputedModel(BaseModel):
         return cls(data, **kwargs)
 
     def _row_keys(self, X) -> np.ndarray:
-        if self.key_column is not None:
+        col = self.key_column
+        if col is not None:
             if isinstance(X, pd.DataFrame):
-                if self.key_column in X.columns:
-                    return X[self.key_column].to_numpy()
-                return X.iloc[:, self.key_column].to_numpy()
-            return np.asarray(X)[:, self.key_column]
+                if col in X.columns:
+                    return X[col].to_numpy()
+                if isinstance(col, Integral) and -X.shape[1] <= col < X.shape[1]:
+                    return X.iloc[:, col].to_numpy()
+                raise ValueError(
+                    f"key_column={col!r} is neither a column name nor a column "
+                    f"position of X (columns: {list(X.columns)[:10]})."
+                )
+            arr = np.asarray(X)
+            if arr.ndim != 2:
+                raise ValueError(
+                    f"X must be 2-D to read keys from it; got shape {arr.shape}."
+                )
+            if not isinstance(col, Integral) or not -arr.shape[1] <= col < arr.shape[1]:
+                raise ValueError(
+                    f"key_column={col!r} must be a column position below "
+                    f"{arr.shape[1]} when X is an array (names need a DataFrame X)."
+                )
+            return arr[:, col]
         if isinstance(X, (pd.DataFrame, pd.Series)):
             return X.index.to_numpy()
         raise ValueError(

@@ -21,6 +21,18 @@ def resolve_device(device) -> torch.device:
     Returns
     -------
     torch.device
+
+    Raises
+    ------
+    ValueError
+        For a string torch cannot parse, or a CUDA device without CUDA.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from base_models import resolve_device
+    >>> resolve_device("cpu")
+    device(type='cpu')
     """
     if isinstance(device, torch.device):
         return device
@@ -41,11 +53,34 @@ def resolve_device(device) -> torch.device:
 
 
 def resolve_dtype(dtype) -> torch.dtype:
-    """Map ``"float32"`` / ``"float64"`` (or a torch dtype) to a torch dtype."""
+    """Map ``"float32"`` / ``"float64"`` (or a torch / numpy float dtype) to torch.
+
+    Parameters
+    ----------
+    dtype : {"float32", "float64"}, torch.dtype or numpy float dtype
+        Integer and other non-floating dtypes are refused: parameters and
+        hypergradients need a floating-point type.
+
+    Returns
+    -------
+    torch.dtype
+
+    Examples
+    --------
+    >>> from base_models import resolve_dtype
+    >>> resolve_dtype("float64")
+    torch.float64
+    """
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point type; got {dtype!r}.")
         return dtype
     try:
-        return _DTYPES[dtype]
+        # np.dtype(None) would quietly mean float64.
+        if dtype is None:
+            raise TypeError
+        key = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+        return _DTYPES[key]
     except (KeyError, TypeError) as e:
         raise ValueError(f"dtype must be 'float32' or 'float64'; got {dtype!r}.") from e
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import torch
 from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator
 
@@ -43,19 +44,25 @@ def as_base_model(obj, **kwargs) -> BaseModel:
         if kwargs:
             raise TypeError("options cannot be given for an object already wrapped.")
         return obj
+    if isinstance(obj, type):
+        # A class is callable and has ``fit``/``predict`` as attributes, so it
+        # would otherwise be taken for a model; say what is expected instead.
+        kind = (
+            "torch module" if issubclass(obj, torch.nn.Module) else "model"
+        )
+        raise TypeError(
+            f"got the class {obj.__name__}, not a trained instance of it: build "
+            f"and train the {kind} first, then pass the instance "
+            f"(e.g. {obj.__name__}(...) after training)."
+        )
+    # Checked before the duck-typed scikit-learn test: a module that also has
+    # ``fit``/``predict`` methods is still called as a module.
+    if isinstance(obj, torch.nn.Module):
+        return TorchModel(obj, **kwargs)
     if isinstance(obj, BaseEstimator) or (
         hasattr(obj, "fit") and hasattr(obj, "predict")
     ):
         return SklearnModel(obj, **kwargs)
-    try:
-        import torch
-
-        if isinstance(obj, torch.nn.Module) or (
-            isinstance(obj, type) and issubclass(obj, torch.nn.Module)
-        ):
-            return TorchModel(obj, **kwargs)
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
     if hasattr(obj, "__array__") or hasattr(obj, "to_numpy"):
         return PrecomputedModel(obj, **kwargs)
     if callable(obj):
@@ -82,6 +89,31 @@ def _to_proba(raw: np.ndarray, output: str, n_cols: int) -> np.ndarray:
     raise AssertionError(output)  # labels are handled by the caller
 
 
+def _class_positions(name: str, model_classes, classes) -> np.ndarray:
+    """Column of ``classes`` for each of the model's labels (-1: not a target class)."""
+    try:
+        where = {label: j for j, label in enumerate(classes)}
+        pos = np.array([where.get(label, -1) for label in model_classes], dtype=int)
+        if (pos < 0).all():
+            # Labels read from a CSV / Parquet header are strings even when the
+            # target's are integers; match on the text only if that is unambiguous.
+            by_text = {str(label): j for j, label in enumerate(classes)}
+            if len(by_text) == len(classes):
+                pos = np.array(
+                    [by_text.get(str(label), -1) for label in model_classes], dtype=int
+                )
+    except TypeError as e:  # unhashable labels
+        raise IncompatibleBaseModelError(
+            f"base model {name!r} has class labels that cannot be matched."
+        ) from e
+    if len(set(pos[pos >= 0].tolist())) != int((pos >= 0).sum()):
+        raise IncompatibleBaseModelError(
+            f"base model {name!r} has class labels {list(model_classes)[:10]} that "
+            "map more than one column onto the same target class."
+        )
+    return pos
+
+
 def class_probabilities(
     name: str, model: BaseModel, X, classes, raw: np.ndarray | None = None
 ) -> np.ndarray:
@@ -106,6 +138,27 @@ def class_probabilities(
     Returns
     -------
     proba : ndarray of shape (n_samples, n_classes)
+
+    Raises
+    ------
+    IncompatibleBaseModelError
+        If the model's labels share nothing with ``classes``, it predicts a
+        label outside them, or its column count cannot be matched.
+
+    Notes
+    -----
+    Labels are matched by value. Only when no label matches by value are they
+    matched by their text (``"1"`` to ``1``), as class labels read back from
+    a CSV or Parquet header are strings. Probability given to labels absent
+    from ``classes`` is dropped with a warning and each row renormalised.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from base_models import PrecomputedModel, class_probabilities
+    >>> m = PrecomputedModel(np.array([[0.3, 0.7]]), classes=["c", "a"])
+    >>> class_probabilities("m", m, None, np.array(["a", "b", "c"]), raw=m.predictions)
+    array([[0.7, 0. , 0.3]])
     """
     raw = model.predict_raw(X) if raw is None else raw
     n = len(raw)
@@ -135,13 +188,7 @@ def class_probabilities(
             f"base model {name!r} returned shape {raw.shape} for "
             f"{len(model_classes)} classes."
         )
-    try:
-        where = {label: j for j, label in enumerate(classes)}
-        pos = np.array([where.get(label, -1) for label in model_classes])
-    except TypeError as e:  # unhashable labels
-        raise IncompatibleBaseModelError(
-            f"base model {name!r} has class labels that cannot be matched."
-        ) from e
+    pos = _class_positions(name, model_classes, classes)
     if (pos < 0).all():
         raise IncompatibleBaseModelError(
             f"base model {name!r} knows classes {list(model_classes)[:10]}, none of "
@@ -167,7 +214,7 @@ def class_probabilities(
 def regression_outputs(
     name: str, model: BaseModel, X, n_targets: int, raw: np.ndarray | None = None
 ) -> np.ndarray:
-    """Predict with a regression base model (unless ``raw`` is given); check its shape."""
+    """Predict with a regression base model (unless ``raw`` is given); check shape."""
     if model.task == "classification":
         raise IncompatibleBaseModelError(
             f"base model {name!r} is a classifier; a regressor's pool needs "

@@ -22,7 +22,30 @@ def is_fitted_estimator(estimator) -> bool:
         return False
     except TypeError:
         return False
+    except AttributeError:
+        # Not a BaseEstimator (no __sklearn_tags__): apply scikit-learn's own
+        # rule by hand, as third-party models that follow the protocol expect.
+        if hasattr(estimator, "__sklearn_is_fitted__"):
+            return bool(estimator.__sklearn_is_fitted__())
+        return any(
+            v.endswith("_") and not v.startswith("__") for v in vars(estimator)
+        )
     return True
+
+
+def _task_of(estimator) -> str | None:
+    """"classification", "regression" or None, also for duck-typed estimators."""
+    try:
+        if is_classifier(estimator):
+            return "classification"
+        if is_regressor(estimator):
+            return "regression"
+        return None
+    except (AttributeError, TypeError):
+        # Not a BaseEstimator (no __sklearn_tags__): fall back to the old
+        # ``_estimator_type`` convention that third-party models still follow.
+        kind = getattr(estimator, "_estimator_type", None)
+        return {"classifier": "classification", "regressor": "regression"}.get(kind)
 
 
 class SklearnModel(BaseModel):
@@ -38,6 +61,27 @@ class SklearnModel(BaseModel):
         A classifier or regressor that has already been trained.
     method : {"auto", "predict_proba", "decision_function", "predict"}, default="auto"
         Which output to use; ``"auto"`` takes the first available in that order.
+
+    Attributes
+    ----------
+    task : {"classification", "regression"} or None
+        From the estimator's scikit-learn tags (or ``_estimator_type``).
+    output : {"proba", "decision", "label", "value"}
+        What :meth:`predict_raw` returns.
+    classes_ : ndarray or None
+        The estimator's ``classes_``.
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is unknown or the estimator does not offer it.
+
+    Notes
+    -----
+    The wrapper is frozen: ``sklearn.base.clone`` returns it unchanged and
+    :meth:`fit` only checks that the estimator is fitted, as
+    ``sklearn.frozen.FrozenEstimator`` does. Predicting with an unfitted
+    estimator raises :class:`UnfittedBaseModelError`.
 
     Examples
     --------
@@ -55,13 +99,13 @@ class SklearnModel(BaseModel):
             raise ValueError(f"method must be one of {_METHODS}; got {method!r}.")
         self.estimator = estimator
         self.method = method
-        if is_classifier(estimator):
-            self.task = "classification"
-        elif is_regressor(estimator):
-            self.task = "regression"
-        else:
-            self.task = None
+        self.task = _task_of(estimator)
         self.output = self._resolve_method()
+        if method != "auto" and not hasattr(estimator, method):
+            raise ValueError(
+                f"method={method!r} was asked for but {type(estimator).__name__} "
+                f"has no {method}; use method='auto' to take the first available."
+            )
 
     def _resolve_method(self) -> str:
         if self.task == "regression":

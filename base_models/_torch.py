@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import numpy as np
 import torch
 from torch.nn.parameter import is_lazy
 
 from ._base import BaseModel, UnfittedBaseModelError
-from ._device import resolve_device
+from ._device import resolve_device, resolve_dtype
 
 __all__ = ["TorchModel"]
 
@@ -34,8 +36,9 @@ class TorchModel(BaseModel):
         Rows per forward pass.
     device : str, default="auto"
         Where the module runs; ``"auto"`` picks CUDA when available.
-    dtype : torch.dtype, default=torch.float32
-        dtype the input rows are cast to.
+    dtype : {"float32", "float64"} or torch.dtype, default=None
+        dtype the input rows are cast to; ``None`` takes the dtype of the
+        module's floating-point parameters (float32 for a module without any).
 
     Examples
     --------
@@ -54,7 +57,7 @@ class TorchModel(BaseModel):
         classes=None,
         batch_size: int = 8192,
         device="auto",
-        dtype=torch.float32,
+        dtype=None,
     ):
         if isinstance(module, type):
             raise TypeError(
@@ -69,9 +72,15 @@ class TorchModel(BaseModel):
         self.output = output
         self.task = "regression" if output == "value" else "classification"
         self.classes_ = None if classes is None else np.asarray(classes)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or (
+            batch_size < 1
+        ):
+            raise ValueError(
+                f"batch_size must be a positive integer; got {batch_size!r}."
+            )
         self.batch_size = int(batch_size)
         self.device = device
-        self.dtype = dtype
+        self.dtype = None if dtype is None else resolve_dtype(dtype)
 
     def check_fitted(self) -> None:
         for name, p in list(self.module.named_parameters()) + list(
@@ -95,7 +104,10 @@ class TorchModel(BaseModel):
             X = X.to_numpy()
         X = np.asarray(X)
         device = resolve_device(self.device)
-        was_training = self.module.training
+        dtype = self._input_dtype()
+        # Each submodule's own flag, not just the top one: a user may keep
+        # e.g. a frozen BatchNorm in eval mode inside a module in train mode.
+        modes = [(m, m.training) for m in self.module.modules()]
         # Move the module for the call; it goes back where it was after.
         first = next(self.module.parameters(), None)
         home = first.device if first is not None else device
@@ -104,15 +116,26 @@ class TorchModel(BaseModel):
         try:
             with torch.no_grad():
                 for start in range(0, len(X), self.batch_size):
-                    xb = torch.as_tensor(
-                        X[start : start + self.batch_size], dtype=self.dtype
-                    ).to(device, non_blocking=True)
+                    # torch.tensor copies: X may be a read-only view (pandas
+                    # copy-on-write), which torch.as_tensor warns about.
+                    xb = torch.tensor(X[start : start + self.batch_size], dtype=dtype)
+                    xb = xb.to(device, non_blocking=True)
                     outs.append(self.module(xb).reshape(len(xb), -1).double())
         finally:
-            self.module.train(was_training).to(home)
+            self.module.to(home)
+            for m, training in modes:
+                m.training = training
         if not outs:
             return np.zeros((0, 1))
         return torch.cat(outs).cpu().numpy()
+
+    def _input_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        for p in self.module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
 
     def _describe(self) -> str:
         return f"{type(self.module).__name__}, output={self.output!r}"

@@ -61,13 +61,20 @@ def conjugate_gradient(
         rs_new = r @ r
         p = r + (rs_new / rs) * p
         rs = rs_new
-    return x, it, float(rs.sqrt() / b_norm)
+    return x, it, float((rs.sqrt() / b_norm).detach())
 
 
 def neumann_series(
     matvec: MatVec, b: torch.Tensor, *, alpha: float, n_terms: int = 50
 ) -> torch.Tensor:
-    """Approximate ``A^{-1} b`` by ``alpha * sum_{j<=K} (I - alpha A)^j b``."""
+    """Approximate ``A^{-1} b`` by ``alpha * sum_{j=0}^{K} (I - alpha A)^j b``.
+
+    ``K = n_terms`` matrix-vector products, so ``K + 1`` powers are summed.
+    At an inner optimum this equals reverse mode through ``K + 1`` gradient
+    steps of size ``alpha`` (Lorraine et al. 2020, Thm. 1): truncated reverse
+    with ``n_steps=K`` matches ``n_terms=K - 1``. It converges when
+    ``0 < alpha < 2 / lambda_max(A)``.
+    """
     v = b.clone()
     p = b.clone()
     for _ in range(n_terms):
@@ -105,7 +112,8 @@ def implicit_hypergradient(
         Added to the Hessian's diagonal (Levenberg style) for near-singular
         inner problems.
     n_terms : int, default=50
-        Terms of the Neumann series.
+        Hessian-vector products of the Neumann series (it sums the powers
+        ``0..n_terms``; see :func:`neumann_series`).
     alpha : float, default=None
         Neumann step; ``1 / lambda_max(H)`` by power iteration when omitted.
 

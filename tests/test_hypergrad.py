@@ -1,0 +1,647 @@
+"""Correctness of the hypergradient engine (``aggregators.hypergrad``), float64.
+
+References the engine is checked against:
+
+* ridge regression, whose inner optimum and hypergradient have closed forms
+  (``../shared/FORMULAS.md``: dQ/dlam = -grad_theta Q^T (X^T X + lam I)^{-1} theta*);
+* dense linear algebra (``torch.linalg.solve``, the Neumann partial sum formed
+  with explicit matrices);
+* central finite differences of the outer loss at re-solved inner optima on
+  logistic stacking / learned weights over real base-model probabilities;
+* a dense grid search of the outer loss for :func:`tune`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from aggregators import LearnedWeights, Stacking
+from aggregators._base import AggregationContext
+from aggregators._bilevel import HyperSpace, Split, make_problem
+from aggregators.hypergrad import (
+    METHODS,
+    BilevelProblem,
+    InnerDivergenceError,
+    conjugate_gradient,
+    hypergradient,
+    implicit_hypergradient,
+    lipschitz_estimate,
+    neumann_series,
+    reverse_hypergradient,
+    solve_inner,
+    tune,
+)
+from aggregators.hypergrad._problem import outer_grads
+
+DT = torch.float64
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# -- ridge regression with closed forms ------------------------------------------------
+class Ridge:
+    """``L = 0.5 ||X theta - y||^2 + 0.5 sum_i lam_i theta_i^2``, ``Q = mean val SE``.
+
+    ``h = log(lam)``: one entry (shared lambda) or one per feature. The
+    training design has singular values spread over [2, 10], so the inner
+    Hessian's eigenvalues are ``[4, 100] + lam`` (condition number about 17 at
+    the validation optimum): well conditioned, yet slow enough that the
+    Neumann series and unrolled steps visibly converge.
+    """
+
+    def __init__(self, n: int = 40, n_val: int = 200, p: int = 10, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+
+        def orth(k):
+            return torch.linalg.qr(torch.randn(k, k, generator=g, dtype=DT))[0]
+
+        s = torch.linspace(2, 10, p, dtype=DT)
+        self.X = orth(n)[:, :p] @ torch.diag(s) @ orth(p).T
+        w = torch.randn(p, generator=g, dtype=DT)
+        self.y = self.X @ w + 1.5 * torch.randn(n, generator=g, dtype=DT)
+        self.Xv = torch.randn(n_val, p, generator=g, dtype=DT) @ torch.diag(
+            torch.linspace(0.3, 1.5, p, dtype=DT)
+        )
+        self.yv = self.Xv @ w + 1.5 * torch.randn(n_val, generator=g, dtype=DT)
+        self.p = p
+        self.problem = BilevelProblem(self.inner, self.outer, torch.zeros(p, dtype=DT))
+
+    def inner(self, theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.X @ theta - self.y).pow(2).sum() + 0.5 * (
+            torch.exp(h) * theta.pow(2)
+        ).sum()
+
+    def outer(self, theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return (self.Xv @ theta - self.yv).pow(2).mean()
+
+    def hessian(self, h: torch.Tensor) -> torch.Tensor:
+        lam = torch.exp(h) * torch.ones(self.p, dtype=DT)
+        return self.X.T @ self.X + torch.diag(lam)
+
+    def theta_star(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(self.hessian(h), self.X.T @ self.y)
+
+    def value(self, h: torch.Tensor) -> torch.Tensor:
+        """``Q(theta*(h))``, differentiable in ``h`` by autograd."""
+        return self.outer(self.theta_star(h), h)
+
+    def hypergrad(self, h: torch.Tensor) -> torch.Tensor:
+        """Closed form ``dQ/dh = lam * dQ/dlam`` (summed over features when shared)."""
+        th = self.theta_star(h)
+        g_theta = 2.0 * self.Xv.T @ (self.Xv @ th - self.yv) / len(self.yv)
+        dq_dlam = -torch.linalg.solve(self.hessian(h), g_theta) * th  # per feature
+        lam = torch.exp(h)
+        if h.numel() == 1:
+            return lam * dq_dlam.sum().reshape(1)
+        return lam * dq_dlam
+
+
+@pytest.fixture(scope="module")
+def ridge() -> Ridge:
+    return Ridge()
+
+
+H_SCALAR = [torch.tensor([v], dtype=DT) for v in (-1.0, 0.7, 3.0)]
+H_VECTOR = torch.linspace(-1.0, 2.0, 10, dtype=DT)
+
+
+def _h_cases():
+    return [pytest.param(h, id=f"scalar{float(h):+.1f}") for h in H_SCALAR] + [
+        pytest.param(H_VECTOR, id="per-feature")
+    ]
+
+
+def test_closed_form_reference_is_right(ridge):
+    """The analytic reference equals autograd through the dense solve (and gradcheck passes)."""
+    for h in [*H_SCALAR, H_VECTOR]:
+        hh = h.clone().requires_grad_(True)
+        (auto,) = torch.autograd.grad(ridge.value(hh), hh)
+        assert rel_err(ridge.hypergrad(h), auto) < 1e-12
+    assert torch.autograd.gradcheck(ridge.value, (H_VECTOR.clone().requires_grad_(True),))
+
+
+# -- implicit differentiation -------------------------------------------------------------
+@pytest.mark.parametrize("h", _h_cases())
+def test_ift_cg_matches_closed_form(ridge, h):
+    theta = ridge.theta_star(h)
+    res = implicit_hypergradient(ridge.problem, theta, h, solver="cg")
+    err = rel_err(res.grad, ridge.hypergrad(h))
+    assert err <= 1e-6, err
+    assert res.grad.shape == h.shape
+    assert res.info["residual"] <= 1e-10
+    assert float(res.value) == pytest.approx(float(ridge.value(h)), rel=1e-12)
+
+
+@pytest.mark.parametrize("h", _h_cases())
+def test_ift_cg_at_lbfgs_solution(ridge, h):
+    """At the L-BFGS solution the whole error is the first-order effect of the inner error.
+
+    For ridge the IFT hypergradient evaluated at any ``theta`` is
+    ``F(theta) = -lam * theta * H^{-1} grad_theta Q(theta)`` (summed for a
+    shared lambda), so its error at the L-BFGS point is ``J (theta - theta*)``
+    up to a second-order term, with ``J = dF/dtheta`` at ``theta*``. We check
+    exactly that, and a loose relative bound of 1e-5: with the default
+    ``tol=1e-7`` the measured relative errors are 1e-9 to 1.4e-6, the largest
+    at ``log lam = 0.7``, next to the validation optimum, where ``dQ/dh`` is
+    small (so a small absolute error is a larger relative one).
+    """
+    theta, n_iter, converged = solve_inner(ridge.problem, h)
+    assert converged and n_iter > 0
+    star = ridge.theta_star(h)
+    assert rel_err(theta, star) <= 1e-7
+    res = hypergradient(ridge.problem, theta, h, "implicit-cg")
+    ref = ridge.hypergrad(h)
+    assert rel_err(res.grad, ref) <= 1e-5
+
+    def F(t: torch.Tensor) -> torch.Tensor:
+        g_theta = 2.0 * ridge.Xv.T @ (ridge.Xv @ t - ridge.yv) / len(ridge.yv)
+        out = -torch.exp(h) * t * torch.linalg.solve(ridge.hessian(h), g_theta)
+        return out.sum().reshape(1) if h.numel() == 1 else out
+
+    predicted = torch.autograd.functional.jacobian(F, star) @ (theta - star)
+    err = res.grad - ref
+    assert float((err - predicted).norm()) <= 1e-3 * float(predicted.norm()) + 1e-13
+
+
+def _dense_neumann(A: torch.Tensor, b: torch.Tensor, alpha: float, n_terms: int):
+    """``alpha * sum_{j=0}^{n_terms} (I - alpha A)^j b`` with explicit matrices."""
+    M = torch.eye(len(b), dtype=DT) - alpha * A
+    acc, term = torch.zeros_like(b), b.clone()
+    for _ in range(n_terms + 1):
+        acc = acc + term
+        term = M @ term
+    return alpha * acc
+
+
+def test_neumann_series_is_the_partial_sum():
+    g = torch.Generator().manual_seed(1)
+    Q = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=DT))[0]
+    A = Q @ torch.diag(torch.linspace(0.5, 5.0, 12, dtype=DT)) @ Q.T
+    b = torch.randn(12, generator=g, dtype=DT)
+    for k in (0, 1, 7, 40):
+        got = neumann_series(lambda v: A @ v, b, alpha=0.2, n_terms=k)
+        assert rel_err(got, _dense_neumann(A, b, 0.2, k)) < 1e-12
+    # With alpha < 2 / lambda_max the series converges to A^{-1} b.
+    got = neumann_series(lambda v: A @ v, b, alpha=0.2, n_terms=400)
+    assert rel_err(got, torch.linalg.solve(A, b)) < 1e-12
+
+
+@pytest.mark.parametrize("h", [H_SCALAR[1], H_VECTOR], ids=["scalar", "per-feature"])
+def test_ift_neumann_converges_with_terms(ridge, h):
+    theta = ridge.theta_star(h)
+    ref = ridge.hypergrad(h)
+    errs = {}
+    for k in (10, 50, 200):
+        res = implicit_hypergradient(ridge.problem, theta, h, solver="neumann", n_terms=k)
+        errs[k] = rel_err(res.grad, ref)
+        # alpha defaults to 1 / lambda_max by power iteration.
+        lam_max = float(torch.linalg.eigvalsh(ridge.hessian(h))[-1])
+        assert res.info["alpha"] == pytest.approx(1 / lam_max, rel=1e-3)
+    assert errs[10] > errs[50] > errs[200], errs
+    assert errs[10] > 1e-2, errs  # the truncation is visible with few terms ...
+    assert errs[200] <= 1e-3, errs  # ... and gone with enough
+
+
+def test_ift_neumann_equals_dense_partial_sum(ridge):
+    """The engine's Neumann hypergradient is exactly the truncated-series formula."""
+    h = H_VECTOR
+    theta = ridge.theta_star(h)
+    alpha, k = 0.008, 13
+    res = implicit_hypergradient(
+        ridge.problem, theta, h, solver="neumann", n_terms=k, alpha=alpha
+    )
+    g_theta = 2.0 * ridge.Xv.T @ (ridge.Xv @ theta - ridge.yv) / len(ridge.yv)
+    v = _dense_neumann(ridge.hessian(h), g_theta, alpha, k)
+    expected = -torch.exp(h) * theta * v  # d2L/dh_i dtheta = lam_i theta_i e_i
+    assert rel_err(res.grad, expected) < 1e-12
+
+
+def test_ift_includes_direct_term():
+    """``Q`` depending on ``h`` directly: dQ/dh = d_h Q + implicit part."""
+    # L = 0.5 (theta - h)^2 -> theta* = h ; Q = theta^2 + 3 h -> dQ/dh = 2h + 3.
+    prob = BilevelProblem(
+        lambda t, h: 0.5 * (t - h).pow(2).sum(),
+        lambda t, h: t.pow(2).sum() + 3.0 * h.sum(),
+        torch.zeros(1, dtype=DT),
+    )
+    h = torch.tensor([0.4], dtype=DT)
+    for method in METHODS:
+        res = hypergradient(prob, h.clone() if method != "reverse" else prob.theta0, h, method,
+                            **({"n_steps": 50} if "reverse" in method else {}))
+        assert float(res.grad) == pytest.approx(2 * 0.4 + 3.0, rel=1e-9), method
+
+
+# -- reverse mode ----------------------------------------------------------------------------
+@pytest.mark.parametrize("h", [H_SCALAR[1], H_VECTOR], ids=["scalar", "per-feature"])
+def test_full_reverse_approaches_ift(ridge, h):
+    ref = ridge.hypergrad(h)
+    errs = {}
+    for n in (10, 100, 1000):
+        res = reverse_hypergradient(ridge.problem, ridge.problem.theta0, h, n_steps=n)
+        errs[n] = rel_err(res.grad, ref)
+        assert res.info["differentiated_steps"] == n
+    assert errs[10] > errs[100] > errs[1000], errs
+    assert errs[10] > 1e-2, errs
+    assert errs[1000] <= 1e-8, errs
+    # The trajectory's end point is theta*(h) after many steps.
+    assert rel_err(res.theta, ridge.theta_star(h)) <= 1e-10
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+@pytest.mark.parametrize("h", [H_SCALAR[1], H_VECTOR], ids=["scalar", "per-feature"])
+def test_truncated_reverse_equals_neumann(ridge, h, k):
+    """K unrolled steps from theta* == the Neumann series sum_{j<K}, i.e. ``n_terms=K-1``.
+
+    From theta*, ``d theta_K / dh = -lr sum_{j<K} (I - lr H)^j d2L/dtheta dh``:
+    exactly the Neumann approximation with ``alpha = lr`` and K powers
+    ``j = 0..K-1``, which is ``neumann_series(n_terms=K-1)`` (``n_terms``
+    counts the iterations after the ``j = 0`` term; Lorraine et al. 2020,
+    Thm. 1). Exact for a quadratic inner loss.
+    """
+    theta = ridge.theta_star(h)
+    lr = 0.8 / float(torch.linalg.eigvalsh(ridge.hessian(h))[-1])
+    rev = hypergradient(ridge.problem, theta, h, "truncated-reverse", n_steps=k, lr=lr)
+    neu = hypergradient(ridge.problem, theta, h, "implicit-neumann", n_terms=k - 1, alpha=lr)
+    assert rel_err(rev.grad, neu.grad) <= 1e-10
+    # ... and not the series with one more term (the off-by-one is visible).
+    neu_plus = hypergradient(ridge.problem, theta, h, "implicit-neumann", n_terms=k, alpha=lr)
+    assert rel_err(rev.grad, neu_plus.grad) > 1e-6
+
+
+def test_truncated_reverse_after_untracked_steps(ridge):
+    """Truncation from theta0: run N-K steps without a graph, differentiate the last K."""
+    h = H_VECTOR
+    lr = float(1.0 / lipschitz_estimate(ridge.problem, ridge.problem.theta0, h))
+    res = reverse_hypergradient(
+        ridge.problem, ridge.problem.theta0, h, n_steps=600, truncate=20, lr=lr
+    )
+    assert res.info["differentiated_steps"] == 20
+    theta = ridge.theta_star(h)
+    neu = implicit_hypergradient(
+        ridge.problem, theta, h, solver="neumann", n_terms=19, alpha=lr
+    )
+    # The first 580 steps bring theta to theta* (to ~1e-14 at this conditioning).
+    assert rel_err(res.grad, neu.grad) <= 1e-8
+    # Truncation matters: the full-graph gradient is the (different) IFT value.
+    full = reverse_hypergradient(ridge.problem, ridge.problem.theta0, h, n_steps=600, lr=lr)
+    assert rel_err(full.grad, ridge.hypergrad(h)) <= 1e-8
+    assert rel_err(res.grad, full.grad) > 1e-3
+
+
+def test_unknown_method_raises(ridge):
+    h = H_SCALAR[0]
+    with pytest.raises(ValueError, match="unknown hypergradient method"):
+        hypergradient(ridge.problem, ridge.problem.theta0, h, "forward")
+    with pytest.raises(ValueError, match="solver"):
+        implicit_hypergradient(ridge.problem, ridge.theta_star(h), h, solver="lu")
+
+
+# -- linear solvers ---------------------------------------------------------------------------
+def test_conjugate_gradient_matches_dense_solve():
+    g = torch.Generator().manual_seed(2)
+    n = 30
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))[0]
+    A = Q @ torch.diag(torch.logspace(-1, 1, n, dtype=DT)) @ Q.T  # condition 100
+    A = 0.5 * (A + A.T)
+    b = torch.randn(n, generator=g, dtype=DT)
+    x, n_it, res = conjugate_gradient(lambda v: A @ v, b, max_iter=200, tol=1e-12)
+    assert rel_err(x, torch.linalg.solve(A, b)) <= 1e-10
+    assert 0 < n_it <= 2 * n
+    assert res <= 1e-12
+    assert res == pytest.approx(float((A @ x - b).norm() / b.norm()), rel=1e-3, abs=1e-14)
+    # A bounded number of iterations is respected and reported.
+    x5, n5, res5 = conjugate_gradient(lambda v: A @ v, b, max_iter=5, tol=1e-12)
+    assert n5 == 5 and res5 > 1e-6
+    # Zero right-hand side: zero solution, no iteration.
+    x0, n0, _ = conjugate_gradient(lambda v: A @ v, torch.zeros(n, dtype=DT))
+    assert n0 == 0 and torch.all(x0 == 0)
+
+
+def test_conjugate_gradient_gradcheck_through_solution():
+    """CG is built from differentiable ops: its solution's gradient is A^{-1}."""
+    g = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=DT))[0]
+    A = Q @ torch.diag(torch.linspace(1.0, 4.0, 6, dtype=DT)) @ Q.T
+    b = torch.randn(6, generator=g, dtype=DT, requires_grad=True)
+
+    def solve(rhs):
+        return conjugate_gradient(lambda v: A @ v, rhs, max_iter=6, tol=0.0)[0]
+
+    assert torch.autograd.gradcheck(solve, (b,))
+
+
+def test_lipschitz_estimate_is_lambda_max(ridge):
+    h = H_SCALAR[1]
+    est = float(lipschitz_estimate(ridge.problem, ridge.theta_star(h), h))
+    assert est == pytest.approx(float(torch.linalg.eigvalsh(ridge.hessian(h))[-1]), rel=1e-3)
+
+
+# -- inner solver ------------------------------------------------------------------------------
+def test_solve_inner_reaches_closed_form(ridge):
+    """L-BFGS reaches theta* (its gradient floor here is ~1e-7: below that the
+    loss, ~50, cannot register the decrease the line search asks for)."""
+    h = H_VECTOR
+    theta, n_iter, converged = solve_inner(ridge.problem, h, tol=1e-6, max_iter=1000)
+    assert converged and 0 < n_iter < 1000
+    assert rel_err(theta, ridge.theta_star(h)) <= 1e-8
+    # Warm-started at the optimum it has nothing to do.
+    theta, n_iter, converged = solve_inner(ridge.problem, h, ridge.theta_star(h))
+    assert converged and n_iter == 0
+    # A bounded solve reports that it did not converge.
+    _, n_iter, converged = solve_inner(ridge.problem, h, max_iter=2, tol=1e-9)
+    assert not converged and n_iter == 2
+
+
+@pytest.mark.parametrize("kind", ["nan-constant", "nan-gradient"])
+def test_solve_inner_non_finite_loss_raises(ridge, kind):
+    """A NaN inner loss is a divergence, even when its gradient is finite.
+
+    ``nan-constant`` adds a NaN that does not depend on theta: the gradient
+    stays finite, so only a check of the loss catches it (torch's strong-Wolfe
+    line search used to fail with an IndexError here).
+    """
+    prob = _nan_above(ridge, 0.0, kind)
+    with pytest.raises(InnerDivergenceError, match="diverged"):
+        solve_inner(prob, torch.tensor([0.5], dtype=DT))
+    theta, _, _ = solve_inner(prob, torch.tensor([-0.5], dtype=DT))  # fine below
+    assert torch.isfinite(theta).all()
+
+
+# -- logistic stacking / learned weights on real base-model probabilities --------------------
+@pytest.fixture(scope="module")
+def pool_outputs():
+    """Class probabilities of four fitted models on breast_cancer rows they did not see."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.naive_bayes import GaussianNB
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.tree import DecisionTreeClassifier
+
+    X, y = load_breast_cancer(return_X_y=True)
+    Xp, Xa, yp, ya = train_test_split(X, y, test_size=0.6, random_state=0, stratify=y)
+    models = [
+        make_pipeline(StandardScaler(), LogisticRegression(C=0.01)),
+        GaussianNB(),
+        DecisionTreeClassifier(max_depth=2, random_state=0),
+        KNeighborsClassifier(15),
+    ]
+    Z = np.stack([m.fit(Xp, yp).predict_proba(Xa) for m in models], axis=1)
+    idx = np.random.RandomState(0).permutation(len(ya))
+    tr, va = idx[: len(ya) // 2], idx[len(ya) // 2 :]
+    Zt, yt = torch.as_tensor(Z, dtype=DT), torch.as_tensor(ya)
+    ctx = AggregationContext(
+        task="classification", n_models=4, n_outputs=2, n_features=X.shape[1],
+        model_names=["lr", "nb", "tree", "knn"], classes=np.arange(2),
+    )
+    return ctx, Split(Zt[tr], yt[tr]), Split(Zt[va], yt[va])
+
+
+def _aggregator_problem(agg, pool_outputs):
+    ctx, train, val = pool_outputs
+    space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
+    prob, _, _ = make_problem(agg, ctx, train, val, space)
+    return prob, space.initial()
+
+
+def _newton_polish(prob: BilevelProblem, theta: torch.Tensor, h: torch.Tensor, steps: int = 2):
+    """Newton steps with the dense Hessian (least squares: softmax intercepts
+    have an exact null direction). L-BFGS stalls at gradients ~1e-9 to 1e-11,
+    which shifts ``Q`` by ~1e-8 and would swamp a finite difference of step
+    1e-4; two Newton steps bring the gradient to rounding level."""
+    for _ in range(steps):
+        H = torch.autograd.functional.hessian(lambda t: prob.inner_loss(t, h), theta)
+        g = prob.inner_grad(theta, h)
+        theta = theta - torch.linalg.lstsq(H, g[:, None], rcond=1e-12).solution[:, 0]
+    return theta
+
+
+def _finite_difference(prob, h, theta, eps=1e-4):
+    fd = torch.zeros_like(h)
+    for i in range(h.numel()):
+        e = torch.zeros_like(h)
+        e[i] = eps
+        vals = []
+        for hh in (h + e, h - e):
+            t, _, _ = solve_inner(prob, hh, theta, max_iter=5000, tol=1e-10)
+            t = _newton_polish(prob, t, hh)
+            vals.append(prob.outer_loss(t, hh))
+        fd[i] = (vals[0] - vals[1]) / (2 * eps)
+    return fd
+
+
+def test_stacking_ift_cg_matches_finite_differences(pool_outputs):
+    """Per-model log-L2 vector of Stacking: IFT-CG vs central differences."""
+    prob, h = _aggregator_problem(Stacking(l2=[1e-2, 1e-1, 1e-3, 3e-2]), pool_outputs)
+    assert h.shape == (4,)
+    theta, _, _ = solve_inner(prob, h, max_iter=5000, tol=1e-10)
+    theta = _newton_polish(prob, theta, h)
+    res = implicit_hypergradient(prob, theta, h, solver="cg", max_iter=500, tol=1e-12)
+    fd = _finite_difference(prob, h, theta)
+    err = rel_err(res.grad, fd)
+    assert err <= 1e-4, (err, res.grad, fd)
+    # Not a vacuous match: every entry moves the validation loss.
+    assert (fd.abs() > 1e-6).all()
+
+
+@pytest.mark.parametrize("pool", ["linear", "log"])
+def test_learned_weights_ift_cg_matches_finite_differences(pool_outputs, pool):
+    """LearnedWeights: temperature enters Q directly, so the direct term matters."""
+    agg = LearnedWeights(pool=pool, temperature=0.7, l2=1e-2, entropy=1e-3)
+    prob, h = _aggregator_problem(agg, pool_outputs)
+    assert h.shape == (3,)  # log temperature, log l2, log entropy
+    theta, _, converged = solve_inner(prob, h, max_iter=5000, tol=1e-10)
+    assert converged
+    res = implicit_hypergradient(prob, theta, h, solver="cg", max_iter=500, tol=1e-12)
+    fd = _finite_difference(prob, h, theta)
+    err = rel_err(res.grad, fd)
+    assert err <= 1e-4, (err, res.grad, fd)
+    # The direct term is large here: without it the hypergradient is wrong.
+    _, _, direct = outer_grads(prob, theta, h)
+    assert abs(float(direct[0])) > 0.1 * float(fd.norm())
+    assert rel_err(res.grad - direct, fd) > 0.5
+
+
+def test_stacking_methods_agree(pool_outputs):
+    """Stacking with dense linear algebra as the reference: IFT-CG equals
+    ``d_h Q - B^T H^+ d_theta Q`` with the dense Hessian ``H`` and mixed
+    derivative ``B``, and truncated reverse from theta* still equals the
+    Neumann series with K-1 terms (theta* is a fixed point of the steps, so
+    the step Jacobian is ``I - lr H(theta*)`` at every step)."""
+    prob, h = _aggregator_problem(Stacking(l2=[1e-1, 1e-1, 3e-2, 3e-2]), pool_outputs)
+    theta, _, _ = solve_inner(prob, h, max_iter=5000, tol=1e-10)
+    theta = _newton_polish(prob, theta, h)
+    cg = hypergradient(prob, theta, h, "implicit-cg", max_iter=500, tol=1e-12)
+    assert cg.info["residual"] <= 1e-12
+    H = torch.autograd.functional.hessian(lambda t: prob.inner_loss(t, h), theta)
+    B = torch.autograd.functional.jacobian(lambda hh: prob.inner_grad(theta, hh, True), h)
+    _, g_theta, g_h = outer_grads(prob, theta, h)
+    # H has one exact null direction (a common shift of the class intercepts);
+    # d_theta Q is orthogonal to it, so the least-squares solution is the one.
+    v = torch.linalg.lstsq(H, g_theta[:, None], rcond=1e-12).solution[:, 0]
+    assert rel_err(cg.grad, g_h - B.T @ v) <= 1e-8
+    lr = float(1.0 / lipschitz_estimate(prob, theta, h))
+    rev = hypergradient(prob, theta, h, "truncated-reverse", n_steps=15, lr=lr).grad
+    neu = hypergradient(prob, theta, h, "implicit-neumann", n_terms=14, alpha=lr).grad
+    assert rel_err(rev, neu) <= 1e-8
+
+
+# -- the outer loop ----------------------------------------------------------------------------
+HISTORY_KEYS = {"outer_loss", "h", "hypergrad_norm", "inner_iter", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def ridge_grid_optimum(ridge):
+    """Dense grid search of Q(theta*(lam)) over log lam in [-4, 6] (step 0.005)."""
+    grid = torch.linspace(-4.0, 6.0, 2001, dtype=DT)
+    vals = torch.stack([ridge.value(g.reshape(1)) for g in grid])
+    i = int(vals.argmin())
+    assert 0 < i < len(grid) - 1  # an interior optimum
+    return float(grid[i]), float(vals[i])
+
+
+@pytest.mark.parametrize(
+    "optimizer, method, options",
+    [
+        ("lbfgs", "implicit-cg", {}),
+        ("adam", "implicit-cg", {"outer_lr": 0.1, "max_outer_iter": 200, "tol": 1e-12}),
+        # 50 terms (the default) leave a 5 % bias at this conditioning (kappa ~ 17),
+        # which moves the optimum by ~0.01; 300 terms do not.
+        ("lbfgs", "implicit-neumann", {"method_options": {"n_terms": 300}}),
+        ("lbfgs", "reverse", {"method_options": {"n_steps": 300}}),
+    ],
+)
+def test_tune_finds_grid_optimum(ridge, ridge_grid_optimum, optimizer, method, options):
+    h_grid, q_grid = ridge_grid_optimum
+    seen = []
+    kwargs = {"max_outer_iter": 50, "tol": 1e-12, **options}
+    res = tune(
+        [ridge.problem], torch.tensor([-3.0], dtype=DT),
+        lower=torch.tensor([-4.0], dtype=DT), upper=torch.tensor([6.0], dtype=DT),
+        method=method, optimizer=optimizer, callback=seen.append, **kwargs,
+    )
+    assert not res.diverged
+    assert abs(float(res.h) - h_grid) <= 0.02, (float(res.h), h_grid)
+    assert res.value <= q_grid + 1e-6
+    assert res.value == pytest.approx(float(ridge.value(res.h)), rel=1e-6)
+    # Warm-started inner solution returned with the hyperparameters.
+    assert rel_err(res.thetas[0], ridge.theta_star(res.h)) <= 1e-5
+    # History: one entry per evaluation, the documented keys, handed to the callback.
+    assert len(res.history) >= 3 and seen == res.history
+    for entry in res.history:
+        assert set(entry) == HISTORY_KEYS
+        assert isinstance(entry["h"], np.ndarray) and entry["h"].shape == (1,)
+        assert math.isfinite(entry["outer_loss"]) and entry["hypergrad_norm"] >= 0
+        assert entry["seconds"] >= 0 and entry["inner_iter"] >= 0
+    assert min(e["outer_loss"] for e in res.history) == res.value
+    if METHODS[method]:
+        assert sum(e["inner_iter"] for e in res.history) > 0
+    if optimizer == "lbfgs" and method == "implicit-cg":
+        # Inner solves are warm-started: late, small outer steps cost little.
+        assert res.history[-1]["inner_iter"] < res.history[0]["inner_iter"] / 2
+    if optimizer == "adam":
+        # A bias-corrected first Adam step has length outer_lr.
+        step = res.history[1]["h"] - res.history[0]["h"]
+        assert abs(float(step[0])) == pytest.approx(options["outer_lr"], rel=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_tune_respects_bounds(ridge, ridge_grid_optimum, optimizer):
+    """With the optimum (log lam ~ 0.7) above the upper bound, tune stops on the bound."""
+    h_grid, _ = ridge_grid_optimum
+    upper = torch.tensor([0.0], dtype=DT)
+    assert h_grid > 0.1
+    res = tune(
+        [ridge.problem], torch.tensor([-3.0], dtype=DT),
+        lower=torch.tensor([-4.0], dtype=DT), upper=upper,
+        optimizer=optimizer, outer_lr=0.5, max_outer_iter=60, tol=1e-12,
+    )
+    assert all(float(e["h"][0]) <= 0.0 for e in res.history)
+    assert float(res.h) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_tune_per_feature_vector(ridge):
+    """A 10-dimensional h: the tuned point is stationary (projected gradient ~0)."""
+    lo, hi = torch.full((10,), -4.0, dtype=DT), torch.full((10,), 6.0, dtype=DT)
+    h0 = torch.zeros(10, dtype=DT)
+    res = tune([ridge.problem], h0, lower=lo, upper=hi, max_outer_iter=100, tol=1e-12)
+    assert res.value < float(ridge.value(h0))
+    g = ridge.hypergrad(res.h)
+    # Free coordinates have zero gradient; coordinates at a bound push outwards.
+    free = (res.h > lo + 1e-6) & (res.h < hi - 1e-6)
+    assert g[free].abs().max() <= 1e-4 * max(1.0, float(g.abs().max()))
+    assert (g[res.h >= hi - 1e-6] <= 0).all() and (g[res.h <= lo + 1e-6] >= 0).all()
+
+
+def test_tune_cross_fitted_sum(ridge):
+    """Several problems share h: value and hypergradient are sums over them."""
+    other = Ridge(seed=5)
+    res = tune(
+        [ridge.problem, other.problem], torch.tensor([0.0], dtype=DT),
+        lower=torch.tensor([-4.0], dtype=DT), upper=torch.tensor([6.0], dtype=DT),
+        max_outer_iter=0,
+    )
+    h = torch.tensor([0.0], dtype=DT)
+    assert res.value == pytest.approx(float(ridge.value(h) + other.value(h)), rel=1e-9)
+    g = float(ridge.hypergrad(h) + other.hypergrad(h))
+    assert res.history[0]["hypergrad_norm"] == pytest.approx(abs(g), rel=1e-5)
+    assert len(res.thetas) == 2
+
+
+def _nan_above(ridge: Ridge, threshold: float, kind: str = "nan-gradient") -> BilevelProblem:
+    """Ridge whose inner loss is NaN for ``h > threshold``."""
+
+    def inner(theta, h):
+        if kind == "nan-constant":
+            bad = torch.where(h[0] > threshold, torch.tensor(math.nan, dtype=DT), 0.0)
+            return ridge.inner(theta, h) + bad
+        # sqrt of a negative number times a theta term: NaN loss and gradient.
+        return ridge.inner(theta, h) + torch.sqrt(threshold - h[0]) * 1e-3 * theta.pow(2).sum()
+
+    return BilevelProblem(inner, ridge.outer, torch.zeros(ridge.p, dtype=DT))
+
+
+@pytest.mark.parametrize("kind", ["nan-constant", "nan-gradient"])
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_tune_divergence_keeps_last_good_point(ridge, ridge_grid_optimum, kind, optimizer):
+    h_grid, _ = ridge_grid_optimum
+    threshold = 0.0
+    assert h_grid > threshold  # the outer loop is pulled into the NaN region
+    prob = _nan_above(ridge, threshold, kind)
+    res = tune(
+        [prob], torch.tensor([-3.0], dtype=DT),
+        lower=torch.tensor([-4.0], dtype=DT), upper=torch.tensor([6.0], dtype=DT),
+        optimizer=optimizer, outer_lr=0.5, max_outer_iter=100, tol=1e-12,
+    )
+    assert res.diverged
+    assert res.message
+    assert torch.isfinite(res.h).all() and float(res.h) <= threshold
+    assert math.isfinite(res.value)
+    assert all(float(e["h"][0]) <= threshold for e in res.history)
+    assert float(res.h) > -3.0  # it did make progress before diverging
+
+
+def test_tune_divergence_at_start_raises(ridge):
+    prob = _nan_above(ridge, 0.0)
+    with pytest.raises(InnerDivergenceError, match="initial"):
+        tune(
+            [prob], torch.tensor([1.0], dtype=DT),
+            lower=torch.tensor([-4.0], dtype=DT), upper=torch.tensor([6.0], dtype=DT),
+        )
+
+
+def test_tune_rejects_bad_arguments(ridge):
+    h0 = torch.tensor([0.0], dtype=DT)
+    lo, hi = torch.tensor([-4.0], dtype=DT), torch.tensor([6.0], dtype=DT)
+    with pytest.raises(ValueError, match="unknown hypergradient method"):
+        tune([ridge.problem], h0, lower=lo, upper=hi, method="forward")
+    with pytest.raises(ValueError, match="optimizer"):
+        tune([ridge.problem], h0, lower=lo, upper=hi, optimizer="sgd")
