@@ -14,9 +14,9 @@ __all__ = ["Stacking"]
 class Stacking(Aggregator):
     """Multinomial-logistic (classifier) or linear (regressor) meta-learner.
 
-    For classifiers the features are the base models' clipped
-    log-probabilities, ``n_models * n_classes`` columns, mapped to class
-    logits; for regressors, each target is a linear function of the base
+    For classifiers the features are the base models' probabilities (or
+    their clipped logarithms), ``n_models * n_classes`` columns, mapped to
+    class logits; for regressors, each target is a linear function of the base
     models' predictions of that target plus an intercept. Each base model's
     block of coefficients has its own L2 weight, so the tuner can shrink an
     unhelpful model away, which a grid over one ``C`` cannot.
@@ -33,8 +33,14 @@ class Stacking(Aggregator):
         Initial L2 weight of the passthrough coefficients.
     eps : float, default=1e-4
         Probabilities are clipped to ``[eps, 1]`` before the logarithm.
-    l2_bounds : tuple of float, default=(1e-6, 1e2)
+    l2_bounds : tuple of float, default=(1e-4, 1e2)
         Range the L2 weights are tuned in (log scale).
+    features : {"proba", "log_proba"}, default="proba"
+        Meta-features of classifiers. Probabilities are bounded, so one
+        confidently wrong base model cannot produce an extreme logit; on
+        small aggregation sets (tens of rows) log-probabilities let the tuned
+        meta-learner overfit badly (measured on wine, 53 rows: test log-loss
+        0.48 with log-probabilities against 0.03 with probabilities).
 
     Attributes
     ----------
@@ -64,13 +70,15 @@ class Stacking(Aggregator):
         passthrough: bool = False,
         l2_passthrough: float = 1e-1,
         eps: float = 1e-4,
-        l2_bounds: tuple = (1e-6, 1e2),
+        l2_bounds: tuple = (1e-4, 1e2),
+        features: str = "proba",
     ):
         self.l2 = l2
         self.passthrough = passthrough
         self.l2_passthrough = l2_passthrough
         self.eps = eps
         self.l2_bounds = l2_bounds
+        self.features = features
 
     @property
     def uses_X(self) -> bool:  # type: ignore[override]
@@ -98,7 +106,7 @@ class Stacking(Aggregator):
     def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:
         m, c = ctx.n_models, ctx.n_outputs
         if ctx.task == "classification":
-            # Start at the geometric mean of the base models: logits = mean log p.
+            # Start at the average of the base models' features.
             eye = torch.eye(c, device=ctx.device, dtype=ctx.dtype)
             coef = (eye / m).repeat(m, 1, 1)  # (m, c_in, c_out)
         else:
@@ -108,7 +116,15 @@ class Stacking(Aggregator):
             params["coef_x"] = ctx.zeros(ctx.n_features, c)
         return params
 
+    def check_task(self, ctx: AggregationContext) -> None:
+        if self.features not in ("proba", "log_proba"):
+            raise ValueError(
+                f"features must be 'proba' or 'log_proba'; got {self.features!r}."
+            )
+
     def _features(self, Z: torch.Tensor) -> torch.Tensor:
+        if self.features == "proba":
+            return Z
         return torch.log(Z.clamp_min(self.eps))
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
