@@ -35,6 +35,7 @@ from base_models import (
     regression_outputs,
     resolve_device,
     resolve_dtype,
+    small_problem_threads,
     to_tensor,
 )
 
@@ -112,8 +113,8 @@ class _BaseAggregated(BaseEstimator):
         cv=5,
         validation_fraction=0.25,
         max_outer_iter=30,
-        max_inner_iter=500,
-        tol=1e-5,
+        max_inner_iter=100,
+        tol=1e-4,
         prefit="auto",
         base_cv=5,
         device="auto",
@@ -157,11 +158,17 @@ class _BaseAggregated(BaseEstimator):
     def set_params(self, **params):
         if "estimators" in params:
             self.estimators = params.pop("estimators")
-        names = [n for n, _ in self.estimators] if isinstance(self.estimators, list) else []
-        estimators = list(self.estimators) if names else self.estimators
+        ests = self.estimators
+        named = isinstance(ests, list) and all(
+            isinstance(e, tuple) and len(e) == 2 for e in ests
+        )
+        names = [n for n, _ in ests] if named else []
+        replaced = False
+        estimators = list(ests) if named else ests
         for name in list(params):
             if name in names:
                 estimators[names.index(name)] = (name, params.pop(name))
+                replaced = True
         nested: dict = {}
         for key in list(params):
             head, _, rest = key.partition("__")
@@ -169,7 +176,7 @@ class _BaseAggregated(BaseEstimator):
                 nested.setdefault(head, {})[rest] = params.pop(key)
         for head, sub in nested.items():
             estimators[names.index(head)][1].set_params(**sub)
-        if names:
+        if replaced:  # keep the very list object the user gave unless it changed
             self.estimators = estimators
         return super().set_params(**params)
 
@@ -296,6 +303,11 @@ class _BaseAggregated(BaseEstimator):
     def _fit(self, X, y, y_model, y_orig, y_strat):
         """``y_model``: what the aggregator is trained on (encoded / standardised)."""
         X_arr, Xb = X
+        if X_arr.shape[0] < 2:
+            raise ValueError(
+                f"an aggregator needs at least 2 samples to fit; got n_samples = "
+                f"{X_arr.shape[0]}."
+            )
         rs = check_random_state(self.random_state)
         seed = int(rs.randint(np.iinfo(np.int32).max))
         device = resolve_device(self.device)
@@ -327,53 +339,54 @@ class _BaseAggregated(BaseEstimator):
             fixed = {s.name: s.initial() for s in specs}
         space = HyperSpace(specs, fixed, device, dtype)
 
-        problems = []
-        for tr, va in self._splits(n, y_strat, seed):
-            tr_t = torch.as_tensor(tr, device=device)
-            va_t = torch.as_tensor(va, device=device)
-            prob, _, _ = make_problem(agg_spec, ctx, full.take(tr_t), full.take(va_t), space)
-            problems.append(prob)
+        with small_problem_threads(Z.size, device):
+            problems = []
+            for tr, va in self._splits(n, y_strat, seed):
+                tr_t = torch.as_tensor(tr, device=device)
+                va_t = torch.as_tensor(va, device=device)
+                prob, _, _ = make_problem(agg_spec, ctx, full.take(tr_t), full.take(va_t), space)
+                problems.append(prob)
 
-        lower, upper = space.bounds()
-        callback = _Progress() if self.verbose else None
-        t0 = time.perf_counter()
-        try:
-            result = tune(
-                problems, space.initial(), lower=lower, upper=upper,
-                method=self.tuner, method_options=self.tuner_options,
-                optimizer=self.optimizer, max_outer_iter=self.max_outer_iter,
-                tol=self.tol, max_inner_iter=self.max_inner_iter, callback=callback,
-            )
-        except InnerDivergenceError as e:
-            raise ValueError(
-                f"fitting the aggregator diverged at its initial hyperparameters ({e}); "
-                "check the base models' outputs or give other hyperparams."
-            ) from e
-        if result.diverged:
-            warnings.warn(
-                f"hypergradient tuning stopped early: {result.message}. The last "
-                "hyperparameters with a finite validation loss are kept.",
-                HypergradientWarning,
-                stacklevel=3,
-            )
-        self.tuning_time_ = time.perf_counter() - t0
-        self.tuning_history_ = self._history_frame(result.history, space, len(problems))
+            lower, upper = space.bounds()
+            callback = _Progress() if self.verbose else None
+            t0 = time.perf_counter()
+            try:
+                result = tune(
+                    problems, space.initial(), lower=lower, upper=upper,
+                    method=self.tuner, method_options=self.tuner_options,
+                    optimizer=self.optimizer, max_outer_iter=self.max_outer_iter,
+                    tol=self.tol, max_inner_iter=self.max_inner_iter, callback=callback,
+                )
+            except InnerDivergenceError as e:
+                raise ValueError(
+                    f"fitting the aggregator diverged at its initial hyperparameters ({e}); "
+                    "check the base models' outputs or give other hyperparams."
+                ) from e
+            if result.diverged:
+                warnings.warn(
+                    f"hypergradient tuning stopped early: {result.message}. The last "
+                    "hyperparameters with a finite validation loss are kept.",
+                    HypergradientWarning,
+                    stacklevel=3,
+                )
+            self.tuning_time_ = time.perf_counter() - t0
+            self.tuning_history_ = self._history_frame(result.history, space, len(problems))
 
-        # Refit the parameters on all rows with the tuned hyperparameters.
-        final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
-        try:
-            theta, n_iter, converged = solve_inner(
-                final, result.h, result.thetas[0], max_iter=self.max_inner_iter
-            )
-        except InnerDivergenceError as e:
-            raise ValueError(f"refitting the aggregator on all rows diverged: {e}") from e
-        if not converged:
-            warnings.warn(
-                f"the final fit of the aggregator did not reach its tolerance in "
-                f"{self.max_inner_iter} iterations; raise max_inner_iter.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
+            # Refit the parameters on all rows with the tuned hyperparameters.
+            final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
+            try:
+                theta, n_iter, converged = solve_inner(
+                    final, result.h, result.thetas[0], max_iter=10 * self.max_inner_iter
+                )
+            except InnerDivergenceError as e:
+                raise ValueError(f"refitting the aggregator on all rows diverged: {e}") from e
+            if not converged:
+                warnings.warn(
+                    f"the final fit of the aggregator did not reach its tolerance in "
+                    f"{10 * self.max_inner_iter} iterations; raise max_inner_iter.",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
         hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
         self.aggregator_ = clone(agg_spec)
         self.aggregator_._set_fitted(ctx, packer.unflatten(theta), buffers, hyper, specs)
@@ -468,10 +481,14 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         Validation share when ``cv=None``.
     max_outer_iter : int, default=30
         Bound on outer (hyperparameter) iterations.
-    max_inner_iter : int, default=500
-        Bound on L-BFGS iterations of each inner solve.
-    tol : float, default=1e-5
-        Relative change of the validation loss at which tuning stops.
+    max_inner_iter : int, default=100
+        Bound on L-BFGS iterations of each inner solve while tuning. Solves
+        are warm-started from the previous outer step, so the bound limits the
+        work per step, not the accuracy reached over the run (as in HOAG); the
+        final refit on all rows may use up to ten times as many.
+    tol : float, default=1e-4
+        Change of the validation loss (relative, floored at 1) at which
+        tuning stops.
     prefit : "auto" or bool, default="auto"
         ``"auto"``: fitted estimators are used as they are, unfitted ones are
         fitted inside; ``True``: every estimator must be fitted already;
@@ -553,7 +570,7 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         self.classes_ = enc.classes_
         if len(self.classes_) < 2:
             raise ValueError(
-                f"the target has a single class ({self.classes_[0]!r}); a classifier "
+                f"the target has only one class ({self.classes_[0]!r}); a classifier "
                 "needs at least 2 classes."
             )
         y_enc = enc.transform(y)
@@ -579,7 +596,8 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
 
     def predict(self, X) -> np.ndarray:
         """Most probable class of each row."""
-        return self.classes_[self._aggregate(X).argmax(1).cpu().numpy()]
+        scores = self._aggregate(X)  # checks fittedness first
+        return self.classes_[scores.argmax(1).cpu().numpy()]
 
 
 class AggregatedRegressor(RegressorMixin, _BaseAggregated):

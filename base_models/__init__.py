@@ -7,7 +7,13 @@ scikit-learn estimators, torch modules, plain callables and stored predictions;
 
 from ._base import BaseModel, IncompatibleBaseModelError, UnfittedBaseModelError
 from ._callable import CallableModel, PrecomputedModel
-from ._device import resolve_device, resolve_dtype, to_numpy, to_tensor
+from ._device import (
+    resolve_device,
+    resolve_dtype,
+    small_problem_threads,
+    to_numpy,
+    to_tensor,
+)
 from ._pool import as_base_model, class_probabilities, regression_outputs
 from ._sklearn import SklearnModel, is_fitted_estimator
 from ._torch import TorchModel
@@ -26,6 +32,7 @@ __all__ = [
     "regression_outputs",
     "resolve_device",
     "resolve_dtype",
+    "small_problem_threads",
     "to_numpy",
     "to_tensor",
 ]

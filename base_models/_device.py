@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
-__all__ = ["resolve_device", "resolve_dtype", "to_numpy", "to_tensor"]
+__all__ = ["resolve_device", "resolve_dtype", "small_problem_threads", "to_numpy", "to_tensor"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -97,3 +99,27 @@ def to_numpy(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().cpu().numpy()
     return np.asarray(t)
+
+
+#: Below this many elements per tensor, intra-op threads cost more than they save.
+SMALL_PROBLEM = 1_000_000
+
+
+@contextmanager
+def small_problem_threads(numel: int, device: torch.device):
+    """Run a block of many tiny CPU tensor ops on one thread, then restore.
+
+    On tensors of a few thousand elements, torch's intra-op thread pool only
+    adds synchronisation; when another process holds a core (a parallel grid
+    search, a second job) it can make each op a thousand times slower. Large
+    problems and GPU work keep the user's setting.
+    """
+    if device.type != "cpu" or numel >= SMALL_PROBLEM:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
