@@ -376,7 +376,8 @@ class _BaseAggregated(BaseEstimator):
             final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
             try:
                 theta, n_iter, converged = solve_inner(
-                    final, result.h, result.thetas[0], max_iter=10 * self.max_inner_iter
+                    final, result.h, result.thetas[0], max_iter=10 * self.max_inner_iter,
+                    tol=1e-6,  # predictions do not move below this; 1e-7 is for hypergradients
                 )
             except InnerDivergenceError as e:
                 raise ValueError(f"refitting the aggregator on all rows diverged: {e}") from e
