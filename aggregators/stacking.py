@@ -33,8 +33,11 @@ class Stacking(Aggregator):
         Initial L2 weight of the passthrough coefficients.
     eps : float, default=1e-4
         Probabilities are clipped to ``[eps, 1]`` before the logarithm.
-    l2_bounds : tuple of float, default=(1e-4, 1e2)
-        Range the L2 weights are tuned in (log scale).
+    l2_bounds : tuple of float, default=(1e-3, 1e2)
+        Range the L2 weights are tuned in (log scale). A floor of 1e-3 (on
+        the mean loss) kept the tuned meta-learner below the uniform average
+        on breast_cancer, wine and digits over three splits each; 1e-4 let it
+        overfit the 171-row breast_cancer aggregation set.
     features : {"proba", "log_proba"}, default="proba"
         Meta-features of classifiers. Probabilities are bounded, so one
         confidently wrong base model cannot produce an extreme logit; on
@@ -70,7 +73,7 @@ class Stacking(Aggregator):
         passthrough: bool = False,
         l2_passthrough: float = 1e-1,
         eps: float = 1e-4,
-        l2_bounds: tuple = (1e-4, 1e2),
+        l2_bounds: tuple = (1e-3, 1e2),
         features: str = "proba",
     ):
         self.l2 = l2
