@@ -7,7 +7,7 @@ AggregatedClassifier, AggregatedRegressor
 
 Aggregation functions
 ---------------------
-Stacking, LearnedWeights
+Stacking, LearnedWeights, Choquet
     Each declares its parameters, hyperparameters and forward pass
     (see :class:`Aggregator` and the README's "Write your own aggregator").
 
@@ -17,6 +17,7 @@ The hypergradient engine lives in :mod:`aggregators.hypergrad`.
 from ._base import AggregationContext, Aggregator, Hyperparameter
 from ._estimators import AggregatedClassifier, AggregatedRegressor, HypergradientWarning
 from ._registry import available_aggregators
+from .choquet import Choquet
 from .stacking import Stacking
 from .weights import LearnedWeights
 
@@ -26,6 +27,7 @@ __all__ = [
     "AggregatedClassifier",
     "AggregatedRegressor",
     "AggregationContext",
+    "Choquet",
     "Aggregator",
     "HypergradientWarning",
     "Hyperparameter",
