@@ -68,7 +68,14 @@ class HyperSpace:
         self.constants = {}
         for s in specs:
             if s.name in fixed:
-                v = np.broadcast_to(np.asarray(fixed[s.name], dtype=np.float64), (s.size,))
+                given = np.asarray(fixed[s.name], dtype=np.float64)
+                if given.size not in (1, s.size) or given.ndim > 1:
+                    labels = f" (one per {', '.join(map(str, s.labels))})" if s.labels else ""
+                    raise ValueError(
+                        f"fixed hyperparameter {s.name!r} takes a scalar or {s.size} "
+                        f"values{labels}; got {fixed[s.name]!r}."
+                    )
+                v = np.broadcast_to(given.ravel() if given.size == s.size else given, (s.size,))
                 if not np.all(np.isfinite(v)) or (s.log and np.any(v <= 0)):
                     raise ValueError(
                         f"fixed hyperparameter {s.name!r} must be finite"

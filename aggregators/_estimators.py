@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import contextmanager
 from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone, is_classifier
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import KFold, StratifiedKFold, check_cv, cross_val_predict
 from sklearn.model_selection import train_test_split
@@ -39,7 +40,7 @@ from base_models import (
     to_tensor,
 )
 
-from ._base import AggregationContext, Aggregator
+from ._base import AggregationContext
 from ._bilevel import HyperSpace, Split, make_problem
 from ._registry import resolve_aggregator
 from .hypergrad import METHODS, InnerDivergenceError, solve_inner, tune
@@ -53,22 +54,58 @@ class HypergradientWarning(ConvergenceWarning):
 
 def _is_sklearn_estimator(obj) -> bool:
     return (
-        not isinstance(obj, (BaseModel, type))
+        not isinstance(obj, (BaseModel, type, torch.nn.Module))
         and hasattr(obj, "fit")
         and hasattr(obj, "predict")
         and hasattr(obj, "get_params")
     )
 
 
-class _Progress:
-    """Prints one line per outer step (``verbose > 0``)."""
+def _is_frozen(obj) -> bool:
+    """Whether ``clone`` returns ``obj`` itself (``FrozenEstimator`` and the like).
 
-    def __init__(self):
+    Such a model cannot be refit on clones, so it is used as it is.
+    """
+    try:
+        return clone(obj) is obj
+    except Exception:  # a duck-typed estimator clone cannot handle: not frozen
+        return False
+
+
+@contextmanager
+def _naming(name: str, what: str):
+    """Re-raise a base model's ValueError / TypeError with the model's name in it.
+
+    Only those exact types (and our own base-model errors) are rewrapped, so
+    that callers matching a more specific exception class still see it.
+    """
+    try:
+        yield
+    except (UnfittedBaseModelError, IncompatibleBaseModelError) as e:
+        if repr(name) in str(e):
+            raise
+        raise type(e)(f"base model {name!r} {what}: {e}") from e
+    except (ValueError, TypeError) as e:
+        if type(e) not in (ValueError, TypeError):
+            raise
+        raise type(e)(f"base model {name!r} {what}: {e}") from e
+
+
+class _Progress:
+    """Prints one line per outer step (``verbose > 0``).
+
+    The engine sums the validation loss over the cross-fitting folds; the line
+    shows the mean, the number ``validation_loss_`` and ``tuning_history_`` give.
+    """
+
+    def __init__(self, n_folds: int):
         self.step = 0
+        self.n_folds = n_folds
 
     def __call__(self, entry: dict) -> None:
+        loss = entry["outer_loss"] / self.n_folds
         print(
-            f"[hyperagg] step {self.step}: validation loss {entry['outer_loss']:.6g}  "
+            f"[hyperagg] step {self.step}: validation loss {loss:.6g}  "
             f"|hypergrad| {entry['hypergrad_norm']:.3g}  inner iters "
             f"{entry['inner_iter']}  {entry['seconds']:.3f}s",
             flush=True,
@@ -156,6 +193,17 @@ class _BaseAggregated(BaseEstimator):
         return out
 
     def set_params(self, **params):
+        # Checked before anything is changed, so a failing call changes nothing.
+        agg = params.get("aggregator", self.aggregator)
+        nested_agg = sorted(k for k in params if k.startswith("aggregator__"))
+        if nested_agg and isinstance(agg, str):
+            # A short name has no parameters; BaseEstimator would fail with an
+            # AttributeError on ``str.set_params``.
+            raise ValueError(
+                f"cannot set {nested_agg} while aggregator is the short name {agg!r}: "
+                "pass an Aggregator instance (e.g. aggregator=Stacking()) to reach "
+                "its parameters as aggregator__<name>."
+            )
         if "estimators" in params:
             self.estimators = params.pop("estimators")
         ests = self.estimators
@@ -209,27 +257,56 @@ class _BaseAggregated(BaseEstimator):
         # Base models get the user's DataFrame (column names, index keys) as is.
         return arr, (X if isinstance(X, (pd.DataFrame, pd.Series)) else arr)
 
+    def _check_model_task(self, name, task) -> None:
+        """A regressor in a classifier's pool (or the reverse) is an error naming it."""
+        if self._task == "classification" and task == "regression":
+            raise IncompatibleBaseModelError(
+                f"base model {name!r} is a regressor; a classifier's pool needs "
+                "classifiers (or models giving class probabilities)."
+            )
+        if self._task == "regression" and task == "classification":
+            raise IncompatibleBaseModelError(
+                f"base model {name!r} is a classifier; a regressor's pool needs "
+                "regression models."
+            )
+
     def _base_outputs(self, name, model, Xb, raw=None) -> np.ndarray:
+        self._check_model_task(name, model.task)
         if self._task == "classification":
-            if model.task == "regression":
-                raise IncompatibleBaseModelError(
-                    f"base model {name!r} is a regressor; a classifier's pool needs "
-                    "classifiers (or models giving class probabilities)."
-                )
-            out = class_probabilities(name, model, Xb, self.classes_, raw=raw)
+            with _naming(name, "could not predict"):
+                out = class_probabilities(name, model, Xb, self.classes_, raw=raw)
         else:
-            out = regression_outputs(name, model, Xb, self._n_targets, raw=raw)
+            with _naming(name, "could not predict"):
+                out = regression_outputs(name, model, Xb, self.n_outputs_, raw=raw)
         if not np.all(np.isfinite(out)):
             raise ValueError(f"base model {name!r} returned NaN or infinite predictions.")
         return out
 
-    def _collect(self, Xb, y_orig, seed) -> np.ndarray:
+    def _fit_inside(self, name, obj, Xb, y_orig, base_cv) -> tuple[BaseModel, np.ndarray]:
+        """Fit a clone of ``obj`` on all rows; return it and out-of-fold outputs."""
+        est = clone(obj)
+        method = {"proba": "predict_proba", "decision": "decision_function"}.get(
+            SklearnModel(est).output, "predict"
+        )
+        with _naming(name, "could not be fitted"):
+            # Out-of-fold outputs for the aggregator, as scikit-learn's stacking
+            # does; the model kept for predict time is fitted on all rows.
+            raw = np.asarray(cross_val_predict(est, Xb, y_orig, cv=base_cv, method=method))
+            model = SklearnModel(clone(obj).fit(Xb, y_orig))
+        if raw.ndim == 1 and (method != "predict" or model.output == "value"):
+            raw = raw[:, None]  # binary decision function, single-target regression
+        return model, raw
+
+    def _collect(self, Xb, y_orig) -> np.ndarray:
         """Fit what must be fitted, and stack every base model's outputs once."""
         base_cv = check_cv(self.base_cv, y_orig, classifier=self._task == "classification")
         models, outs = {}, []
         for name, obj in self._check_estimators():
             raw = None
-            if _is_sklearn_estimator(obj):
+            if _is_sklearn_estimator(obj) and not _is_frozen(obj):
+                # Before fitting anything: a classifier cannot be fitted on a
+                # continuous target, and its error would not say why.
+                self._check_model_task(name, SklearnModel(obj).task)
                 fitted = is_fitted_estimator(obj)
                 if self.prefit is True and not fitted:
                     raise UnfittedBaseModelError(
@@ -237,25 +314,12 @@ class _BaseAggregated(BaseEstimator):
                         "but prefit=True: fit it first, or use prefit='auto'."
                     )
                 if self.prefit is False or not fitted:
-                    est = clone(obj)
-                    spec = SklearnModel(est)
-                    method = {
-                        "proba": "predict_proba",
-                        "decision": "decision_function",
-                    }.get(spec.output, "predict")
-                    # Out-of-fold outputs for the aggregator, as scikit-learn's
-                    # stacking does; the model used at predict time sees all rows.
-                    raw = np.asarray(
-                        cross_val_predict(est, Xb, y_orig, cv=base_cv, method=method)
-                    )
-                    if raw.ndim == 1 and method != "predict":
-                        raw = raw[:, None]
-                    elif raw.ndim == 1 and spec.output == "value":
-                        raw = raw[:, None]
-                    model = SklearnModel(clone(obj).fit(Xb, y_orig))
+                    model, raw = self._fit_inside(name, obj, Xb, y_orig, base_cv)
                 else:
                     model = SklearnModel(obj)
             else:
+                # Wrapped / frozen models, torch modules, callables, arrays:
+                # used as they are, whatever ``prefit`` says.
                 try:
                     model = as_base_model(obj)
                 except TypeError as e:
@@ -263,7 +327,9 @@ class _BaseAggregated(BaseEstimator):
                 try:
                     model.check_fitted()
                 except UnfittedBaseModelError as e:
-                    raise UnfittedBaseModelError(f"base model {name!r}: {e}") from e
+                    raise UnfittedBaseModelError(
+                        f"base model {name!r} is frozen but not fitted: {e}"
+                    ) from e
             models[name] = model
             outs.append(self._base_outputs(name, model, Xb, raw))
         self.base_models_ = models
@@ -314,18 +380,26 @@ class _BaseAggregated(BaseEstimator):
         dtype = resolve_dtype(self.dtype)
         self.device_ = device
 
+        # Everything that can be checked without the base models' outputs is
+        # checked before fitting any of them.
         agg_spec = resolve_aggregator(self.aggregator)
-        Z = self._collect(Xb, y_orig, seed)
-        Z = self._transform_outputs(Z)
-        n, m, c = Z.shape
+        names = [name for name, _ in self._check_estimators()]
         gen = torch.Generator(device=device).manual_seed(seed)
         ctx = AggregationContext(
-            task=self._task, n_models=m, n_outputs=c, n_features=X_arr.shape[1],
-            model_names=list(self.base_models_), classes=getattr(self, "classes_", None),
-            device=device, dtype=dtype, generator=gen,
+            task=self._task, n_models=len(names),
+            n_outputs=len(self.classes_) if self._task == "classification" else self.n_outputs_,
+            n_features=X_arr.shape[1], model_names=names,
+            classes=getattr(self, "classes_", None), device=device, dtype=dtype, generator=gen,
         )
         agg_spec.check_task(ctx)
+        specs = agg_spec.hyperparameters(ctx)
+        fixed = self._resolve_hyperparams()
+        if fixed.pop("__all__", False):
+            fixed = {s.name: s.initial() for s in specs}
+        space = HyperSpace(specs, fixed, device, dtype)
 
+        Z = self._transform_outputs(self._collect(Xb, y_orig))
+        n = Z.shape[0]
         # The one host-to-device copy of the data for this fit.
         y_dtype = torch.long if self._task == "classification" else dtype
         full = Split(
@@ -333,11 +407,6 @@ class _BaseAggregated(BaseEstimator):
             torch.as_tensor(y_model, device=device, dtype=y_dtype),
             to_tensor(X_arr, device, dtype) if agg_spec.uses_X else None,
         )
-        specs = agg_spec.hyperparameters(ctx)
-        fixed = self._resolve_hyperparams()
-        if fixed.pop("__all__", False):
-            fixed = {s.name: s.initial() for s in specs}
-        space = HyperSpace(specs, fixed, device, dtype)
 
         with small_problem_threads(Z.size, device):
             problems = []
@@ -348,7 +417,7 @@ class _BaseAggregated(BaseEstimator):
                 problems.append(prob)
 
             lower, upper = space.bounds()
-            callback = _Progress() if self.verbose else None
+            callback = _Progress(len(problems)) if self.verbose else None
             t0 = time.perf_counter()
             try:
                 result = tune(
@@ -626,6 +695,12 @@ tuning_history_, validation_loss_, n_iter_, tuning_time_, n_features_in_, \
 feature_names_in_
         As for :class:`AggregatedClassifier` (the validation loss is the mean
         squared error in standardised units).
+    n_outputs_ : int
+        Number of targets.
+    y_mean_, y_scale_ : float or ndarray of shape (n_outputs,)
+        Mean and standard deviation (1 where it is 0) of the training target
+        that base predictions and the target are standardised with; scalars
+        when ``y`` was 1-d, in which case :meth:`predict` returns a 1-d array.
 
     See Also
     --------
@@ -665,17 +740,19 @@ feature_names_in_
             self, X, y, ensure_all_finite=True, multi_output=True, y_numeric=True
         )
         y = np.asarray(y, dtype=np.float64)
-        self._y_1d = y.ndim == 1
         y2 = y.reshape(len(y), -1)
-        self._n_targets = y2.shape[1]
-        self.y_mean_ = y2.mean(0)
-        scale = y2.std(0)
+        self.n_outputs_ = y2.shape[1]
+        # Same shape as one row of y: a scalar for 1-d y, which is also how
+        # predict knows to return 1-d predictions.
+        scale = y.std(0)
+        self.y_mean_ = y.mean(0)
         self.y_scale_ = np.where(scale > 0, scale, 1.0)
         Xb = X if isinstance(X, (pd.DataFrame, pd.Series)) else X_arr
         y_std = (y2 - self.y_mean_) / self.y_scale_
         return self._fit((X_arr, Xb), y, y_std, y, None)
 
     def _transform_outputs(self, Z):
+        # Z: (n, n_models, n_outputs); the statistics broadcast over the last axis.
         return (Z - self.y_mean_) / self.y_scale_
 
     def predict(self, X) -> np.ndarray:
@@ -690,7 +767,7 @@ feature_names_in_
         ndarray of shape (n_samples,) or (n_samples, n_targets)
         """
         out = self._aggregate(X).cpu().numpy() * self.y_scale_ + self.y_mean_
-        return out.ravel() if self._y_1d else out
+        return out.ravel() if np.ndim(self.y_mean_) == 0 else out
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
