@@ -550,7 +550,9 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
     validation_fraction : float, default=0.25
         Validation share when ``cv=None``.
     max_outer_iter : int, default=30
-        Bound on outer (hyperparameter) iterations.
+        Bound on outer (hyperparameter) iterations. With ``optimizer="lbfgs"``
+        the line search may evaluate up to twice as many points, each a row
+        of ``tuning_history_``.
     max_inner_iter : int, default=100
         Bound on L-BFGS iterations of each inner solve while tuning. Solves
         are warm-started from the previous outer step, so the bound limits the

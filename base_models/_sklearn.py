@@ -132,9 +132,10 @@ class SklearnModel(BaseModel):
     def check_fitted(self) -> None:
         if not is_fitted_estimator(self.estimator):
             raise UnfittedBaseModelError(
-                f"{type(self.estimator).__name__} is not fitted: fit it first, or "
-                "pass it unfitted to an Aggregated* estimator with prefit='auto' "
-                "so that it is fitted inside with out-of-fold predictions."
+                f"{type(self.estimator).__name__} is not fitted: fit it (or the model "
+                "inside a FrozenEstimator) first, or pass the bare unfitted estimator "
+                "to an Aggregated* estimator with prefit='auto' so that it is fitted "
+                "inside with out-of-fold predictions."
             )
 
     def predict_raw(self, X) -> np.ndarray:
