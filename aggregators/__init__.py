@@ -7,7 +7,7 @@ AggregatedClassifier, AggregatedRegressor
 
 Aggregation functions
 ---------------------
-Stacking, LearnedWeights, Choquet
+Stacking, LearnedWeights, Choquet, LAF
     Each declares its parameters, hyperparameters and forward pass
     (see :class:`Aggregator` and the README's "Write your own aggregator").
 
@@ -18,6 +18,7 @@ from ._base import AggregationContext, Aggregator, Hyperparameter
 from ._estimators import AggregatedClassifier, AggregatedRegressor, HypergradientWarning
 from ._registry import available_aggregators
 from .choquet import Choquet
+from .laf import LAF
 from .stacking import Stacking
 from .weights import LearnedWeights
 
@@ -30,6 +31,7 @@ __all__ = [
     "Choquet",
     "Aggregator",
     "HypergradientWarning",
+    "LAF",
     "Hyperparameter",
     "LearnedWeights",
     "Stacking",
