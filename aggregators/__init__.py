@@ -7,7 +7,7 @@ AggregatedClassifier, AggregatedRegressor
 
 Aggregation functions
 ---------------------
-Stacking, LearnedWeights, Choquet, LAF
+Stacking, LearnedWeights, Choquet, Sugeno, Uninorm, LAF
     Each declares its parameters, hyperparameters and forward pass
     (see :class:`Aggregator` and the README's "Write your own aggregator").
 
@@ -19,6 +19,8 @@ from ._estimators import AggregatedClassifier, AggregatedRegressor, Hypergradien
 from ._registry import available_aggregators
 from .choquet import Choquet
 from .laf import LAF
+from .sugeno import Sugeno
+from .uninorm import Uninorm
 from .stacking import Stacking
 from .weights import LearnedWeights
 
@@ -35,5 +37,7 @@ __all__ = [
     "Hyperparameter",
     "LearnedWeights",
     "Stacking",
+    "Sugeno",
+    "Uninorm",
     "available_aggregators",
 ]
