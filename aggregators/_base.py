@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from sklearn.base import BaseEstimator
 
-__all__ = ["AggregationContext", "Aggregator", "Hyperparameter"]
+__all__ = ["AggregationContext", "Aggregator", "Hyperparameter", "unit_interval_scale"]
 
 Params = dict[str, torch.Tensor]
 
@@ -118,6 +118,17 @@ class AggregationContext:
     def full(self, shape, value) -> torch.Tensor:
         """A constant tensor on the context's device and dtype."""
         return torch.full(shape, float(value), device=self.device, dtype=self.dtype)
+
+
+def unit_interval_scale(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output ``(low, span)`` mapping regressors' outputs on the rows of ``Z`` into [0, 1].
+
+    Shared by the aggregation functions that need inputs in [0, 1] (fuzzy
+    integrals, uninorms); a constant output gets a span of 1.
+    """
+    lo = Z.amin(dim=(0, 1))
+    hi = Z.amax(dim=(0, 1))
+    return lo, torch.where(hi > lo, hi - lo, torch.ones_like(hi))
 
 
 def readable_hyperparams(specs: list, values: dict) -> dict:

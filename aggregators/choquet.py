@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ._base import AggregationContext, Aggregator, Hyperparameter, Params
+from ._base import AggregationContext, Aggregator, Hyperparameter, Params, unit_interval_scale
 
 __all__ = [
     "Choquet",
@@ -622,9 +622,7 @@ class Choquet(Aggregator):
     def fit_buffers(self, ctx, Z, y, X=None) -> Params:
         if ctx.task == "classification":
             return {}
-        lo = Z.amin(dim=(0, 1))
-        hi = Z.amax(dim=(0, 1))
-        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        lo, span = unit_interval_scale(Z)
         return {"x_low": lo, "x_span": span}
 
     def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ._base import AggregationContext, Aggregator, Hyperparameter, Params
+from ._base import AggregationContext, Aggregator, Hyperparameter, Params, unit_interval_scale
 
 __all__ = ["Sugeno", "soft_sugeno_integral", "sugeno_integral", "symmetric_capacity"]
 
@@ -418,9 +418,7 @@ class Sugeno(Aggregator):
     def fit_buffers(self, ctx, Z, y, X=None) -> Params:
         if ctx.task == "classification":
             return {}
-        lo = Z.amin(dim=(0, 1))
-        hi = Z.amax(dim=(0, 1))
-        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        lo, span = unit_interval_scale(Z)
         return {"x_low": lo, "x_span": span}
 
     def _start(self, kind: str, cap: int, m: int, device, dtype) -> torch.Tensor:

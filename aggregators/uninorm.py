@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ._base import AggregationContext, Aggregator, Hyperparameter, Params
+from ._base import AggregationContext, Aggregator, Hyperparameter, Params, unit_interval_scale
 
 __all__ = ["Uninorm", "uninorm", "weighted_uninorm"]
 
@@ -285,9 +285,7 @@ class Uninorm(Aggregator):
             "prior_logit": ctx.full((1,), math.log(e0) - math.log1p(-e0)),
         }
         if ctx.task == "regression":
-            lo = Z.amin(dim=(0, 1))
-            hi = Z.amax(dim=(0, 1))
-            span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+            lo, span = unit_interval_scale(Z)
             out["x_low"] = lo - self.margin * span
             out["x_span"] = span * (1 + 2 * self.margin)
         return out
