@@ -11,12 +11,18 @@ Stacking, LearnedWeights, Choquet, Sugeno, Uninorm, LAF
     Each declares its parameters, hyperparameters and forward pass
     (see :class:`Aggregator` and the README's "Write your own aggregator").
 
+Search
+------
+HypergradSearchCV
+    ``GridSearchCV``'s interface; continuous dimensions solved by hypergradient.
+
 The hypergradient engine lives in :mod:`aggregators.hypergrad`.
 """
 
 from ._base import AggregationContext, Aggregator, Hyperparameter
 from ._estimators import AggregatedClassifier, AggregatedRegressor, HypergradientWarning
 from ._registry import available_aggregators
+from .search import HypergradSearchCV
 from .choquet import Choquet
 from .laf import LAF
 from .sugeno import Sugeno
@@ -32,6 +38,7 @@ __all__ = [
     "AggregationContext",
     "Choquet",
     "Aggregator",
+    "HypergradSearchCV",
     "HypergradientWarning",
     "LAF",
     "Hyperparameter",

@@ -6,7 +6,7 @@ already on the device, the engine gets flat ``theta`` / ``h`` losses back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
 from .hypergrad import BilevelProblem
 
-__all__ = ["HyperSpace", "ParamPacker", "Split", "data_loss", "make_problem"]
+__all__ = ["HyperSpace", "ParamPacker", "Split", "data_loss", "make_problem", "parse_range"]
 
 
 class ParamPacker:
@@ -39,6 +39,48 @@ class ParamPacker:
         return out
 
 
+def parse_range(value) -> tuple[float, float, bool] | None:
+    """Read a continuous search range, or return ``None`` for a plain value.
+
+    A range is what :class:`~sklearn.model_selection.RandomizedSearchCV`
+    already accepts for a continuous dimension, ``scipy.stats.loguniform(a, b)``
+    or ``scipy.stats.uniform(loc, scale)``, or a tuple ``(low, high, "log")`` /
+    ``(low, high, "linear")``.
+
+    Returns
+    -------
+    (low, high, log) or None
+    """
+    if isinstance(value, tuple) and len(value) == 3 and isinstance(value[2], str):
+        low, high, scale = value
+        if scale not in ("log", "linear"):
+            raise ValueError(
+                f"the scale of a range must be 'log' or 'linear'; got {scale!r} in {value!r}."
+            )
+        log = scale == "log"
+    elif hasattr(value, "dist") and hasattr(value, "support"):  # a frozen scipy distribution
+        name = getattr(value.dist, "name", "")
+        if name not in ("loguniform", "reciprocal", "uniform"):
+            raise ValueError(
+                f"a continuous range must be scipy.stats.loguniform or scipy.stats.uniform; "
+                f"got scipy.stats.{name}. Only a box is solved by gradient: a prior's "
+                "shape would be ignored."
+            )
+        low, high = value.support()
+        log = name != "uniform"
+    else:
+        return None
+    try:
+        low, high = float(low), float(high)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the bounds of the range {value!r} must be numbers.") from e
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"a range needs finite bounds with low < high; got {value!r}.")
+    if log and low <= 0:
+        raise ValueError(f"a log-scaled range needs low > 0; got {value!r}.")
+    return low, high, log
+
+
 class HyperSpace:
     """Which hyperparameters are tuned, and the unconstrained space they live in.
 
@@ -50,7 +92,9 @@ class HyperSpace:
     ----------
     specs : list of Hyperparameter
     fixed : dict
-        ``name -> value`` for hyperparameters that are not tuned.
+        ``name -> value`` for hyperparameters that are not tuned, or
+        ``name -> range`` (see :func:`parse_range`) for one tuned within
+        bounds other than the declared ones.
     device, dtype
     """
 
@@ -62,6 +106,9 @@ class HyperSpace:
                 f"hyperparams names {sorted(unknown)} that the aggregator does not "
                 f"have; its hyperparameters are {sorted(known)}."
             )
+        ranges = {k: r for k, v in fixed.items() if (r := parse_range(v)) is not None}
+        fixed = {k: v for k, v in fixed.items() if k not in ranges}
+        specs = [self._with_range(s, ranges[s.name]) if s.name in ranges else s for s in specs]
         self.specs = specs
         self.device, self.dtype = device, dtype
         self.tuned = [s for s in specs if s.name not in fixed]
@@ -82,6 +129,12 @@ class HyperSpace:
                         f"{' and positive' if s.log else ''}; got {fixed[s.name]!r}."
                     )
                 self.constants[s.name] = torch.as_tensor(v.copy(), device=device, dtype=dtype)
+
+    @staticmethod
+    def _with_range(s: Hyperparameter, rng: tuple[float, float, bool]) -> Hyperparameter:
+        low, high, log = rng
+        # Start where the aggregator would, moved inside the new box.
+        return replace(s, init=np.clip(s.initial(), low, high), low=low, high=high, log=log)
 
     def _encode(self, s: Hyperparameter, v):
         return np.log(v) if s.log else np.asarray(v, dtype=np.float64)

@@ -363,8 +363,17 @@ class _BaseAggregated(BaseEstimator):
 
     def _resolve_hyperparams(self) -> dict:
         if isinstance(self.hyperparams, dict):
-            return dict(self.hyperparams)
-        return {"__all__": True} if self.hyperparams == "fixed" else {}
+            out = dict(self.hyperparams)
+        else:
+            out = {"__all__": True} if self.hyperparams == "fixed" else {}
+        # Set (and removed again) by HypergradSearchCV around its solve: only
+        # the searched ranges are tuned, every other hyperparameter stays at
+        # its given or initial value, as in a grid search.
+        search = getattr(self, "_search_ranges", None)
+        if search is not None:
+            out = {k: v for k, v in out.items() if k != "__all__" and parse_range(v) is None}
+            out.update(search, __others__=True)
+        return out
 
     def _fit(self, X, y, y_model, y_orig, y_strat):
         """``y_model``: what the aggregator is trained on (encoded / standardised)."""
@@ -396,6 +405,8 @@ class _BaseAggregated(BaseEstimator):
         fixed = self._resolve_hyperparams()
         if fixed.pop("__all__", False):
             fixed = {s.name: s.initial() for s in specs}
+        if fixed.pop("__others__", False):
+            fixed = {**{s.name: s.initial() for s in specs}, **fixed}
         space = HyperSpace(specs, fixed, device, dtype)
 
         Z = self._transform_outputs(self._collect(Xb, y_orig))
@@ -536,7 +547,10 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
     hyperparams : "tune", "fixed" or dict, default="tune"
         ``"tune"`` tunes every hyperparameter from the aggregator's initial
         values; ``"fixed"`` tunes none; a dict fixes the named ones (to the
-        given values) and tunes the rest.
+        given values) and tunes the rest. A dict value may instead be a range,
+        ``(low, high, "log")``, ``(low, high, "linear")``,
+        ``scipy.stats.loguniform(low, high)`` or ``scipy.stats.uniform(loc,
+        scale)``: that hyperparameter is tuned within it.
     tuner : str, default="implicit-cg"
         Hypergradient method: ``"implicit-cg"``, ``"implicit-neumann"``,
         ``"truncated-reverse"`` or ``"reverse"`` (unrolled).

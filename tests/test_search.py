@@ -1,0 +1,188 @@
+"""HypergradSearchCV: GridSearchCV's interface, continuous dimensions by gradient."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import loguniform, norm, uniform
+from sklearn.base import clone
+from sklearn.datasets import load_diabetes
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import log_loss
+from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.tree import DecisionTreeRegressor
+
+from aggregators import (
+    AggregatedClassifier,
+    AggregatedRegressor,
+    HypergradSearchCV,
+    LearnedWeights,
+    Stacking,
+)
+
+
+@pytest.fixture
+def stacking(frozen_pool):
+    return AggregatedClassifier(frozen_pool, aggregator=Stacking(), random_state=0)
+
+
+@pytest.fixture
+def data(cancer_pool):
+    return cancer_pool.X_agg, cancer_pool.y_agg
+
+
+CV = StratifiedKFold(3, shuffle=True, random_state=0)
+
+
+def test_cv_results_have_grid_search_keys(stacking, data):
+    X, y = data
+    space = {"aggregator": [Stacking(), LearnedWeights()], "aggregator__l2": loguniform(1e-3, 1e2)}
+    search = HypergradSearchCV(stacking, space, cv=CV, scoring="neg_log_loss").fit(X, y)
+    grid = GridSearchCV(
+        clone(stacking).set_params(hyperparams="fixed"),
+        {"aggregator": [Stacking(), LearnedWeights()], "aggregator__l2": [0.1]},
+        cv=CV, scoring="neg_log_loss",
+    ).fit(X, y)
+    assert set(search.cv_results_) == set(grid.cv_results_)
+    res = search.cv_results_
+    assert len(res["params"]) == 2
+    assert np.all(res["rank_test_score"] >= 1)
+    assert search.n_splits_ == 3 and not search.multimetric_
+    assert search.best_index_ == int(np.argmin(res["rank_test_score"]))
+    assert search.best_score_ == res["mean_test_score"][search.best_index_]
+    # Split scores are honest: each is the fold refit's log-loss on held-out rows.
+    l2 = res["params"][0]["aggregator__l2"]
+    assert l2.shape == (5,) and np.all((l2 >= 1e-3 * (1 - 1e-9)) & (l2 <= 1e2 * (1 + 1e-9)))
+    tr, te = next(iter(CV.split(X, y)))
+    ref = clone(stacking).set_params(
+        aggregator=Stacking(), hyperparams=dict(search.solve_histories_ and {"l2": l2}), cv=None
+    ).set_params(hyperparams={"l2": l2}).fit(X[tr], y[tr])
+    assert res["split0_test_score"][0] == pytest.approx(
+        -log_loss(y[te], ref.predict_proba(X[te]), labels=[0, 1]), rel=1e-6
+    )
+
+
+def test_solution_matches_a_fine_grid(stacking, data):
+    """One shared L2 solved by gradient is as good as the best of a fine grid."""
+    X, y = data
+    shared = clone(stacking).set_params(aggregator=LearnedWeights(per="global"))
+    search = HypergradSearchCV(
+        shared, {"aggregator__l2": (1e-4, 1e1, "log")}, cv=CV, scoring="neg_log_loss"
+    ).fit(X, y)
+    grid = GridSearchCV(
+        clone(shared).set_params(hyperparams="fixed"),
+        {"aggregator__l2": np.logspace(-4, 1, 11)}, cv=CV, scoring="neg_log_loss",
+    ).fit(X, y)
+    # The solve minimises the same cross-validated log-loss the grid scores.
+    assert search.best_score_ >= grid.best_score_ - 2e-3
+    assert isinstance(search.best_params_["aggregator__l2"], float)
+
+
+def test_pipeline_and_delegation(frozen_pool, data, cancer_pool):
+    X, y = data
+    pipe = Pipeline([
+        ("scale", StandardScaler()),
+        ("agg", AggregatedClassifier(frozen_pool, aggregator=Stacking(), random_state=0)),
+    ])
+    # The frozen pool expects raw features: a scaler in front would feed it the
+    # wrong inputs, so use an identity-like scaler to check the plumbing only.
+    pipe.set_params(scale=StandardScaler(with_mean=False, with_std=False))
+    search = HypergradSearchCV(
+        pipe, {"agg__aggregator__l2": uniform(1e-3, 10.0)}, cv=3, random_state=0
+    ).fit(X, y)
+    assert set(search.best_params_) == {"agg__aggregator__l2"}
+    best = search.best_estimator_
+    Xt = cancer_pool.X_test
+    np.testing.assert_array_equal(search.predict(Xt), best.predict(Xt))
+    np.testing.assert_allclose(search.predict_proba(Xt), best.predict_proba(Xt))
+    assert search.score(Xt, cancer_pool.y_test) == best.score(Xt, cancer_pool.y_test)
+    np.testing.assert_array_equal(search.classes_, [0, 1])
+    # The best estimator's parameters describe it: a refit reproduces it.
+    again = clone(best).fit(X, y)
+    # (up to the final solve's tolerance: the two refits start from other points)
+    np.testing.assert_allclose(again.predict_proba(Xt), best.predict_proba(Xt), atol=1e-4)
+
+
+def test_multimetric_and_train_scores(stacking, data):
+    X, y = data
+    search = HypergradSearchCV(
+        stacking, {"aggregator__l2": loguniform(1e-2, 1e1)}, cv=CV,
+        scoring=["neg_log_loss", "accuracy"], refit="accuracy", return_train_score=True,
+    ).fit(X, y)
+    res = search.cv_results_
+    for key in ("mean_test_accuracy", "rank_test_neg_log_loss", "split2_train_accuracy",
+                "mean_train_neg_log_loss"):
+        assert key in res
+    assert search.multimetric_
+    assert 0.8 < search.score(X, y) <= 1.0
+    with pytest.raises(ValueError, match="refit must be one of"):
+        HypergradSearchCV(stacking, {"aggregator__l2": loguniform(1e-2, 1)}, cv=CV,
+                          scoring=["accuracy", "neg_log_loss"], refit=True).fit(X, y)
+
+
+def test_parallel_equals_serial(stacking, data):
+    X, y = data
+    space = {"aggregator__l2": loguniform(1e-3, 1e2), "max_inner_iter": [50, 100]}
+    a = HypergradSearchCV(stacking, space, cv=CV, n_jobs=1).fit(X, y)
+    b = HypergradSearchCV(stacking, space, cv=CV, n_jobs=2).fit(X, y)
+    np.testing.assert_allclose(a.cv_results_["mean_test_score"], b.cv_results_["mean_test_score"])
+    for pa, pb in zip(a.cv_results_["params"], b.cv_results_["params"]):
+        np.testing.assert_allclose(pa["aggregator__l2"], pb["aggregator__l2"])
+
+
+def test_regressor_and_other_methods():
+    X, y = load_diabetes(return_X_y=True)
+    X_pool, y_pool, X, y = X[:200], y[:200], X[200:], y[200:]
+    pool = [("ridge", Ridge().fit(X_pool, y_pool)),
+            ("tree", DecisionTreeRegressor(max_depth=3, random_state=0).fit(X_pool, y_pool))]
+    est = AggregatedRegressor(pool, aggregator=Stacking(), random_state=0)
+    for method in ("implicit-neumann", "implicit-cg"):
+        search = HypergradSearchCV(
+            est, {"aggregator__l2": loguniform(1e-3, 1e2)}, cv=KFold(3), method=method
+        ).fit(X, y)
+        assert search.best_estimator_.tuner == method
+        assert 0.0 < search.best_score_ < 1.0  # R^2 of the refits on held-out folds
+    assert search.predict(X[:4]).shape == (4,)
+
+
+def test_clear_errors(stacking, data):
+    X, y = data
+    with pytest.raises(TypeError, match="GridSearchCV"):
+        HypergradSearchCV(LogisticRegression(), {"C": loguniform(1e-2, 1e2)}).fit(X, y)
+    with pytest.raises(ValueError, match="not a hyperparameter of the aggregation"):
+        HypergradSearchCV(stacking, {"max_inner_iter": (10, 100, "linear")}).fit(X, y)
+    with pytest.raises(ValueError, match="all 1 candidates.*does not have"), pytest.warns(Warning):
+        HypergradSearchCV(stacking, {"aggregator__nope": loguniform(1e-2, 1)}).fit(X, y)
+    with pytest.raises(ValueError, match="loguniform or scipy.stats.uniform"):
+        HypergradSearchCV(stacking, {"aggregator__l2": norm(0, 1)}).fit(X, y)
+    with pytest.raises(ValueError, match="low < high"):
+        HypergradSearchCV(stacking, {"aggregator__l2": (1.0, 0.1, "log")}).fit(X, y)
+    with pytest.raises(ValueError, match="list of values"):
+        HypergradSearchCV(stacking, {"max_inner_iter": 50}).fit(X, y)
+    with pytest.raises(ValueError):  # unknown method, caught by parameter validation
+        HypergradSearchCV(stacking, {"aggregator__l2": loguniform(1e-2, 1)}, method="x").fit(X, y)
+
+
+def test_failed_candidate_gets_error_score(stacking, data):
+    X, y = data
+    space = {"aggregator__l2": loguniform(1e-2, 1e1), "max_outer_iter": [2, -1]}
+    with pytest.warns(Warning, match="failed to fit"):
+        search = HypergradSearchCV(stacking, space, cv=CV, error_score=-99.0).fit(X, y)
+    res = search.cv_results_
+    bad = [i for i, p in enumerate(res["params"]) if p["max_outer_iter"] == -1][0]
+    assert res["mean_test_score"][bad] == -99.0
+    assert search.best_params_["max_outer_iter"] == 2
+    with pytest.raises(ValueError):
+        HypergradSearchCV(stacking, space, cv=CV, error_score="raise").fit(X, y)
+
+
+def test_estimator_hyperparams_accept_ranges(frozen_pool, data):
+    X, y = data
+    est = AggregatedClassifier(
+        frozen_pool, aggregator=Stacking(), hyperparams={"l2": (0.5, 2.0, "linear")},
+        max_outer_iter=5, random_state=0,
+    ).fit(X, y)
+    l2 = est.hyperparams_["l2"]
+    assert np.all((l2 >= 0.5 - 1e-9) & (l2 <= 2.0 + 1e-9))
