@@ -420,6 +420,9 @@ class _BaseAggregated(BaseEstimator):
         )
 
         with small_problem_threads(Z.size, device):
+            if self.max_outer_iter == 0:
+                # Nothing to tune and nothing to validate: straight to the refit.
+                return self._refit_only(agg_spec, ctx, full, space, specs)
             problems = []
             for tr, va in self._splits(n, y_strat, seed):
                 tr_t = torch.as_tensor(tr, device=device)
@@ -454,27 +457,43 @@ class _BaseAggregated(BaseEstimator):
 
             # Refit the parameters on all rows with the tuned hyperparameters.
             final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
-            try:
-                theta, n_iter, converged = solve_inner(
-                    final, result.h, result.thetas[0], max_iter=10 * self.max_inner_iter,
-                    tol=1e-6,  # predictions do not move below this; 1e-7 is for hypergradients
-                )
-            except InnerDivergenceError as e:
-                raise ValueError(f"refitting the aggregator on all rows diverged: {e}") from e
-            if not converged:
-                warnings.warn(
-                    f"the final fit of the aggregator did not reach its tolerance in "
-                    f"{10 * self.max_inner_iter} iterations; raise max_inner_iter.",
-                    ConvergenceWarning,
-                    stacklevel=3,
-                )
-        hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
-        self.aggregator_ = clone(agg_spec)
-        self.aggregator_._set_fitted(ctx, packer.unflatten(theta), buffers, hyper, specs)
-        self.hyperparams_ = self.aggregator_.hyperparams_
+            self._finish(
+                agg_spec, ctx, final, packer, buffers, space, specs, result.h, result.thetas[0]
+            )
         self.validation_loss_ = result.value / len(problems)
         self.n_iter_ = len(result.history)
         return self
+
+    def _refit_only(self, agg_spec, ctx, full, space, specs):
+        """``max_outer_iter=0``: fit the parameters on all rows at the initial hyperparameters."""
+        final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
+        h = space.initial()
+        self.tuning_time_ = 0.0
+        self.tuning_history_ = self._history_frame([], space, 1)
+        self.validation_loss_ = float("nan")
+        self.n_iter_ = 0
+        self._finish(agg_spec, ctx, final, packer, buffers, space, specs, h, final.theta0)
+        return self
+
+    def _finish(self, agg_spec, ctx, final, packer, buffers, space, specs, h, theta0):
+        try:
+            theta, n_iter, converged = solve_inner(
+                final, h, theta0, max_iter=10 * self.max_inner_iter,
+                tol=1e-6,  # predictions do not move below this; 1e-7 is for hypergradients
+            )
+        except InnerDivergenceError as e:
+            raise ValueError(f"refitting the aggregator on all rows diverged: {e}") from e
+        if not converged:
+            warnings.warn(
+                f"the final fit of the aggregator did not reach its tolerance in "
+                f"{10 * self.max_inner_iter} iterations; raise max_inner_iter.",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        hyper = {k: v.detach().cpu().numpy() for k, v in space.values(h).items()}
+        self.aggregator_ = clone(agg_spec)
+        self.aggregator_._set_fitted(ctx, packer.unflatten(theta), buffers, hyper, specs)
+        self.hyperparams_ = self.aggregator_.hyperparams_
 
     @staticmethod
     def _history_frame(history, space: HyperSpace, n_folds: int) -> pd.DataFrame:
@@ -491,7 +510,8 @@ class _BaseAggregated(BaseEstimator):
             }
             row.update(dict(zip(names, vals)))
             rows.append(row)
-        return pd.DataFrame(rows)
+        columns = ["step", "validation_loss", "hypergrad_norm", "inner_iter", "seconds", *names]
+        return pd.DataFrame(rows, columns=columns)
 
     def _transform_outputs(self, Z):
         return Z
@@ -566,7 +586,9 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
     max_outer_iter : int, default=30
         Bound on outer (hyperparameter) iterations. With ``optimizer="lbfgs"``
         the line search may evaluate up to twice as many points, each a row
-        of ``tuning_history_``.
+        of ``tuning_history_``. ``0`` neither tunes nor validates: the
+        parameters are fitted on all rows at the initial (or fixed)
+        hyperparameters, and ``validation_loss_`` is NaN.
     max_inner_iter : int, default=100
         Bound on L-BFGS iterations of each inner solve while tuning. Solves
         are warm-started from the previous outer step, so the bound limits the

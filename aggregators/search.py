@@ -406,7 +406,10 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
     def _score_split(self, X, y, prefix, solve, split, seed, fit_params) -> dict:
         train, test = split
         est, final = self._configure(self.estimator, prefix, solve["point"], seed)
-        final.set_params(hyperparams={k: v.copy() for k, v in solve["hyper"].items()}, cv=None)
+        # Solved values held fixed; no validation split is needed to refit.
+        final.set_params(
+            hyperparams={k: v.copy() for k, v in solve["hyper"].items()}, max_outer_iter=0
+        )
         X_tr, y_tr = _safe_indexing(X, train), _safe_indexing(y, train)
         X_te, y_te = _safe_indexing(X, test), _safe_indexing(y, test)
         t0 = time.perf_counter()

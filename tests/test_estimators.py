@@ -684,3 +684,22 @@ def test_unfitted_estimator_raises_not_fitted():
         _cheap().predict(X_IRIS)
     with pytest.raises(NotFittedError):
         AggregatedRegressor(_reg_pool()).predict(X_DIAB)
+
+
+def test_zero_outer_iterations_refits_at_initial_hyperparameters(cancer_pool, frozen_pool):
+    d = cancer_pool
+    est = AggregatedClassifier(
+        frozen_pool, aggregator="weights", hyperparams={"l2": 0.5}, max_outer_iter=0,
+        random_state=0,
+    ).fit(d.X_agg, d.y_agg)
+    assert est.n_iter_ == 0 and len(est.tuning_history_) == 0
+    assert "validation_loss" in est.tuning_history_.columns
+    assert np.isnan(est.validation_loss_)
+    assert est.hyperparams_ == pytest.approx({"temperature": 1.0, "l2": 0.5, "entropy": 1e-4})
+    # Same refit as a fixed-hyperparameter fit, which also validates once first.
+    ref = AggregatedClassifier(
+        frozen_pool, aggregator=LearnedWeights(l2=0.5), hyperparams="fixed", random_state=0
+    ).fit(d.X_agg, d.y_agg)
+    np.testing.assert_allclose(
+        est.predict_proba(d.X_test), ref.predict_proba(d.X_test), atol=1e-5
+    )
