@@ -703,3 +703,12 @@ def test_zero_outer_iterations_refits_at_initial_hyperparameters(cancer_pool, fr
     np.testing.assert_allclose(
         est.predict_proba(d.X_test), ref.predict_proba(d.X_test), atol=1e-5
     )
+
+
+def test_stacking_shared_l2(cancer_pool, frozen_pool):
+    d = cancer_pool
+    est = AggregatedClassifier(
+        frozen_pool, aggregator=Stacking(per_model_l2=False), max_outer_iter=5, random_state=0
+    ).fit(d.X_agg, d.y_agg)
+    assert isinstance(est.hyperparams_["l2"], float)
+    assert list(est.tuning_history_.columns[-1:]) == ["l2"]
