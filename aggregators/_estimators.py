@@ -301,6 +301,7 @@ class _BaseAggregated(BaseEstimator):
         """Fit what must be fitted, and stack every base model's outputs once."""
         base_cv = check_cv(self.base_cv, y_orig, classifier=self._task == "classification")
         models, outs = {}, []
+        self._fitted_inside = []  # names of base models fitted here (not frozen)
         for name, obj in self._check_estimators():
             raw = None
             if _is_sklearn_estimator(obj) and not _is_frozen(obj):
@@ -315,6 +316,7 @@ class _BaseAggregated(BaseEstimator):
                     )
                 if self.prefit is False or not fitted:
                     model, raw = self._fit_inside(name, obj, Xb, y_orig, base_cv)
+                    self._fitted_inside.append(name)
                 else:
                     model = SklearnModel(obj)
             else:
@@ -423,12 +425,15 @@ class _BaseAggregated(BaseEstimator):
             if self.max_outer_iter == 0:
                 # Nothing to tune and nothing to validate: straight to the refit.
                 return self._refit_only(agg_spec, ctx, full, space, specs)
-            problems = []
+            problems, fold_parts = [], []
             for tr, va in self._splits(n, y_strat, seed):
                 tr_t = torch.as_tensor(tr, device=device)
                 va_t = torch.as_tensor(va, device=device)
-                prob, _, _ = make_problem(agg_spec, ctx, full.take(tr_t), full.take(va_t), space)
+                prob, packer_k, buffers_k = make_problem(
+                    agg_spec, ctx, full.take(tr_t), full.take(va_t), space
+                )
                 problems.append(prob)
+                fold_parts.append((packer_k, buffers_k))
 
             lower, upper = space.bounds()
             callback = _Progress(len(problems)) if self.verbose else None
@@ -460,6 +465,14 @@ class _BaseAggregated(BaseEstimator):
             self._finish(
                 agg_spec, ctx, final, packer, buffers, space, specs, result.h, result.thetas[0]
             )
+            # Each fold's solution at the tuned hyperparameters: the aggregator
+            # fitted on that fold's training rows (what cross-validated scores need).
+            hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
+            self.fold_aggregators_ = []
+            for (packer_k, buffers_k), theta_k in zip(fold_parts, result.thetas):
+                agg_k = clone(agg_spec)
+                agg_k._set_fitted(ctx, packer_k.unflatten(theta_k), buffers_k, hyper, specs)
+                self.fold_aggregators_.append(agg_k)
         self.validation_loss_ = result.value / len(problems)
         self.n_iter_ = len(result.history)
         return self
@@ -472,6 +485,7 @@ class _BaseAggregated(BaseEstimator):
         self.tuning_history_ = self._history_frame([], space, 1)
         self.validation_loss_ = float("nan")
         self.n_iter_ = 0
+        self.fold_aggregators_ = []
         self._finish(agg_spec, ctx, final, packer, buffers, space, specs, h, final.theta0)
         return self
 
@@ -629,6 +643,11 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         hyperparameter entry.
     validation_loss_ : float
         Best mean validation log-loss found.
+    fold_aggregators_ : list of Aggregator
+        One per validation split (``cv`` folds, or the one split when
+        ``cv=None``): the aggregation function fitted on that split's
+        training rows at the tuned hyperparameters. Empty when
+        ``max_outer_iter=0``.
     n_iter_ : int
         Outer evaluations made.
     tuning_time_ : float

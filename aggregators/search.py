@@ -2,8 +2,10 @@
 
 A grid costs ``points ** dimensions * folds`` fits; here each discrete grid
 point costs one cross-fitted hypergradient solve (the folds' inner problems
-share the hyperparameters and their validation losses are summed), one refit
-per fold to report honest split scores, and nothing more. The continuous
+share the hyperparameters and their validation losses are summed) whose
+final refit on all rows is the candidate's estimator, and split scores from
+the solve's own fold solutions (a refit per fold only where a pipeline step
+or a base model fitted inside makes those differ). The continuous
 dimensions are hyperparameters that the aggregation function of an
 :class:`AggregatedClassifier` / :class:`AggregatedRegressor` declares, so the
 estimator (alone or at the end of a :class:`~sklearn.pipeline.Pipeline`)
@@ -12,6 +14,7 @@ must be one of those.
 
 from __future__ import annotations
 
+import copy
 import numbers
 import time
 import warnings
@@ -67,9 +70,11 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
     validation log-loss for classifiers, squared error for regressors), so
     their number hardly changes the cost. Discrete dimensions are enumerated
     as a grid, one solve per grid point. Every candidate is then scored with
-    ``scoring`` on each fold by a refit on that fold's training rows, which
-    fills ``cv_results_`` exactly as :class:`~sklearn.model_selection.GridSearchCV`
-    does.
+    ``scoring`` on each fold by the model fitted on that fold's training rows
+    at the solved hyperparameters, which fills ``cv_results_`` exactly as
+    :class:`~sklearn.model_selection.GridSearchCV` does. When all base models
+    are pretrained and no pipeline step precedes the aggregator, those models
+    are the solve's own fold solutions; otherwise each split is refitted.
 
     Parameters
     ----------
@@ -302,9 +307,14 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
                 f"all {len(solves)} candidates of HypergradSearchCV failed to fit; the "
                 f"first error: {solves[0]['error']}"
             )
+        per_split = {}
+        for c, s in enumerate(solves):
+            if s["error"] is None and self._reuses_folds(prefix, s, len(splits)):
+                for k, (train, test) in enumerate(splits):
+                    per_split[c, k] = self._score_fold_solution(X, y, s, k, train, test)
         jobs = [
             (c, k) for c, s in enumerate(solves) for k in range(len(splits))
-            if s["error"] is None
+            if s["error"] is None and (c, k) not in per_split
         ]
         fold_out = list(self._progress(
             parallel(
@@ -315,7 +325,7 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
             ),
             len(jobs), "scoring splits",
         ))
-        per_split = {job: res for job, res in zip(jobs, fold_out)}
+        per_split.update(zip(jobs, fold_out))
         self.cv_results_ = self._results(solves, per_split, len(splits))
         self.solve_histories_ = [s["history"] for s in solves]
 
@@ -402,6 +412,35 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
         })
         return {"params": {**point, **solved}, "point": point, "error": None, "solve_time": solve_time,
                 "history": final.tuning_history_, "estimator": est, "hyper": hyper}
+
+    @staticmethod
+    def _reuses_folds(prefix: str, solve: dict, n_splits: int) -> bool:
+        """Whether the solve's own fold solutions give the split scores.
+
+        They do when nothing but the aggregation function depends on the
+        fold: no pipeline step before it (fitted on all rows by the solve)
+        and no base model fitted inside the estimator. Then the solve has
+        already fitted, on each fold's training rows at the solved
+        hyperparameters, exactly the model a refit would give (up to the
+        inner tolerance), and refitting would only repeat that work.
+        """
+        est = solve["estimator"]
+        return (
+            prefix == ""
+            and not getattr(est, "_fitted_inside", True)
+            and len(getattr(est, "fold_aggregators_", ())) == n_splits
+        )
+
+    def _score_fold_solution(self, X, y, solve, k, train, test) -> dict:
+        est = copy.copy(solve["estimator"])
+        est.aggregator_ = est.fold_aggregators_[k]
+        t0 = time.perf_counter()
+        out = {"test": self._score(est, _safe_indexing(X, test), _safe_indexing(y, test))}
+        out["score_time"] = time.perf_counter() - t0
+        out["fit_time"] = 0.0  # the solve's share is added to every split
+        if self.return_train_score:
+            out["train"] = self._score(est, _safe_indexing(X, train), _safe_indexing(y, train))
+        return out
 
     def _score_split(self, X, y, prefix, solve, split, seed, fit_params) -> dict:
         train, test = split

@@ -186,3 +186,21 @@ def test_estimator_hyperparams_accept_ranges(frozen_pool, data):
     ).fit(X, y)
     l2 = est.hyperparams_["l2"]
     assert np.all((l2 >= 0.5 - 1e-9) & (l2 <= 2.0 + 1e-9))
+
+
+def test_split_scores_from_fold_solutions_match_refits(stacking, data):
+    """The fast path (the solve's fold solutions) equals refitting each split."""
+    X, y = data
+    search = HypergradSearchCV(
+        stacking, {"aggregator__l2": loguniform(1e-3, 1e2)}, cv=CV, scoring="neg_log_loss",
+        return_train_score=True,
+    ).fit(X, y)
+    best = search.best_estimator_
+    assert len(best.fold_aggregators_) == 3 and not best._fitted_inside
+    l2 = np.asarray(search.best_params_["aggregator__l2"])
+    for k, (tr, te) in enumerate(CV.split(X, y)):
+        ref = clone(stacking).set_params(hyperparams={"l2": l2}, max_outer_iter=0).fit(X[tr], y[tr])
+        want = -log_loss(y[te], ref.predict_proba(X[te]), labels=[0, 1])
+        assert search.cv_results_[f"split{k}_test_score"][0] == pytest.approx(want, abs=1e-4)
+        want_tr = -log_loss(y[tr], ref.predict_proba(X[tr]), labels=[0, 1])
+        assert search.cv_results_[f"split{k}_train_score"][0] == pytest.approx(want_tr, abs=1e-4)
