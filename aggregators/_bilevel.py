@@ -7,6 +7,7 @@ already on the device, the engine gets flat ``theta`` / ``h`` losses back.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -172,11 +173,22 @@ class HyperSpace:
         ) if self.specs else np.zeros(0)
 
 
-def data_loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy on class log-scores, or mean squared error."""
+def data_loss(
+    task: str, out: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy on class log-scores, or mean squared error.
+
+    With ``weights`` (one per row), ``sum_i w_i loss_i / n_rows`` instead.
+    """
+    if weights is None:
+        if task == "classification":
+            return F.cross_entropy(out, y)
+        return (out - y).pow(2).mean()
     if task == "classification":
-        return F.cross_entropy(out, y)
-    return (out - y).pow(2).mean()
+        per_row = F.cross_entropy(out, y, reduction="none")
+    else:
+        per_row = (out - y).pow(2).reshape(out.shape[0], -1).mean(1)
+    return (weights * per_row).mean()
 
 
 @dataclass
@@ -198,8 +210,16 @@ def make_problem(
     val: Split | None,
     space: HyperSpace,
     theta0: torch.Tensor | None = None,
+    *,
+    row_weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[BilevelProblem, ParamPacker, Params]:
     """Build the bilevel problem of fitting ``agg`` on ``train``, judged on ``val``.
+
+    ``row_weights``, when given, maps the hyperparameter vector ``u`` to one
+    weight per training row, and the inner data loss becomes
+    ``sum_i w_i loss_i / n_train`` (data hyper-cleaning: the weights are the
+    hyperparameters). ``space`` reads only the first entries of ``u``; the
+    hook may use the rest.
 
     Returns the problem, the packer of its parameters and the buffers
     computed from ``train``.
@@ -214,7 +234,8 @@ def make_problem(
         return agg.forward(params, space.values(u), part.Z, part.X)
 
     def inner(theta, u):
-        loss = data_loss(ctx.task, forward(theta, u, train), train.y)
+        w = None if row_weights is None else row_weights(u)
+        loss = data_loss(ctx.task, forward(theta, u, train), train.y, w)
         return loss + agg.penalty(packer.unflatten(theta), space.values(u))
 
     def outer(theta, u):

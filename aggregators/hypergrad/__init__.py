@@ -9,6 +9,7 @@ method and :func:`tune` runs the outer loop.
 from ._implicit import conjugate_gradient, implicit_hypergradient, neumann_series
 from ._inner import lipschitz_estimate, solve_inner
 from ._problem import BilevelProblem, HypergradResult, InnerDivergenceError
+from ._projections import project_capped_simplex
 from ._tuner import METHODS, TuningResult, hypergradient, tune
 from ._unrolled import reverse_hypergradient
 
@@ -23,6 +24,7 @@ __all__ = [
     "implicit_hypergradient",
     "lipschitz_estimate",
     "neumann_series",
+    "project_capped_simplex",
     "reverse_hypergradient",
     "solve_inner",
     "tune",

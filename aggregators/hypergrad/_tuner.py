@@ -113,6 +113,7 @@ def tune(
     max_inner_iter: int = 500,
     inner_tol: float = 1e-7,
     callback: Callable[[dict], None] | None = None,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TuningResult:
     """Minimise ``sum_k Q_k(theta_k*(h), h)`` over box-bounded ``h``.
 
@@ -144,12 +145,23 @@ def tune(
     inner_tol : float, default=1e-7
     callback : callable, default=None
         Called with each history entry.
+    project : callable, default=None
+        ``h -> h'``: projection onto the feasible set, applied to ``h0`` and
+        after every Adam step instead of clipping to ``[lower, upper]`` (so it
+        must keep ``h`` inside those bounds itself), e.g.
+        :func:`project_capped_simplex` for many per-row weights under a
+        budget. Only with ``optimizer="adam"``.
 
     Returns
     -------
     TuningResult
     """
     method_options = dict(method_options or {})
+    if project is not None and optimizer != "adam":
+        raise ValueError(
+            f"project needs optimizer='adam' (L-BFGS-B only knows box bounds); "
+            f"got optimizer={optimizer!r}."
+        )
     if method not in METHODS:
         raise ValueError(f"unknown hypergradient method {method!r}; choose from {list(METHODS)}.")
     needs_optimum = METHODS[method]
@@ -213,7 +225,7 @@ def tune(
         elif optimizer == "lbfgs":
             _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state)
         elif optimizer == "adam":
-            _run_adam(evaluate, h0, lower, upper, max_outer_iter, outer_lr, tol, state)
+            _run_adam(evaluate, h0, lower, upper, max_outer_iter, outer_lr, tol, state, project)
         else:
             raise ValueError(f"optimizer must be 'lbfgs' or 'adam'; got {optimizer!r}.")
     except _Stop:
@@ -256,8 +268,10 @@ def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state):
     state["message"] = str(res.message)
 
 
-def _run_adam(evaluate, h0, lower, upper, max_outer_iter, lr, tol, state):
-    h = h0.detach().clone().clamp(lower, upper)
+def _run_adam(evaluate, h0, lower, upper, max_outer_iter, lr, tol, state, project=None):
+    if project is None:
+        project = lambda x: x.clamp(lower, upper)  # noqa: E731
+    h = project(h0.detach().clone())
     m = torch.zeros_like(h)
     v = torch.zeros_like(h)
     b1, b2, eps = 0.9, 0.999, 1e-8
@@ -267,7 +281,7 @@ def _run_adam(evaluate, h0, lower, upper, max_outer_iter, lr, tol, state):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         step = lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
-        h = (h - step).clamp(lower, upper)
+        h = project(h - step)
         cur = float(value)
         if abs(prev - cur) <= tol * max(1.0, abs(cur)):
             state["message"] = "outer loss changed by less than tol"
