@@ -43,7 +43,7 @@ from base_models import (
 from ._base import AggregationContext
 from ._bilevel import HyperSpace, Split, make_problem
 from ._registry import resolve_aggregator
-from .hypergrad import METHODS, InnerDivergenceError, solve_inner, tune
+from .hypergrad import METHODS, InnerDivergenceError, solve_inner, stack_problems, tune
 
 __all__ = ["AggregatedClassifier", "AggregatedRegressor", "HypergradientWarning"]
 
@@ -301,7 +301,7 @@ class _BaseAggregated(BaseEstimator):
         """Fit what must be fitted, and stack every base model's outputs once."""
         base_cv = check_cv(self.base_cv, y_orig, classifier=self._task == "classification")
         models, outs = {}, []
-        self._fitted_inside = []  # names of base models fitted here (not frozen)
+        self.fitted_inside_ = []
         for name, obj in self._check_estimators():
             raw = None
             if _is_sklearn_estimator(obj) and not _is_frozen(obj):
@@ -316,7 +316,7 @@ class _BaseAggregated(BaseEstimator):
                     )
                 if self.prefit is False or not fitted:
                     model, raw = self._fit_inside(name, obj, Xb, y_orig, base_cv)
-                    self._fitted_inside.append(name)
+                    self.fitted_inside_.append(name)
                 else:
                     model = SklearnModel(obj)
             else:
@@ -439,8 +439,11 @@ class _BaseAggregated(BaseEstimator):
             callback = _Progress(len(problems)) if self.verbose else None
             t0 = time.perf_counter()
             try:
+                # The folds' problems share h and nothing else: one joint solve
+                # (same optimum and hypergradient, a fraction of the solver overhead).
+                joint, split_theta = stack_problems(problems)
                 result = tune(
-                    problems, space.initial(), lower=lower, upper=upper,
+                    [joint], space.initial(), lower=lower, upper=upper,
                     method=self.tuner, method_options=self.tuner_options,
                     optimizer=self.optimizer, max_outer_iter=self.max_outer_iter,
                     tol=self.tol, max_inner_iter=self.max_inner_iter, callback=callback,
@@ -459,17 +462,18 @@ class _BaseAggregated(BaseEstimator):
                 )
             self.tuning_time_ = time.perf_counter() - t0
             self.tuning_history_ = self._history_frame(result.history, space, len(problems))
+            fold_thetas = split_theta(result.thetas[0])
 
             # Refit the parameters on all rows with the tuned hyperparameters.
             final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
             self._finish(
-                agg_spec, ctx, final, packer, buffers, space, specs, result.h, result.thetas[0]
+                agg_spec, ctx, final, packer, buffers, space, specs, result.h, fold_thetas[0]
             )
             # Each fold's solution at the tuned hyperparameters: the aggregator
             # fitted on that fold's training rows (what cross-validated scores need).
             hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
             self.fold_aggregators_ = []
-            for (packer_k, buffers_k), theta_k in zip(fold_parts, result.thetas):
+            for (packer_k, buffers_k), theta_k in zip(fold_parts, fold_thetas):
                 agg_k = clone(agg_spec)
                 agg_k._set_fitted(ctx, packer_k.unflatten(theta_k), buffers_k, hyper, specs)
                 self.fold_aggregators_.append(agg_k)
@@ -631,6 +635,9 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
     estimators_ : list
         The fitted base models (as given when pretrained).
     named_estimators_ : Bunch
+    fitted_inside_ : list of str
+        Names of the base models this ``fit`` fitted (with out-of-fold
+        predictions); the others were used as given.
     base_models_ : dict of str to BaseModel
         The frozen wrappers used for prediction.
     aggregator_ : Aggregator

@@ -427,7 +427,7 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
         est = solve["estimator"]
         return (
             prefix == ""
-            and not getattr(est, "_fitted_inside", True)
+            and not getattr(est, "fitted_inside_", True)
             and len(getattr(est, "fold_aggregators_", ())) == n_splits
         )
 

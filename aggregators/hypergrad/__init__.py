@@ -8,6 +8,7 @@ method and :func:`tune` runs the outer loop.
 
 from ._implicit import conjugate_gradient, implicit_hypergradient, neumann_series
 from ._inner import lipschitz_estimate, solve_inner
+from ._joint import stack_problems
 from ._problem import BilevelProblem, HypergradResult, InnerDivergenceError
 from ._projections import project_capped_simplex
 from ._tuner import METHODS, TuningResult, hypergradient, tune
@@ -27,5 +28,6 @@ __all__ = [
     "project_capped_simplex",
     "reverse_hypergradient",
     "solve_inner",
+    "stack_problems",
     "tune",
 ]
