@@ -162,7 +162,11 @@ def make_problem(
 
     def inner(theta, u):
         loss = data_loss(ctx.task, forward(theta, u, train), train.y)
-        return loss + agg.penalty(packer.unflatten(theta), space.values(u))
+        params, hyper = packer.unflatten(theta), space.values(u)
+        extra = agg.data_penalty({**params, **buffers}, hyper, train.Z, train.X)
+        if extra is not None:
+            loss = loss + extra
+        return loss + agg.penalty(params, hyper)
 
     def outer(theta, u):
         part = val if val is not None else train
