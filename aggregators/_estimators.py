@@ -458,7 +458,9 @@ class _BaseAggregated(BaseEstimator):
                     stacklevel=3,
                 )
         hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
-        self._routing_record = {}
+        # Updated in place by every prediction (so that predicting does not
+        # change the estimator's attributes, as scikit-learn's checks require).
+        self.last_routing_ = pd.Series(0, index=names, name="rows", dtype=np.int64)
         self.aggregator_ = clone(agg_spec)
         self.aggregator_._set_fitted(ctx, packer.unflatten(theta), buffers, hyper, specs)
         self.hyperparams_ = self.aggregator_.hyperparams_
@@ -487,21 +489,6 @@ class _BaseAggregated(BaseEstimator):
         return Z
 
     # -- predict -----------------------------------------------------------------
-    @property
-    def last_routing_(self) -> pd.Series:
-        """Rows each base model was called on by the last prediction.
-
-        ``n_samples`` for every model on the dense path; fewer when the
-        aggregation function routes rows (:meth:`Aggregator.route`).
-        """
-        check_is_fitted(self, "aggregator_")
-        # Kept in a record made by ``fit`` and updated in place, so that
-        # predicting does not change the estimator's attributes.
-        record = getattr(self, "_routing_record", {})
-        if "counts" not in record:
-            raise AttributeError("last_routing_ is set by predict; call predict first.")
-        return record["counts"].copy()
-
     @staticmethod
     def _take_rows(Xb, rows: np.ndarray):
         return Xb.iloc[rows] if isinstance(Xb, (pd.DataFrame, pd.Series)) else Xb[rows]
@@ -544,9 +531,9 @@ class _BaseAggregated(BaseEstimator):
             counts = mask.sum(0)
             Z = self._transform_outputs(Z)
             Z = np.where(np.isnan(Z), 1.0 / n_out if self._task == "classification" else 0.0, Z)
-        record = self.__dict__.get("_routing_record")
-        if record is not None:  # absent from estimators pickled by older versions
-            record["counts"] = pd.Series(counts, index=names, name="rows")
+        routing = self.__dict__.get("last_routing_")
+        if routing is not None:  # absent from estimators pickled by older versions
+            routing.iloc[:] = counts
         with torch.no_grad():
             return self.aggregator_.forward(params, hyper, to_tensor(Z, device, dtype), Xt)
 
@@ -639,6 +626,10 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         Outer evaluations made.
     tuning_time_ : float
         Seconds spent tuning.
+    last_routing_ : Series of int
+        Rows each base model was called on by the last prediction (zeros
+        before any): ``n_samples`` each on the dense path, fewer when the
+        aggregation function routes rows (:meth:`Aggregator.route`).
     n_features_in_ : int
     feature_names_in_ : ndarray
         Defined when ``X`` has string column names.
@@ -739,8 +730,8 @@ random_state, verbose
     Attributes
     ----------
     estimators_, named_estimators_, base_models_, aggregator_, hyperparams_, \
-tuning_history_, validation_loss_, n_iter_, tuning_time_, n_features_in_, \
-feature_names_in_
+tuning_history_, validation_loss_, n_iter_, tuning_time_, last_routing_, \
+n_features_in_, feature_names_in_
         As for :class:`AggregatedClassifier` (the validation loss is the mean
         squared error in standardised units).
     n_outputs_ : int
