@@ -531,9 +531,12 @@ class _BaseAggregated(BaseEstimator):
             counts = mask.sum(0)
             Z = self._transform_outputs(Z)
             Z = np.where(np.isnan(Z), 1.0 / n_out if self._task == "classification" else 0.0, Z)
-        routing = self.__dict__.get("last_routing_")
-        if routing is not None:  # absent from estimators pickled by older versions
-            routing.iloc[:] = counts
+        try:
+            self.last_routing_.iloc[:] = counts
+        except (AttributeError, ValueError):
+            # Absent (pickled by an older version) or read-only (a pickle
+            # loaded from a memory map): a new Series then.
+            self.last_routing_ = pd.Series(counts, index=names, name="rows", dtype=np.int64)
         with torch.no_grad():
             return self.aggregator_.forward(params, hyper, to_tensor(Z, device, dtype), Xt)
 
