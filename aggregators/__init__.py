@@ -7,7 +7,8 @@ AggregatedClassifier, AggregatedRegressor
 
 Aggregation functions
 ---------------------
-Stacking, LearnedWeights, Choquet, Sugeno, Uninorm, LAF
+Stacking, LearnedWeights, Choquet, Sugeno, Uninorm, LAF, SparseMoE
+    (and ModelSelection, which learns a subset of models around any of them)
     Each declares its parameters, hyperparameters and forward pass
     (see :class:`Aggregator` and the README's "Write your own aggregator").
 
@@ -25,6 +26,8 @@ from ._registry import available_aggregators
 from .search import HypergradSearchCV
 from .choquet import Choquet
 from .laf import LAF
+from .moe import SparseMoE
+from .selection import ModelSelection
 from .sugeno import Sugeno
 from .uninorm import Uninorm
 from .stacking import Stacking
@@ -43,6 +46,8 @@ __all__ = [
     "LAF",
     "Hyperparameter",
     "LearnedWeights",
+    "ModelSelection",
+    "SparseMoE",
     "Stacking",
     "Sugeno",
     "Uninorm",

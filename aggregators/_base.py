@@ -147,8 +147,9 @@ class Aggregator(BaseEstimator):
     """Base class of aggregation functions (see the module docstring).
 
     Subclasses implement :meth:`hyperparameters`, :meth:`init_params` and
-    :meth:`forward`, and may override :meth:`penalty`, :meth:`fit_buffers`
-    and :meth:`check_task`. Set the class attribute ``uses_X = True`` when the
+    :meth:`forward`, and may override :meth:`penalty`, :meth:`data_penalty`,
+    :meth:`fit_buffers`, :meth:`check_task` and :meth:`route` (sparse
+    inference). Set the class attribute ``uses_X = True`` when the
     forward pass reads the input features.
     """
 
@@ -199,6 +200,31 @@ class Aggregator(BaseEstimator):
         """Regularisation added to the mean training loss."""
         first = next(iter(params.values()))
         return first.new_zeros(())
+
+    def data_penalty(
+        self, params: Params, hyper: Params, Z: torch.Tensor, X=None
+    ) -> torch.Tensor | None:
+        """Regulariser that depends on the training rows, or ``None`` (default).
+
+        Added to the inner (training) loss only, never to the validation loss
+        that hyperparameters are tuned on; e.g. the load-balancing losses of
+        a gate, which are statistics over a batch of rows. ``params`` holds
+        the trainable parameters and the buffers, as in :meth:`forward`.
+        """
+        return None
+
+    def route(self, params: Params, hyper: Params, X=None) -> torch.Tensor | None:
+        """Which base outputs :meth:`forward` needs at predict time, or ``None`` (all).
+
+        An aggregation function that only reads some base models on some rows
+        (a sparse gate, a model selection) returns a boolean tensor of shape
+        ``(n_rows, n_models)`` (or ``(1, n_models)``, the same for every row);
+        the estimator then calls each base model on its
+        ``True`` rows only and fills the other entries of ``Z`` with a finite
+        placeholder, which :meth:`forward` must ignore. Called without
+        autograd, after fitting.
+        """
+        return None
 
     # -- fitted state, set by the estimator ---------------------------------------
     def _set_fitted(

@@ -236,7 +236,11 @@ def make_problem(
     def inner(theta, u):
         w = None if row_weights is None else row_weights(u)
         loss = data_loss(ctx.task, forward(theta, u, train), train.y, w)
-        return loss + agg.penalty(packer.unflatten(theta), space.values(u))
+        params, hyper = packer.unflatten(theta), space.values(u)
+        extra = agg.data_penalty({**params, **buffers}, hyper, train.Z, train.X)
+        if extra is not None:
+            loss = loss + extra
+        return loss + agg.penalty(params, hyper)
 
     def outer(theta, u):
         part = val if val is not None else train

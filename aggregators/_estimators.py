@@ -509,6 +509,9 @@ class _BaseAggregated(BaseEstimator):
                 stacklevel=4,
             )
         hyper = {k: v.detach().cpu().numpy() for k, v in space.values(h).items()}
+        # Updated in place by every prediction (so that predicting does not
+        # change the estimator's attributes, as scikit-learn's checks require).
+        self.last_routing_ = pd.Series(0, index=list(ctx.model_names), name="rows", dtype=np.int64)
         self.aggregator_ = clone(agg_spec)
         self.aggregator_._set_fitted(ctx, packer.unflatten(theta), buffers, hyper, specs)
         self.hyperparams_ = self.aggregator_.hyperparams_
@@ -535,13 +538,13 @@ class _BaseAggregated(BaseEstimator):
         return Z
 
     # -- predict -----------------------------------------------------------------
-    def _aggregate(self, X) -> torch.Tensor:
+    @staticmethod
+    def _take_rows(Xb, rows: np.ndarray):
+        return Xb.iloc[rows] if isinstance(Xb, (pd.DataFrame, pd.Series)) else Xb[rows]
+
+    def _aggregate(self, X, dense: bool = False) -> torch.Tensor:
         check_is_fitted(self, "aggregator_")
         X_arr, Xb = self._validate_X(X, reset=False)
-        outs = [
-            self._base_outputs(name, model, Xb) for name, model in self.base_models_.items()
-        ]
-        Z = self._transform_outputs(np.stack(outs, axis=1))
         device = self.device_
         if device.type == "cuda" and not torch.cuda.is_available():
             warnings.warn(
@@ -554,6 +557,35 @@ class _BaseAggregated(BaseEstimator):
         dtype = resolve_dtype(self.dtype)
         params, hyper = self.aggregator_._fitted_tensors(device, dtype)
         Xt = to_tensor(X_arr, device, dtype) if self.aggregator_.uses_X else None
+        mask = None
+        if not dense:
+            with torch.no_grad():
+                mask = self.aggregator_.route(params, hyper, Xt)
+        n, names = X_arr.shape[0], list(self.base_models_)
+        if mask is None:
+            outs = [self._base_outputs(name, model, Xb) for name, model in self.base_models_.items()]
+            counts = np.full(len(names), n)
+            Z = self._transform_outputs(np.stack(outs, axis=1))
+        else:
+            # Each model sees only its routed rows, in one batch; the outputs
+            # are scattered back and the other entries get a finite placeholder
+            # the aggregation function ignores.
+            mask = np.broadcast_to(mask.cpu().numpy().astype(bool), (n, len(names)))
+            n_out = len(self.classes_) if self._task == "classification" else self.n_outputs_
+            Z = np.full((n, len(names), n_out), np.nan)
+            for j, (name, model) in enumerate(self.base_models_.items()):
+                rows = np.flatnonzero(mask[:, j])
+                if rows.size:
+                    Z[rows, j] = self._base_outputs(name, model, self._take_rows(Xb, rows))
+            counts = mask.sum(0)
+            Z = self._transform_outputs(Z)
+            Z = np.where(np.isnan(Z), 1.0 / n_out if self._task == "classification" else 0.0, Z)
+        try:
+            self.last_routing_.iloc[:] = counts
+        except (AttributeError, ValueError):
+            # Absent (pickled by an older version) or read-only (a pickle
+            # loaded from a memory map): a new Series then.
+            self.last_routing_ = pd.Series(counts, index=names, name="rows", dtype=np.int64)
         with torch.no_grad():
             return self.aggregator_.forward(params, hyper, to_tensor(Z, device, dtype), Xt)
 
@@ -659,6 +691,10 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         Outer evaluations made.
     tuning_time_ : float
         Seconds spent tuning.
+    last_routing_ : Series of int
+        Rows each base model was called on by the last prediction (zeros
+        before any): ``n_samples`` each on the dense path, fewer when the
+        aggregation function routes rows (:meth:`Aggregator.route`).
     n_features_in_ : int
     feature_names_in_ : ndarray
         Defined when ``X`` has string column names.
@@ -711,26 +747,30 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         Xb = X if isinstance(X, (pd.DataFrame, pd.Series)) else X_arr
         return self._fit((X_arr, Xb), y, y_enc, y, y_enc)
 
-    def predict_proba(self, X) -> np.ndarray:
+    def predict_proba(self, X, *, dense=False) -> np.ndarray:
         """Class probabilities of the aggregated ensemble.
 
         Parameters
         ----------
         X : array-like or DataFrame of shape (n_samples, n_features)
+        dense : bool, default=False
+            Call every base model on every row even when the aggregation
+            function routes rows to a few of them (for comparison; the
+            predictions are the same). ``last_routing_`` counts the calls.
 
         Returns
         -------
         ndarray of shape (n_samples, n_classes)
         """
-        return torch.softmax(self._aggregate(X), dim=1).cpu().numpy()
+        return torch.softmax(self._aggregate(X, dense), dim=1).cpu().numpy()
 
-    def predict_log_proba(self, X) -> np.ndarray:
+    def predict_log_proba(self, X, *, dense=False) -> np.ndarray:
         """Log of :meth:`predict_proba`."""
-        return torch.log_softmax(self._aggregate(X), dim=1).cpu().numpy()
+        return torch.log_softmax(self._aggregate(X, dense), dim=1).cpu().numpy()
 
-    def predict(self, X) -> np.ndarray:
-        """Most probable class of each row."""
-        scores = self._aggregate(X)  # checks fittedness first
+    def predict(self, X, *, dense=False) -> np.ndarray:
+        """Most probable class of each row (``dense`` as in :meth:`predict_proba`)."""
+        scores = self._aggregate(X, dense)  # checks fittedness first
         return self.classes_[scores.argmax(1).cpu().numpy()]
 
 
@@ -755,8 +795,8 @@ random_state, verbose
     Attributes
     ----------
     estimators_, named_estimators_, base_models_, aggregator_, hyperparams_, \
-tuning_history_, validation_loss_, n_iter_, tuning_time_, n_features_in_, \
-feature_names_in_
+tuning_history_, validation_loss_, n_iter_, tuning_time_, last_routing_, \
+n_features_in_, feature_names_in_
         As for :class:`AggregatedClassifier` (the validation loss is the mean
         squared error in standardised units).
     n_outputs_ : int
@@ -819,18 +859,21 @@ feature_names_in_
         # Z: (n, n_models, n_outputs); the statistics broadcast over the last axis.
         return (Z - self.y_mean_) / self.y_scale_
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X, *, dense=False) -> np.ndarray:
         """Aggregated prediction of each row.
 
         Parameters
         ----------
         X : array-like or DataFrame of shape (n_samples, n_features)
+        dense : bool, default=False
+            Call every base model on every row even when the aggregation
+            function routes rows (see :meth:`AggregatedClassifier.predict_proba`).
 
         Returns
         -------
         ndarray of shape (n_samples,) or (n_samples, n_targets)
         """
-        out = self._aggregate(X).cpu().numpy() * self.y_scale_ + self.y_mean_
+        out = self._aggregate(X, dense).cpu().numpy() * self.y_scale_ + self.y_mean_
         return out.ravel() if np.ndim(self.y_mean_) == 0 else out
 
     def __sklearn_tags__(self):

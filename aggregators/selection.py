@@ -1,0 +1,280 @@
+"""Relaxed model selection around any aggregation function."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import clone
+
+from ._base import AggregationContext, Aggregator, Hyperparameter, Params
+from ._registry import resolve_aggregator
+
+__all__ = ["ModelSelection", "neutralise", "redundancy"]
+
+_LOGITS = "selection_logits"
+_SPARSITY = "selection_sparsity"
+_BASELINE = "selection_baseline"
+_REDUNDANCY = "selection_redundancy"
+_OWN = (_LOGITS, _BASELINE, _REDUNDANCY)
+
+
+def neutralise(Z: torch.Tensor, keep: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """Blend each model's outputs with a constant: ``Z~_j = s_j Z_j + (1 - s_j) b_j``.
+
+    With ``b_j`` the model's average output on the training rows (mean
+    ablation), a model at ``s_j = 0`` gives the same column for every row:
+    it carries no information about the row, whatever aggregation function
+    reads it, and need not be called at all.
+
+    Parameters
+    ----------
+    Z : Tensor of shape (n_rows, n_models, n_outputs)
+    keep : Tensor of shape (n_models,)
+        Relaxed (in [0, 1]) or hard (0 / 1) keep mask.
+    baseline : Tensor of shape (n_models, n_outputs)
+    """
+    s = keep[None, :, None]
+    # torch.where, not arithmetic, for hard zeros: placeholders in Z never leak.
+    return torch.where(s > 0, s * Z + (1 - s) * baseline, baseline.expand_as(Z))
+
+
+def redundancy(Z: torch.Tensor, power: float = 8.0) -> torch.Tensor:
+    """``R_ij = max(0, corr(Z_i, Z_j))^power`` between models, zero diagonal.
+
+    Correlation of the centred outputs over rows (and outputs); a high power
+    leaves only near-duplicates with a sizeable entry (0.9 -> 0.43, 0.99 ->
+    0.92 at the default 8).
+    """
+    C = Z - Z.mean(0, keepdim=True)
+    C = C.transpose(0, 1).reshape(Z.shape[1], -1)  # (n_models, rows * outputs)
+    norm = C.norm(dim=1)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    corr = (C @ C.T) / (safe[:, None] * safe[None, :])
+    R = corr.clamp_min(0).pow(power)
+    return R - torch.diag_embed(torch.diagonal(R))
+
+
+class ModelSelection(Aggregator):
+    """Learn which base models to keep, around any aggregation function.
+
+    Each base model ``j`` gets a keep logit ``a_j``, trained with the wrapped
+    aggregation function's parameters; its relaxed keep mask is
+    ``s_j = sigmoid(a_j / temperature)`` (a point inside the cube whose
+    vertices are the subsets, as the lecture relaxes a discrete choice to
+    the interior of the simplex with a temperature). The wrapped function
+    sees ``neutralise(Z, s, b)``: model ``j``'s column is blended with its
+    average output ``b_j`` on the training rows, so that a dropped model
+    (``s_j = 0``) gives the same constant on every row and carries no
+    information however the wrapped function reads its column (weights,
+    stacking coefficients, capacities, gates). A constant rather than the
+    kept models' mean: with the mean, shrinking every ``s_j`` together
+    costs almost nothing in training loss (the columns tend to the uniform
+    average), and the relaxed optimum no longer says which hard subset is
+    good (measured: every keep probability fell below 1/2 on a pool of three
+    complementary models). The training loss adds
+    ``sparsity * sum_j sqrt(s_j)``, a concave count of kept models that
+    prefers dropping one of two exact duplicates to keeping both halfway;
+    ``sparsity`` is tuned by hypergradient on the validation loss. A fixed
+    redundancy term ``redundancy / 2 * s^T R s``, with ``R`` the (high power
+    of the) correlation between models' outputs on the training rows, makes
+    near-duplicates compete: without it the wrapped function's own L2
+    (which prefers sharing weight between duplicates) kept both copies of a
+    duplicated model on every seed we tried.
+
+    At predict time (no autograd) the mask is hard: ``selected_`` keeps the
+    models with ``s_j > 1/2`` (at least the most kept one), and
+    :meth:`route` tells the estimator not to call the dropped models at all.
+
+    Parameters
+    ----------
+    aggregator : str or Aggregator, default="weights"
+        The aggregation function over the kept models (a short name or an
+        instance; its parameters are reachable as ``aggregator__<name>``).
+    temperature : float, default=0.25
+        Temperature of the relaxation (fixed): lower is closer to a hard
+        subset during training.
+    sparsity : float, default=1e-3
+        Initial weight of the sparsity penalty (on the mean training loss).
+    sparsity_bounds : tuple of float, default=(1e-5, 0.1)
+        Range it is tuned in (log scale).
+    keep_l2 : float, default=1e-3
+        Fixed L2 weight on the keep logits, which keeps the inner optimum
+        finite when a model's mask saturates.
+    redundancy : float, default=0.05
+        Fixed weight of the redundancy term.
+    redundancy_power : float, default=8.0
+        Power of the correlations in ``R`` (see :func:`redundancy`).
+    init_keep : float, default=0.9
+        Initial keep probability of every model (a tiny random jitter, from
+        the estimator's ``random_state``, breaks ties between duplicates).
+
+    Attributes
+    ----------
+    selected_ : Series of bool
+        The hard subset, by model name (after fitting).
+    keep_probabilities_ : Series
+        Relaxed keep mask ``s`` at the optimum.
+    aggregator_ : Aggregator
+        The fitted wrapped aggregation function (its readable views, e.g.
+        ``weights_``, refer to the neutralised columns).
+
+    Examples
+    --------
+    >>> from aggregators import AggregatedClassifier, ModelSelection
+    >>> from sklearn.datasets import load_iris
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sklearn.naive_bayes import GaussianNB
+    >>> X, y = load_iris(return_X_y=True)
+    >>> clf = AggregatedClassifier(
+    ...     [("lr", LogisticRegression(max_iter=500)), ("nb", GaussianNB())],
+    ...     aggregator=ModelSelection("weights"), max_outer_iter=3,
+    ...     random_state=0).fit(X, y)
+    >>> clf.aggregator_.selected_.dtype
+    dtype('bool')
+    """
+
+    short_name = "select"
+
+    def __init__(
+        self,
+        aggregator="weights",
+        *,
+        temperature: float = 0.25,
+        sparsity: float = 1e-3,
+        sparsity_bounds: tuple = (1e-5, 0.1),
+        keep_l2: float = 1e-3,
+        redundancy: float = 0.05,
+        redundancy_power: float = 8.0,
+        init_keep: float = 0.9,
+    ):
+        self.aggregator = aggregator
+        self.temperature = temperature
+        self.sparsity = sparsity
+        self.sparsity_bounds = sparsity_bounds
+        self.keep_l2 = keep_l2
+        self.redundancy = redundancy
+        self.redundancy_power = redundancy_power
+        self.init_keep = init_keep
+
+    # -- the wrapped function -----------------------------------------------------
+    def _inner(self) -> Aggregator:
+        if isinstance(self.aggregator, ModelSelection):
+            raise ValueError("ModelSelection cannot wrap another ModelSelection.")
+        return resolve_aggregator(self.aggregator) if isinstance(self.aggregator, str) \
+            else self.aggregator
+
+    @property
+    def uses_X(self) -> bool:  # type: ignore[override]
+        return bool(self._inner().uses_X)
+
+    @staticmethod
+    def _split(params: Params, hyper: Params):
+        inner_p = {k: v for k, v in params.items() if k not in _OWN}
+        inner_h = {k: v for k, v in hyper.items() if k != _SPARSITY}
+        return inner_p, inner_h
+
+    def _mask(self, params: Params, hard: bool | None = None) -> torch.Tensor:
+        a = params[_LOGITS]
+        if hard is None:
+            hard = not torch.is_grad_enabled()
+        if not hard:
+            return torch.sigmoid(a / self.temperature)
+        keep = a > 0
+        if not keep.any():  # never an empty ensemble
+            keep = a == a.max()
+        return keep.to(a.dtype)
+
+    # -- declaration ------------------------------------------------------------
+    def check_task(self, ctx: AggregationContext) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive; got {self.temperature!r}.")
+        if not 0 < self.init_keep < 1:
+            raise ValueError(f"init_keep must be in (0, 1); got {self.init_keep!r}.")
+        if not self.keep_l2 > 0:
+            raise ValueError(f"keep_l2 must be positive; got {self.keep_l2!r}.")
+        if not self.redundancy >= 0:
+            raise ValueError(f"redundancy must be non-negative; got {self.redundancy!r}.")
+        inner = self._inner()
+        inner.check_task(ctx)
+        if any(h.name == _SPARSITY for h in inner.hyperparameters(ctx)):
+            raise ValueError(f"the wrapped aggregator already has a hyperparameter {_SPARSITY!r}.")
+
+    def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
+        return self._inner().hyperparameters(ctx) + [
+            Hyperparameter(_SPARSITY, self.sparsity, *self.sparsity_bounds)
+        ]
+
+    def fit_buffers(self, ctx, Z, y, X=None) -> Params:
+        buffers = self._inner().fit_buffers(ctx, Z, y, X)
+        if _BASELINE in buffers:
+            raise ValueError(f"the wrapped aggregator already has a buffer {_BASELINE!r}.")
+        buffers[_BASELINE] = Z.mean(0)  # (n_models, n_outputs)
+        buffers[_REDUNDANCY] = redundancy(Z, self.redundancy_power)
+        return buffers
+
+    def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:
+        params = self._inner().init_params(ctx, Z, y, X)
+        if _LOGITS in params:
+            raise ValueError(f"the wrapped aggregator already has a parameter {_LOGITS!r}.")
+        a0 = self.temperature * np.log(self.init_keep / (1 - self.init_keep))
+        jitter = torch.randn(
+            ctx.n_models, generator=ctx.generator, dtype=ctx.dtype, device=ctx.device
+        )
+        # Jitter of half a temperature: enough for duplicates to part ways.
+        params[_LOGITS] = a0 + 0.5 * self.temperature * jitter
+        return params
+
+    # -- forward pass and losses --------------------------------------------------
+    def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
+        inner_p, inner_h = self._split(params, hyper)
+        Zn = neutralise(Z, self._mask(params), params[_BASELINE])
+        return self._inner().forward(inner_p, inner_h, Zn, X)
+
+    def data_penalty(self, params: Params, hyper: Params, Z, X=None):
+        inner_p, inner_h = self._split(params, hyper)
+        s = self._mask(params)
+        inner = self._inner().data_penalty(
+            inner_p, inner_h, neutralise(Z, s, params[_BASELINE]), X
+        )
+        # The redundancy matrix is a buffer, which ``penalty`` does not see.
+        own = 0.5 * self.redundancy * (s @ params[_REDUNDANCY] @ s)
+        return own if inner is None else inner + own
+
+    def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
+        inner_p, inner_h = self._split(params, hyper)
+        a = params[_LOGITS]
+        s = torch.sigmoid(a / self.temperature)
+        own = hyper[_SPARSITY][0] * s.sqrt().sum() + 0.5 * self.keep_l2 * a.pow(2).sum()
+        return self._inner().penalty(inner_p, inner_h) + own
+
+    def route(self, params: Params, hyper: Params, X=None) -> torch.Tensor:
+        """Kept models only (and, among them, what the wrapped function routes)."""
+        keep = self._mask(params, hard=True) > 0
+        inner_p, inner_h = self._split(params, hyper)
+        need = self._inner().route(inner_p, inner_h, X)
+        return keep[None, :] if need is None else need & keep[None, :]
+
+    # -- fitted state ---------------------------------------------------------------
+    def _set_fitted(self, ctx, params, buffers, hyper, specs) -> None:
+        super()._set_fitted(ctx, params, buffers, hyper, specs)
+        inner = clone(self._inner())
+        inner_specs = inner.hyperparameters(ctx)
+        inner_p = {k: v for k, v in params.items() if k not in _OWN}
+        buffers = {k: v for k, v in buffers.items() if k not in _OWN}
+        inner_h = {k: v for k, v in hyper.items() if k != _SPARSITY}
+        inner._set_fitted(ctx, inner_p, buffers, inner_h, inner_specs)
+        self.aggregator_ = inner
+
+    @property
+    def keep_probabilities_(self) -> pd.Series:
+        """Relaxed keep mask at the fitted keep logits."""
+        a = np.asarray(self.params_[_LOGITS])
+        return pd.Series(1 / (1 + np.exp(-a / self.temperature)), index=self.model_names_,
+                         name="keep")
+
+    @property
+    def selected_(self) -> pd.Series:
+        """The hard subset (``True`` = kept), by model name."""
+        hard = self._mask({_LOGITS: torch.as_tensor(self.params_[_LOGITS])}, hard=True)
+        return pd.Series(hard.numpy() > 0, index=self.model_names_, name="selected")
