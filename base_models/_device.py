@@ -91,7 +91,12 @@ def to_tensor(a, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Copy an array-like to ``device`` once, as ``dtype``."""
     if isinstance(a, torch.Tensor):
         return a.to(device=device, dtype=dtype)
-    return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
+    arr = np.asarray(a)
+    if not arr.flags.writeable:
+        # torch cannot share read-only memory (pandas' values, memory maps):
+        # it would warn and share it anyway; one explicit copy is what it needs.
+        arr = arr.copy()
+    return torch.as_tensor(arr, dtype=dtype, device=device)
 
 
 def to_numpy(t) -> np.ndarray:
