@@ -538,8 +538,8 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         values; ``"fixed"`` tunes none; a dict fixes the named ones (to the
         given values) and tunes the rest.
     tuner : str, default="implicit-cg"
-        Hypergradient method: ``"implicit-cg"``, ``"implicit-neumann"``,
-        ``"truncated-reverse"`` or ``"reverse"`` (unrolled).
+        Hypergradient method, a key of ``aggregators.hypergrad.METHODS``
+        (listed in :func:`aggregators.hypergrad.hypergradient`).
     tuner_options : dict, default=None
         Options of the method (e.g. ``{"n_steps": 200}`` for ``"reverse"``).
     optimizer : {"lbfgs", "adam"}, default="lbfgs"

@@ -146,7 +146,16 @@ def drmad_hypergradient(
     whenever they depend on ``theta`` (as those of an L2 penalty do). The
     error vanishes when the path is a straight line, for instance when
     ``theta0`` is already the inner optimum, and shrinks with
-    ``||theta_0 - theta_T||``.
+    ``||theta_0 - theta_T||``. It is fragile when the inner loss is not
+    convex between ``theta_0`` and ``theta_T``: the reverse pass multiplies
+    by ``I - lr H`` at points the descent never visited, and where ``H`` has
+    negative eigenvalues that factor exceeds 1 for many steps. Softmax-
+    parametrised weights are such a case: for ``LearnedWeights`` on
+    ``breast_cancer`` from ``theta0 = 0`` (``benchmarks/bench_methods.py``)
+    the smallest Hessian eigenvalue is negative on the first ~85 % of the
+    line, and the hypergradient blows up (relative error ~1e6 at T = 100),
+    while reverse mode along the real path, which leaves that region in a
+    few steps, is accurate to 1e-5.
 
     References
     ----------
