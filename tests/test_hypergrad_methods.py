@@ -471,3 +471,23 @@ def test_every_method_is_a_tuner(cancer_pool, frozen_pool, tuner):
     proba = est.predict_proba(d.X_test)
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-10)
     assert log_loss(d.y_test, proba) < 0.3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", list(METHODS))
+def test_methods_on_cuda_match_cpu(ridge, method):
+    """Same numbers on the GPU (float64), tensors kept there."""
+    dev = torch.device("cuda")
+    prob_gpu = BilevelProblem(
+        lambda t, h: 0.5 * (ridge.X.to(dev) @ t - ridge.y.to(dev)).pow(2).sum()
+        + 0.5 * (torch.exp(h) * t.pow(2)).sum(),
+        lambda t, h: (ridge.Xv.to(dev) @ t - ridge.yv.to(dev)).pow(2).mean(),
+        ridge.problem.theta0.to(dev),
+    )
+    h = H_VECTOR
+    theta = ridge.theta_star(h) if METHODS[method] else ridge.problem.theta0
+    opts = {"lr": 0.005} if method in ("reverse", "forward", "drmad", "t1-t2", "darts-fd") else {}
+    cpu = hypergradient(ridge.problem, theta, h, method, **opts)
+    gpu = hypergradient(prob_gpu, theta.to(dev), h.to(dev), method, **opts)
+    assert gpu.grad.device.type == "cuda"
+    assert rel_err(gpu.grad.cpu(), cpu.grad) <= 1e-8
