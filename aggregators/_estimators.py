@@ -622,8 +622,8 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         ``scipy.stats.loguniform(low, high)`` or ``scipy.stats.uniform(loc,
         scale)``: that hyperparameter is tuned within it.
     tuner : str, default="implicit-cg"
-        Hypergradient method: ``"implicit-cg"``, ``"implicit-neumann"``,
-        ``"truncated-reverse"`` or ``"reverse"`` (unrolled).
+        Hypergradient method, a key of ``aggregators.hypergrad.METHODS``
+        (listed in :func:`aggregators.hypergrad.hypergradient`).
     tuner_options : dict, default=None
         Options of the method (e.g. ``{"n_steps": 200}`` for ``"reverse"``).
     optimizer : {"lbfgs", "adam"}, default="lbfgs"

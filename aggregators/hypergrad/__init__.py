@@ -3,16 +3,24 @@
 Pure torch; it knows nothing of scikit-learn. A :class:`BilevelProblem` holds
 an inner loss ``L(theta, h)`` and an outer loss ``Q(theta, h)`` over flat
 tensors; :func:`hypergradient` differentiates ``Q(theta*(h), h)`` by the named
-method and :func:`tune` runs the outer loop.
+method (:data:`METHODS`) and :func:`tune` runs the outer loop.
 """
 
+from ._forward import forward_hypergradient
+from ._greedy import darts_hypergradient, greedy_hypergradient
+from ._hoag import hoag_hypergradient, hoag_tolerance
 from ._implicit import conjugate_gradient, implicit_hypergradient, neumann_series
 from ._inner import lipschitz_estimate, solve_inner
 from ._joint import stack_problems
-from ._problem import BilevelProblem, HypergradResult, InnerDivergenceError
+from ._problem import (
+    BilevelProblem,
+    HypergradResult,
+    InnerDivergenceError,
+    fd_mixed_product,
+)
 from ._projections import project_capped_simplex
 from ._tuner import METHODS, TuningResult, hypergradient, tune
-from ._unrolled import reverse_hypergradient
+from ._unrolled import drmad_hypergradient, reverse_hypergradient
 
 __all__ = [
     "METHODS",
@@ -21,6 +29,13 @@ __all__ = [
     "InnerDivergenceError",
     "TuningResult",
     "conjugate_gradient",
+    "darts_hypergradient",
+    "drmad_hypergradient",
+    "fd_mixed_product",
+    "forward_hypergradient",
+    "greedy_hypergradient",
+    "hoag_hypergradient",
+    "hoag_tolerance",
     "hypergradient",
     "implicit_hypergradient",
     "lipschitz_estimate",

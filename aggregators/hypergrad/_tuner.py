@@ -11,19 +11,29 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
+from ._forward import forward_hypergradient
+from ._greedy import darts_hypergradient, greedy_hypergradient
+from ._hoag import SCHEDULE_OPTIONS, hoag_hypergradient, hoag_tolerance
 from ._implicit import implicit_hypergradient
 from ._inner import solve_inner
 from ._problem import BilevelProblem, HypergradResult, InnerDivergenceError
-from ._unrolled import reverse_hypergradient
+from ._unrolled import drmad_hypergradient, reverse_hypergradient
 
 __all__ = ["METHODS", "TuningResult", "hypergradient", "tune"]
 
 #: Hypergradient methods by name, and whether each needs an inner optimum.
+#: Those that do get the (warm-started) inner solution as ``theta``; the
+#: others (unrolled from ``theta0``) pay for their own inner steps.
 METHODS: dict[str, bool] = {
     "implicit-cg": True,
     "implicit-neumann": True,
+    "hoag": True,
     "truncated-reverse": True,
     "reverse": False,
+    "forward": False,
+    "drmad": False,
+    "t1-t2": True,
+    "darts-fd": True,
 }
 
 
@@ -36,17 +46,43 @@ def hypergradient(
 ) -> HypergradResult:
     """Compute ``dQ/dh`` with the named method.
 
+    ======================  =====================================================
+    ``"implicit-cg"``       implicit function theorem, ``H v = d_theta Q`` by
+                            conjugate gradient (:func:`implicit_hypergradient`)
+    ``"implicit-neumann"``  implicit, ``H^{-1}`` by a truncated Neumann series
+                            (Lorraine et al. 2020)
+    ``"hoag"``              implicit, conjugate gradient to a tolerance that
+                            decreases with the outer step (Pedregosa 2016;
+                            :func:`hoag_hypergradient`)
+    ``"truncated-reverse"`` reverse mode through the last K steps from
+                            ``theta`` (Shaban et al. 2019); ``n_steps=20``
+    ``"reverse"``           reverse mode through ``n_steps`` unrolled steps from
+                            ``theta`` (Maclaurin et al. 2015)
+    ``"forward"``           forward mode through the same steps (Franceschi et
+                            al. 2017; :func:`forward_hypergradient`)
+    ``"drmad"``             reverse pass along a straight-line trajectory
+                            (Fu et al. 2016; :func:`drmad_hypergradient`)
+    ``"t1-t2"``             one unrolled step from ``theta``, i.e.
+                            ``H^{-1} ~ lr I`` (Luketina et al. 2016;
+                            :func:`greedy_hypergradient`); biased
+    ``"darts-fd"``          DARTS' finite-difference mixed derivative, one step
+                            or inside conjugate gradient (Liu et al. 2019;
+                            :func:`darts_hypergradient`)
+    ======================  =====================================================
+
     Parameters
     ----------
     problem : BilevelProblem
     theta : Tensor
-        The inner optimum for the implicit and truncated methods; the start
-        of the trajectory for ``"reverse"``.
+        The inner optimum for the methods with ``METHODS[method] = True``;
+        the start of the trajectory for the others.
     h : Tensor
-    method : {"implicit-cg", "implicit-neumann", "truncated-reverse", "reverse"}
+    method : str, default="implicit-cg"
+        A key of :data:`METHODS`.
     **options
-        Passed to the method (``max_iter``, ``tol``, ``damping``,
-        ``n_terms``, ``n_steps``, ``truncate``, ``lr``).
+        Passed to the method's function (``max_iter``, ``tol``, ``damping``,
+        ``n_terms``, ``alpha``, ``n_steps``, ``truncate``, ``lr``,
+        ``iteration``, ``eps0``, ``decay``, ``solver``, ``eps``, ...).
 
     Returns
     -------
@@ -56,13 +92,35 @@ def hypergradient(
         return implicit_hypergradient(problem, theta, h, solver="cg", **options)
     if method == "implicit-neumann":
         return implicit_hypergradient(problem, theta, h, solver="neumann", **options)
+    if method == "hoag":
+        return hoag_hypergradient(problem, theta, h, **options)
     if method == "truncated-reverse":
         opts = {"n_steps": 20, **options}
         opts.setdefault("truncate", opts["n_steps"])
         return reverse_hypergradient(problem, theta, h, **opts)
     if method == "reverse":
         return reverse_hypergradient(problem, theta, h, **options)
+    if method == "forward":
+        return forward_hypergradient(problem, theta, h, **options)
+    if method == "drmad":
+        return drmad_hypergradient(problem, theta, h, **options)
+    if method == "t1-t2":
+        return greedy_hypergradient(problem, theta, h, **options)
+    if method == "darts-fd":
+        return darts_hypergradient(problem, theta, h, **options)
     raise ValueError(f"unknown hypergradient method {method!r}; choose from {list(METHODS)}.")
+
+
+def _per_step(method: str, step: int, inner_tol: float, options: dict) -> tuple[float, dict]:
+    """Inner tolerance and method options of outer evaluation ``step``.
+
+    Fixed for every method but HOAG, whose inner and linear-solve tolerances
+    follow its decreasing schedule (floored at ``inner_tol``).
+    """
+    if method != "hoag":
+        return inner_tol, options
+    sched = {k: options[k] for k in SCHEDULE_OPTIONS if k in options}
+    return max(hoag_tolerance(step, **sched), inner_tol), {**options, "iteration": step}
 
 
 @dataclass
@@ -128,9 +186,12 @@ def tune(
     lower, upper : Tensor
         Box bounds on ``h`` (``-inf`` / ``inf`` allowed).
     method : str, default="implicit-cg"
-        Hypergradient method (see :data:`METHODS`).
+        Hypergradient method (see :data:`METHODS` and :func:`hypergradient`).
     method_options : dict, default=None
-        Options for the method.
+        Options for the method. With ``"hoag"``, evaluation ``k`` (from 0)
+        solves the inner problems to ``max(eps_k, inner_tol)`` and the linear
+        systems to ``eps_k`` (:func:`hoag_tolerance`; ``eps0``, ``decay``,
+        ``schedule`` are read from here).
     optimizer : {"lbfgs", "adam"}, default="lbfgs"
         ``"lbfgs"``: L-BFGS-B with the bounds (few evaluations, best for a
         handful of hyperparameters); ``"adam"``: projected Adam steps of size
@@ -176,16 +237,17 @@ def tune(
         grad = torch.zeros_like(h)
         inner_iter = 0
         new_thetas = []
+        step_tol, step_options = _per_step(method, len(history), inner_tol, method_options)
         for k, prob in enumerate(problems):
             try:
                 if needs_optimum:
                     theta, n_it, _ = solve_inner(
-                        prob, h, thetas[k], max_iter=max_inner_iter, tol=inner_tol
+                        prob, h, thetas[k], max_iter=max_inner_iter, tol=step_tol
                     )
                     inner_iter += n_it
                 else:
                     theta = prob.theta0
-                res = hypergradient(prob, theta, h, method, **method_options)
+                res = hypergradient(prob, theta, h, method, **step_options)
             except InnerDivergenceError as e:
                 state.update(diverged=True, message=str(e))
                 raise _Stop from e
