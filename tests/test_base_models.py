@@ -544,7 +544,7 @@ def test_torch_dtypes(iris):
     explicit = TorchModel(net64, dtype="float64")
     np.testing.assert_allclose(explicit.predict_raw(X), ref, rtol=1e-12, atol=1e-15)
     # DataFrame rows and float32 rows work too.
-    np.testing.assert_array_equal(TorchModel(net64).predict_raw(pd.DataFrame(X)), ref)
+    np.testing.assert_allclose(TorchModel(net64).predict_raw(pd.DataFrame(X)), ref, rtol=1e-12, atol=1e-15)
     TorchModel(net32).predict_raw(X.astype(np.float32))
     with pytest.raises(ValueError, match="dtype"):
         TorchModel(net32, dtype="int64")
