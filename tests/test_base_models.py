@@ -719,7 +719,8 @@ def test_from_file_csv_with_index_col(tmp_path, stored):
     np.testing.assert_array_equal(m.classes_, ["0", "1", "2"])
     shuffled = Xdf.sample(frac=1.0, random_state=1)
     pos = np.array([int(k[1:]) for k in shuffled.index])
-    np.testing.assert_allclose(m.predict_raw(shuffled), p[pos], rtol=1e-15)
+    # (a CSV round trip: parsers may differ in the last bit, as pandas 3 did)
+    np.testing.assert_allclose(m.predict_raw(shuffled), p[pos], rtol=1e-12)
     np.testing.assert_allclose(
         class_probabilities("csv", m, shuffled, IRIS_CLASSES), p[pos], rtol=1e-15
     )

@@ -431,7 +431,7 @@ def test_cuda_matches_cpu(cancer_pool, frozen_pool):
     # Reductions run in another order on the GPU; the outer L-BFGS-B path and
     # the inner tolerances (1e-7 / 1e-6) turn rounding into ~1e-5 differences.
     np.testing.assert_allclose(gpu.predict_proba(d.X_test), cpu.predict_proba(d.X_test), atol=1e-4)
-    assert gpu.validation_loss_ == pytest.approx(cpu.validation_loss_, rel=1e-5)
+    assert gpu.validation_loss_ == pytest.approx(cpu.validation_loss_, rel=1e-4)
 
 
 # -- user-defined aggregation functions --------------------------------------------------

@@ -189,8 +189,8 @@ def test_routing_with_pandas_rows(specialists):
     df = pd.DataFrame(X_agg, columns=cols, index=np.arange(len(X_agg)) * 7)
     est = AggregatedClassifier(pool, aggregator=SparseMoE(k=2), **FAST).fit(df, y_agg)
     test_df = pd.DataFrame(X_test, columns=cols)
-    np.testing.assert_array_equal(
-        est.predict_proba(test_df), est.predict_proba(test_df, dense=True)
+    np.testing.assert_allclose(
+        est.predict_proba(test_df), est.predict_proba(test_df, dense=True), rtol=1e-12, atol=1e-15
     )
 
 
