@@ -11,8 +11,8 @@ one-column DataFrame ``X``), so only the aggregator's cost is measured.
 The whole ``AggregatedClassifier.fit`` is timed: collecting the base outputs,
 tuning ``temperature``, ``interaction`` and ``l2`` by implicit hypergradients
 and the final refit on all rows. 32 models give a 2-additive capacity with 32
-singleton and 496 pair masses (530 inner parameters with the gain and the
-threshold). Settings for scale: ``cv=None`` (one inner-train / validation
+singleton and 496 pair masses (529 inner parameters with the threshold;
+the gain is the tuned temperature's inverse). Settings for scale: ``cv=None`` (one inner-train / validation
 split, 25 % validation), ``max_outer_iter=8`` (L-BFGS-B then makes at most 16
 evaluations), ``tol=1e-6`` and at most 20 conjugate-gradient steps per
 hypergradient (``tuner_options={"max_iter": 20}``); the rest are the

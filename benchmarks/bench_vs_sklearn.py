@@ -57,7 +57,7 @@ evaluated; the fits are deterministic). "ratio" is GridSearchCV's time
 divided by the method's time.
 
 Run: ``python benchmarks/bench_vs_sklearn.py [--quick] [--datasets wine digits]
-[--out results.md|results.csv] [--details] [--variants]``. The header
+[--out results.md|results.csv] [--details] [--variants] [--methods TEXT ...]``. The header
 line records the library commit and the load average: timings on a shared
 machine are only comparable within one run.
 """
@@ -367,6 +367,12 @@ def run_dataset(name: str, args) -> tuple[pd.DataFrame, dict]:
             ours(f"{agg} (cv=None)", frozen, agg, 0, group="variant", cv=None)
             for agg in ("stacking", "weights")
         ]
+    if args.methods:  # a subset, to save time; the uniform average is always kept
+        wanted = [w.lower() for w in args.methods]
+        methods = [
+            m for m in methods
+            if m.fit is None or any(w in m.name.lower() for w in wanted)
+        ]
 
     print(
         f"\n=== {name}: {X.shape[1]} features, {len(classes)} classes; pool trained on "
@@ -401,7 +407,8 @@ def run_dataset(name: str, args) -> tuple[pd.DataFrame, dict]:
         })
         print(f"  {method.name}: done in {seconds:.3f}s", flush=True)
     table = pd.DataFrame(rows)
-    grid_s = table.loc[table.method == GRID_NAME, "fit_s"].iloc[0]  # NaN if it failed
+    grid = table.loc[table.method == GRID_NAME, "fit_s"]
+    grid_s = grid.iloc[0] if len(grid) else math.nan  # NaN if it failed or was not run
     print(f"  (load average {os.getloadavg()[0]:.2f})")
     table["ratio_vs_grid"] = np.where(table.fit_s > 0, grid_s / table.fit_s, np.nan)
     infos = {m.name: m.info for m in methods if m.info}
@@ -500,6 +507,10 @@ def main(argv=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     parser.add_argument("--variants", action="store_true",
                         help="also hyperagg stacking / weights with cv=None (one "
                              "validation split); not part of the summary")
+    parser.add_argument("--methods", nargs="+", metavar="TEXT",
+                        help="run only the methods whose name contains one of these "
+                             "(case-insensitive), e.g. --methods single Caruana GridSearch "
+                             "hyperagg; the uniform average always runs")
     parser.add_argument("--details", action="store_true",
                         help="print learned weights and tuned hyperparameters")
     args = parser.parse_args(argv)

@@ -297,6 +297,65 @@ def test_start_point_is_the_uniform_average():
         torch.testing.assert_close(agg._integral(cp, x, Z), x.mean(-1))
 
 
+@SETTINGS
+@given(m=st.integers(2, 6), seed=st.integers(0, 2**31 - 1))
+def test_full_parametrisation_reaches_a_strictly_monotone_capacity(m, seed):
+    """The construction in ``_full_capacity``'s docstring: scale by c, take the rest of each gap."""
+    from aggregators.choquet import _LATTICE_T, _full_capacity, _lattice
+
+    rng = np.random.default_rng(seed)
+    mu = np.zeros(2**m)
+    for mask in sorted(range(1, 2**m), key=lambda v: bin(v).count("1")):
+        preds = [mu[mask ^ (1 << i)] for i in range(m) if mask >> i & 1]
+        mu[mask] = max(preds) + rng.uniform(0.05, 1.0)
+    mu /= mu[-1]
+    gaps = [
+        mu[mask] - max(mu[mask ^ (1 << i)] for i in range(m) if mask >> i & 1)
+        for mask in range(1, 2**m)
+    ]
+    c = 20 * _LATTICE_T * np.log(m) / min(gaps) + 1.0
+    levels, pos = _lattice(m)
+    order = np.argsort(pos)  # masks in level order, the empty set first
+    nu = c * mu
+    raw = []
+    for preds, masks in zip(levels, np.split(order[1:], np.cumsum([len(p) for p in levels])[:-1])):
+        for mask, pr in zip(masks, preds):
+            smax = _LATTICE_T * np.logaddexp.reduce(nu[order[pr]] / _LATTICE_T)
+            gap = nu[mask] - smax
+            assert gap > 0
+            raw.append(gap + np.log(-np.expm1(-gap)))  # softplus^-1
+    got = _full_capacity(torch.tensor(raw)[None], m)[0].numpy()
+    np.testing.assert_allclose(got, mu, atol=1e-9)
+
+
+def test_full_capacity_inner_solve_converges(cancer_pool):
+    """The lattice parametrisation is smooth, so L-BFGS reaches its gradient tolerance.
+
+    With a hard max over the predecessors (ties everywhere at the uniform
+    start) it stopped at a gradient of 1e-4 to 1e-3 here.
+    """
+    from aggregators._bilevel import HyperSpace, Split, make_problem
+    from aggregators.hypergrad import solve_inner
+
+    pool = cancer_pool.pool
+    Z = torch.as_tensor(
+        np.stack([m.predict_proba(cancer_pool.X_agg) for m in pool.values()], 1)
+    )
+    y = torch.as_tensor(cancer_pool.y_agg)
+    agg = Choquet("full")
+    ctx = AggregationContext("classification", len(pool), 2, 1, list(pool))
+    space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), torch.float64)
+    data = Split(Z, y)
+    prob, _, _ = make_problem(agg, ctx, data.take(torch.arange(0, 130)),
+                              data.take(torch.arange(130, len(y))), space)
+    for temperature in (0.1, 0.03):
+        h = space.initial().clone()
+        h[0] = np.log(temperature)  # temperature comes first
+        theta, _, converged = solve_inner(prob, h, max_iter=1000, tol=1e-7)
+        assert converged
+        assert float(prob.inner_grad(theta, h).abs().max()) <= 1e-6
+
+
 def test_full_capacity_over_many_models_warns_and_falls_back():
     ctx = _ctx(13)
     agg = Choquet("full")
