@@ -155,6 +155,11 @@ class Aggregator(BaseEstimator):
 
     #: Whether :meth:`forward` reads ``X`` (the estimator then moves it to the device).
     uses_X: bool = False
+    #: Whether the training loss is differentiable everywhere. Where it has
+    #: kinks (a k-th largest value, say) L-BFGS can stop at one with a gradient
+    #: above tolerance although no step lowers the loss: the estimator then
+    #: warns only when the inner solve runs out of iterations.
+    smooth: bool = True
 
     # -- what a subclass declares -------------------------------------------------
     def check_task(self, ctx: AggregationContext) -> None:

@@ -501,10 +501,13 @@ class _BaseAggregated(BaseEstimator):
             )
         except InnerDivergenceError as e:
             raise ValueError(f"refitting the aggregator on all rows diverged: {e}") from e
-        if not converged:
+        out_of_iterations = n_iter >= 10 * self.max_inner_iter
+        if not converged and (out_of_iterations or getattr(agg_spec, "smooth", True)):
             warnings.warn(
-                f"the final fit of the aggregator did not reach its tolerance in "
-                f"{10 * self.max_inner_iter} iterations; raise max_inner_iter.",
+                f"the final fit of the aggregator did not reach its tolerance "
+                + (f"in {10 * self.max_inner_iter} iterations; raise max_inner_iter."
+                   if out_of_iterations else
+                   f"(it stopped making progress after {n_iter} iterations)."),
                 ConvergenceWarning,
                 stacklevel=4,
             )

@@ -200,6 +200,8 @@ class SparseMoE(Aggregator):
 
     short_name = "moe"
     uses_X = True
+    # The load estimator's kth_excluding (FORMULAS.md) is piecewise linear in the logits.
+    smooth = False
 
     def __init__(
         self,

@@ -168,6 +168,10 @@ class ModelSelection(Aggregator):
     def uses_X(self) -> bool:  # type: ignore[override]
         return bool(self._inner().uses_X)
 
+    @property
+    def smooth(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self._inner(), "smooth", True))
+
     @staticmethod
     def _split(params: Params, hyper: Params):
         inner_p = {k: v for k, v in params.items() if k not in _OWN}
