@@ -41,7 +41,7 @@ from base_models import (
 )
 
 from ._base import AggregationContext
-from ._bilevel import HyperSpace, Split, make_problem
+from ._bilevel import HyperSpace, Split, make_problem, parse_range
 from ._registry import resolve_aggregator
 from .hypergrad import METHODS, InnerDivergenceError, solve_inner, stack_problems, tune
 
@@ -504,7 +504,7 @@ class _BaseAggregated(BaseEstimator):
         out_of_iterations = n_iter >= 10 * self.max_inner_iter
         if not converged and (out_of_iterations or getattr(agg_spec, "smooth", True)):
             warnings.warn(
-                f"the final fit of the aggregator did not reach its tolerance "
+                "the final fit of the aggregator did not reach its tolerance "
                 + (f"in {10 * self.max_inner_iter} iterations; raise max_inner_iter."
                    if out_of_iterations else
                    f"(it stopped making progress after {n_iter} iterations)."),

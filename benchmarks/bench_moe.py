@@ -217,7 +217,7 @@ def main():
     for name in args.datasets:
         time_rows = args.time_rows or (10000 if args.quick else 50000)
         rows, extra = run(name, args.quick, args.repeats, time_rows)
-        print(f"\n### {name}" + (f"  (quick)" if args.quick else ""))
+        print(f"\n### {name}" + ("  (quick)" if args.quick else ""))
         if extra:
             print("share of test rows whose k=1 expert is the region's owner:",
                   f"{extra['owner_routed_k1']:.3f}")

@@ -204,3 +204,16 @@ def test_split_scores_from_fold_solutions_match_refits(stacking, data):
         assert search.cv_results_[f"split{k}_test_score"][0] == pytest.approx(want, abs=1e-4)
         want_tr = -log_loss(y[tr], ref.predict_proba(X[tr]), labels=[0, 1])
         assert search.cv_results_[f"split{k}_train_score"][0] == pytest.approx(want_tr, abs=1e-4)
+
+
+def test_estimator_hyperparams_dict_is_respected(stacking, data):
+    """Fixed values in the estimator's own hyperparams stay fixed; its ranges give way."""
+    X, y = data
+    est = clone(stacking).set_params(
+        aggregator=LearnedWeights(), hyperparams={"temperature": 0.8, "entropy": (1e-5, 1e-3, "log")}
+    )
+    search = HypergradSearchCV(est, {"aggregator__l2": loguniform(1e-4, 1e1)}, cv=CV).fit(X, y)
+    hyper = search.best_estimator_.hyperparams_
+    assert hyper["temperature"] == pytest.approx(0.8)
+    assert hyper["entropy"] == pytest.approx(LearnedWeights().entropy)  # held at its initial value
+    assert 1e-4 * (1 - 1e-9) <= search.best_params_["aggregator__l2"] <= 1e1 * (1 + 1e-9)
