@@ -329,6 +329,9 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
         self.cv_results_ = self._results(solves, per_split, len(splits))
         self.solve_histories_ = [s["history"] for s in solves]
 
+        for stale in ("best_index_", "best_score_", "best_params_", "best_estimator_",
+                      "refit_time_"):  # from an earlier fit
+            self.__dict__.pop(stale, None)
         if callable(self.refit):
             self.best_index_ = int(self.refit(self.cv_results_))
         elif self.refit or not self.multimetric_:
@@ -349,7 +352,7 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
     def _refit_metric(self) -> str:
         if not self.multimetric_:
             return "score"
-        names = list(self.scoring) if not isinstance(self.scoring, dict) else list(self.scoring)
+        names = list(self.scoring)  # metric names: the list itself, or the dict's keys
         if self.refit is not False and not callable(self.refit) and self.refit not in names:
             raise ValueError(
                 f"with several metrics, refit must be one of their names {names}, a "
