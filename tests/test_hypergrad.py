@@ -647,3 +647,31 @@ def test_tune_rejects_bad_arguments(ridge):
         tune([ridge.problem], h0, lower=lo, upper=hi, method="bogus")
     with pytest.raises(ValueError, match="optimizer"):
         tune([ridge.problem], h0, lower=lo, upper=hi, optimizer="sgd")
+
+
+def test_conjugate_gradient_warm_start():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(20, 20, generator=g, dtype=DT)
+    A = M @ M.T + 20 * torch.eye(20, dtype=DT)
+    b = torch.randn(20, generator=g, dtype=DT)
+    exact = torch.linalg.solve(A, b)
+    cold, n_cold, _ = conjugate_gradient(lambda v: A @ v, b, tol=1e-12)
+    near = exact + 1e-6 * torch.randn(20, generator=g, dtype=DT)
+    warm, n_warm, _ = conjugate_gradient(lambda v: A @ v, b, tol=1e-12, x0=near)
+    torch.testing.assert_close(warm, exact, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cold, exact, rtol=1e-10, atol=1e-12)
+    assert n_warm < n_cold
+    _, n_exact, _ = conjugate_gradient(lambda v: A @ v, b, tol=1e-6, x0=exact)
+    assert n_exact == 0
+
+
+@pytest.mark.parametrize("method", ["implicit-cg", "hoag"])
+def test_tune_warm_started_cg_matches_cold(ridge, method):
+    """Warm-starting CG from the previous evaluation changes the cost, not the answer."""
+    kw = dict(lower=torch.tensor([-4.0], dtype=DT), upper=torch.tensor([6.0], dtype=DT),
+              method=method, max_outer_iter=20)
+    warm = tune([ridge.problem], torch.tensor([2.0], dtype=DT), **kw)
+    # Any explicit v0 switches the warm start off.
+    cold = tune([ridge.problem], torch.tensor([2.0], dtype=DT), method_options={"v0": None}, **kw)
+    torch.testing.assert_close(warm.h, cold.h, rtol=1e-6, atol=1e-8)
+    assert warm.value == pytest.approx(cold.value, rel=1e-9)

@@ -75,6 +75,7 @@ def hoag_hypergradient(
     schedule: str = "polynomial",
     min_tol: float = 1e-10,
     max_iter: int = 100,
+    v0: torch.Tensor | None = None,
 ) -> HypergradResult:
     """The implicit hypergradient with HOAG's inexact linear solve at outer step ``k``.
 
@@ -99,6 +100,8 @@ def hoag_hypergradient(
         Floor of the linear-solve tolerance.
     max_iter : int, default=100
         Bound on conjugate-gradient iterations.
+    v0 : Tensor, default=None
+        Warm start of conjugate gradient (see :func:`implicit_hypergradient`).
 
     Returns
     -------
@@ -129,6 +132,8 @@ def hoag_hypergradient(
     """
     eps = hoag_tolerance(iteration, eps0=eps0, decay=decay, schedule=schedule)
     tol = max(eps, min_tol)
-    res = implicit_hypergradient(problem, theta, h, solver="cg", max_iter=max_iter, tol=tol)
+    res = implicit_hypergradient(
+        problem, theta, h, solver="cg", max_iter=max_iter, tol=tol, v0=v0
+    )
     res.info.update(method="hoag", iteration=iteration, eps=eps, tol=tol)
     return res

@@ -20,7 +20,12 @@ MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
 def conjugate_gradient(
-    matvec: MatVec, b: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-10
+    matvec: MatVec,
+    b: torch.Tensor,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+    x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, float]:
     """Solve ``A x = b`` for symmetric positive (semi)definite ``A``.
 
@@ -33,6 +38,9 @@ def conjugate_gradient(
     max_iter : int, default=100
     tol : float, default=1e-10
         Stop when ``||r|| <= tol * ||b||``.
+    x0 : Tensor, default=None
+        Starting point (zero when omitted), e.g. the solution of a nearby
+        system; it costs one more product.
 
     Returns
     -------
@@ -40,8 +48,12 @@ def conjugate_gradient(
     n_iter : int
     rel_residual : float
     """
-    x = torch.zeros_like(b)
-    r = b.clone()
+    if x0 is None:
+        x = torch.zeros_like(b)
+        r = b.clone()
+    else:
+        x = x0.detach().clone()
+        r = b - matvec(x)
     p = r.clone()
     rs = r @ r
     b_norm = b.norm().clamp_min(torch.finfo(b.dtype).tiny)
@@ -96,6 +108,7 @@ def implicit_hypergradient(
     alpha: float | None = None,
     mixed: str = "autograd",
     fd_eps: float = 0.01,
+    v0: torch.Tensor | None = None,
 ) -> HypergradResult:
     """Hypergradient by the implicit function theorem at an inner optimum.
 
@@ -130,6 +143,10 @@ def implicit_hypergradient(
         ``O(fd_eps^2)``).
     fd_eps : float, default=0.01
         Length of the finite-difference perturbation of ``theta``.
+    v0 : Tensor, default=None
+        Start of conjugate gradient: :func:`tune` passes the solution of the
+        previous outer evaluation, whose system differs little (the same
+        warm start HOAG uses). The solution is returned as ``info["v"]``.
 
     Returns
     -------
@@ -157,8 +174,10 @@ def implicit_hypergradient(
 
         info: dict = {"solver": solver}
         if solver == "cg":
-            v, n_it, res = conjugate_gradient(hvp, g_theta, max_iter=max_iter, tol=tol)
-            info.update(linear_iter=n_it, residual=res)
+            if v0 is not None and v0.shape != g_theta.shape:
+                v0 = None
+            v, n_it, res = conjugate_gradient(hvp, g_theta, max_iter=max_iter, tol=tol, x0=v0)
+            info.update(linear_iter=n_it, residual=res, v=v.detach())
         elif solver == "neumann":
             if alpha is None:
                 alpha = float(1.0 / (lipschitz_estimate(problem, theta, h) + damping))
