@@ -36,6 +36,7 @@ from aggregators.hypergrad import (
     tune,
 )
 from aggregators.hypergrad._problem import outer_grads
+from _ridge import Ridge  # tests/_ridge.py (tests/ is on pytest's pythonpath)
 
 DT = torch.float64
 
@@ -45,63 +46,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- ridge regression with closed forms ------------------------------------------------
-class Ridge:
-    """``L = 0.5 ||X theta - y||^2 + 0.5 sum_i lam_i theta_i^2``, ``Q = mean val SE``.
-
-    ``h = log(lam)``: one entry (shared lambda) or one per feature. The
-    training design has singular values spread over [2, 10], so the inner
-    Hessian's eigenvalues are ``[4, 100] + lam`` (condition number about 17 at
-    the validation optimum): well conditioned, yet slow enough that the
-    Neumann series and unrolled steps visibly converge.
-    """
-
-    def __init__(self, n: int = 40, n_val: int = 200, p: int = 10, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-
-        def orth(k):
-            return torch.linalg.qr(torch.randn(k, k, generator=g, dtype=DT))[0]
-
-        s = torch.linspace(2, 10, p, dtype=DT)
-        self.X = orth(n)[:, :p] @ torch.diag(s) @ orth(p).T
-        w = torch.randn(p, generator=g, dtype=DT)
-        self.y = self.X @ w + 1.5 * torch.randn(n, generator=g, dtype=DT)
-        self.Xv = torch.randn(n_val, p, generator=g, dtype=DT) @ torch.diag(
-            torch.linspace(0.3, 1.5, p, dtype=DT)
-        )
-        self.yv = self.Xv @ w + 1.5 * torch.randn(n_val, generator=g, dtype=DT)
-        self.p = p
-        self.problem = BilevelProblem(self.inner, self.outer, torch.zeros(p, dtype=DT))
-
-    def inner(self, theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (self.X @ theta - self.y).pow(2).sum() + 0.5 * (
-            torch.exp(h) * theta.pow(2)
-        ).sum()
-
-    def outer(self, theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return (self.Xv @ theta - self.yv).pow(2).mean()
-
-    def hessian(self, h: torch.Tensor) -> torch.Tensor:
-        lam = torch.exp(h) * torch.ones(self.p, dtype=DT)
-        return self.X.T @ self.X + torch.diag(lam)
-
-    def theta_star(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.solve(self.hessian(h), self.X.T @ self.y)
-
-    def value(self, h: torch.Tensor) -> torch.Tensor:
-        """``Q(theta*(h))``, differentiable in ``h`` by autograd."""
-        return self.outer(self.theta_star(h), h)
-
-    def hypergrad(self, h: torch.Tensor) -> torch.Tensor:
-        """Closed form ``dQ/dh = lam * dQ/dlam`` (summed over features when shared)."""
-        th = self.theta_star(h)
-        g_theta = 2.0 * self.Xv.T @ (self.Xv @ th - self.yv) / len(self.yv)
-        dq_dlam = -torch.linalg.solve(self.hessian(h), g_theta) * th  # per feature
-        lam = torch.exp(h)
-        if h.numel() == 1:
-            return lam * dq_dlam.sum().reshape(1)
-        return lam * dq_dlam
-
-
 @pytest.fixture(scope="module")
 def ridge() -> Ridge:
     return Ridge()
