@@ -160,6 +160,13 @@ class Aggregator(BaseEstimator):
     #: above tolerance although no step lowers the loss: the estimator then
     #: warns only when the inner solve runs out of iterations.
     smooth: bool = True
+    #: Whether the engine may form the exact Hessian of the training loss when
+    #: each fold has few parameters (Newton inner solves and exact linear
+    #: solves for the hypergradient, instead of L-BFGS and conjugate
+    #: gradient). Set it to ``False`` when second derivatives of
+    #: :meth:`forward` cost far more than first ones. Functions that are not
+    #: ``smooth`` never get Newton steps.
+    second_order: bool = True
 
     # -- what a subclass declares -------------------------------------------------
     def check_task(self, ctx: AggregationContext) -> None:

@@ -91,6 +91,15 @@ def _naming(name: str, what: str):
         raise type(e)(f"base model {name!r} {what}: {e}") from e
 
 
+def _inner_solver(agg) -> str:
+    """The engine's inner solver for an aggregation function: Newton is allowed
+    where second derivatives are cheap and the loss has no kinks (a quadratic
+    model is wrong at a kink: on SparseMoE's top-k load Newton's line search
+    stalled and a fit took 10x longer)."""
+    ok = getattr(agg, "second_order", True) and getattr(agg, "smooth", True)
+    return "auto" if ok else "lbfgs"
+
+
 class _Progress:
     """Prints one line per outer step (``verbose > 0``).
 
@@ -447,6 +456,7 @@ class _BaseAggregated(BaseEstimator):
                     method=self.tuner, method_options=self.tuner_options,
                     optimizer=self.optimizer, max_outer_iter=self.max_outer_iter,
                     tol=self.tol, max_inner_iter=self.max_inner_iter, callback=callback,
+                    inner_solver=_inner_solver(agg_spec),
                 )
             except InnerDivergenceError as e:
                 raise ValueError(
@@ -498,6 +508,7 @@ class _BaseAggregated(BaseEstimator):
             theta, n_iter, converged = solve_inner(
                 final, h, theta0, max_iter=10 * self.max_inner_iter,
                 tol=1e-6,  # predictions do not move below this; 1e-7 is for hypergradients
+                solver=_inner_solver(agg_spec),
             )
         except InnerDivergenceError as e:
             raise ValueError(f"refitting the aggregator on all rows diverged: {e}") from e

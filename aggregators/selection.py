@@ -172,6 +172,10 @@ class ModelSelection(Aggregator):
     def smooth(self) -> bool:  # type: ignore[override]
         return bool(getattr(self._inner(), "smooth", True))
 
+    @property
+    def second_order(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self._inner(), "second_order", True))
+
     @staticmethod
     def _split(params: Params, hyper: Params):
         inner_p = {k: v for k, v in params.items() if k not in _OWN}

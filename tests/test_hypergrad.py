@@ -288,19 +288,35 @@ def test_lipschitz_estimate_is_lambda_max(ridge):
 
 
 # -- inner solver ------------------------------------------------------------------------------
-def test_solve_inner_reaches_closed_form(ridge):
-    """L-BFGS reaches theta* (its gradient floor here is ~1e-7: below that the
-    loss, ~50, cannot register the decrease the line search asks for)."""
+@pytest.mark.parametrize("solver", ["lbfgs", "newton", "auto"])
+def test_solve_inner_reaches_closed_form(ridge, solver):
+    """Both solvers reach theta* (L-BFGS's gradient floor here is ~1e-7: below
+    that the loss, ~50, cannot register the decrease the line search asks for)."""
     h = H_VECTOR
-    theta, n_iter, converged = solve_inner(ridge.problem, h, tol=1e-6, max_iter=1000)
+    theta, n_iter, converged = solve_inner(
+        ridge.problem, h, tol=1e-6, max_iter=1000, solver=solver
+    )
     assert converged and 0 < n_iter < 1000
     assert rel_err(theta, ridge.theta_star(h)) <= 1e-8
+    if solver != "lbfgs":  # a quadratic: one Newton step
+        assert n_iter == 1
     # Warm-started at the optimum it has nothing to do.
-    theta, n_iter, converged = solve_inner(ridge.problem, h, ridge.theta_star(h))
+    theta, n_iter, converged = solve_inner(
+        ridge.problem, h, ridge.theta_star(h), solver=solver
+    )
     assert converged and n_iter == 0
-    # A bounded solve reports that it did not converge.
-    _, n_iter, converged = solve_inner(ridge.problem, h, max_iter=2, tol=1e-9)
+
+
+def test_solve_inner_bounded_lbfgs_reports_no_convergence(ridge):
+    _, n_iter, converged = solve_inner(
+        ridge.problem, H_VECTOR, max_iter=2, tol=1e-9, solver="lbfgs"
+    )
     assert not converged and n_iter == 2
+
+
+def test_solve_inner_rejects_unknown_solver(ridge):
+    with pytest.raises(ValueError, match="solver must be"):
+        solve_inner(ridge.problem, H_VECTOR, solver="sgd")
 
 
 @pytest.mark.parametrize("kind", ["nan-constant", "nan-gradient"])
@@ -456,6 +472,9 @@ def ridge_grid_optimum(ridge):
 @pytest.mark.parametrize(
     "optimizer, method, options",
     [
+        # L-BFGS inner solves, whose warm start the test checks (Newton takes
+        # one step on this quadratic, warm or cold).
+        ("lbfgs", "implicit-cg", {"inner_solver": "lbfgs"}),
         ("lbfgs", "implicit-cg", {}),
         ("adam", "implicit-cg", {"outer_lr": 0.1, "max_outer_iter": 200, "tol": 1e-12}),
         # 50 terms (the default) leave a 5 % bias at this conditioning (kappa ~ 17),
@@ -489,7 +508,7 @@ def test_tune_finds_grid_optimum(ridge, ridge_grid_optimum, optimizer, method, o
     assert min(e["outer_loss"] for e in res.history) == res.value
     if METHODS[method]:
         assert sum(e["inner_iter"] for e in res.history) > 0
-    if optimizer == "lbfgs" and method == "implicit-cg":
+    if options.get("inner_solver") == "lbfgs":
         # Inner solves are warm-started: late, small outer steps cost little.
         assert res.history[-1]["inner_iter"] < res.history[0]["inner_iter"] / 2
     if optimizer == "adam":

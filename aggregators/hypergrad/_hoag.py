@@ -76,6 +76,7 @@ def hoag_hypergradient(
     min_tol: float = 1e-10,
     max_iter: int = 100,
     v0: torch.Tensor | None = None,
+    solver: str = "auto",
 ) -> HypergradResult:
     """The implicit hypergradient with HOAG's inexact linear solve at outer step ``k``.
 
@@ -102,6 +103,11 @@ def hoag_hypergradient(
         Bound on conjugate-gradient iterations.
     v0 : Tensor, default=None
         Warm start of conjugate gradient (see :func:`implicit_hypergradient`).
+    solver : {"auto", "cg", "direct"}, default="auto"
+        ``"auto"`` solves exactly from the Hessian blocks when the problem
+        declares small independent blocks (an exact solve meets any
+        tolerance), else by conjugate gradient (see
+        :func:`implicit_hypergradient`).
 
     Returns
     -------
@@ -133,7 +139,7 @@ def hoag_hypergradient(
     eps = hoag_tolerance(iteration, eps0=eps0, decay=decay, schedule=schedule)
     tol = max(eps, min_tol)
     res = implicit_hypergradient(
-        problem, theta, h, solver="cg", max_iter=max_iter, tol=tol, v0=v0
+        problem, theta, h, solver=solver, max_iter=max_iter, tol=tol, v0=v0
     )
     res.info.update(method="hoag", iteration=iteration, eps=eps, tol=tol)
     return res

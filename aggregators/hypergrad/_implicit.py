@@ -1,8 +1,9 @@
 """Implicit differentiation: dQ/dh = d_h Q - (d2_{h theta} L)^T H^{-1} d_theta Q.
 
-The inverse-Hessian-vector product is found either by conjugate gradient
-(exact up to ``tol``) or by a truncated Neumann series (Lorraine et al. 2020).
-Only Hessian-vector products are formed, never the Hessian.
+The inverse-Hessian-vector product is found by conjugate gradient (exact up
+to ``tol``), by a truncated Neumann series (Lorraine et al. 2020), both from
+Hessian-vector products only, or directly from the exact Hessian blocks when
+the problem declares small independent blocks (``"direct"``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Callable
 import torch
 
 from ._inner import lipschitz_estimate
+from ._newton import NEWTON_MAX_BLOCK, block_sizes, block_solve, hessian_blocks
 from ._problem import BilevelProblem, HypergradResult, fd_mixed_product, outer_grads
 
 __all__ = ["conjugate_gradient", "implicit_hypergradient", "neumann_series"]
@@ -124,8 +126,13 @@ def implicit_hypergradient(
         A (near-)stationary point of ``L(., h)``.
     h : Tensor
         Hyperparameters.
-    solver : {"cg", "neumann"}, default="cg"
-        How ``H v = d_theta Q`` is solved.
+    solver : {"cg", "neumann", "direct", "auto"}, default="cg"
+        How ``H v = d_theta Q`` is solved: conjugate gradient, Neumann
+        series, or Cholesky factors of the exact Hessian blocks
+        (``problem.blocks``; as many Hessian-vector products as the largest
+        block has entries, in one vectorised pass). ``"auto"``: direct when
+        the largest block has at most ``NEWTON_MAX_BLOCK`` entries, else
+        conjugate gradient.
     max_iter, tol : int, float
         Conjugate-gradient bounds.
     damping : float, default=0.0
@@ -172,8 +179,29 @@ def implicit_hypergradient(
             (out,) = torch.autograd.grad(g_inner, th, grad_outputs=v, retain_graph=True)
             return out + damping * v if damping else out
 
+        auto = solver == "auto"
+        if auto:
+            small = max(block_sizes(problem, theta)) <= NEWTON_MAX_BLOCK
+            solver = "direct" if small else "cg"
+        blocks = None
+        if solver == "direct":
+            sizes = block_sizes(problem, theta)
+            try:
+                blocks = hessian_blocks(g_inner, th, sizes)
+            except RuntimeError:
+                if not auto:
+                    raise
+                solver = "cg"  # an operation without a batched second derivative
         info: dict = {"solver": solver}
-        if solver == "cg":
+        if blocks is not None:
+            if damping:
+                eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+                blocks = blocks + damping * eye
+            # An indefinite Hessian (not at a minimum) gets the smallest
+            # Levenberg damping that makes it positive definite.
+            v, lam = block_solve(blocks.detach(), g_theta, sizes)
+            info.update(linear_iter=0, damping=lam, v=v.detach())
+        elif solver == "cg":
             if v0 is not None and v0.shape != g_theta.shape:
                 v0 = None
             v, n_it, res = conjugate_gradient(hvp, g_theta, max_iter=max_iter, tol=tol, x0=v0)
@@ -184,7 +212,9 @@ def implicit_hypergradient(
             v = neumann_series(hvp, g_theta, alpha=alpha, n_terms=n_terms)
             info.update(linear_iter=n_terms, alpha=alpha)
         else:
-            raise ValueError(f"solver must be 'cg' or 'neumann'; got {solver!r}.")
+            raise ValueError(
+                f"solver must be 'cg', 'neumann', 'direct' or 'auto'; got {solver!r}."
+            )
         if mixed == "fd":
             prod = fd_mixed_product(problem, theta.detach(), h, v.detach(), fd_eps)
         else:

@@ -48,4 +48,5 @@ def stack_problems(
         return sum(p.outer_loss(t, h) for p, t in zip(problems, split(theta)))
 
     theta0 = torch.cat([p.theta0.reshape(-1) for p in problems])
-    return BilevelProblem(inner, outer, theta0), split
+    blocks = tuple(b for p, s in zip(problems, sizes) for b in (p.blocks or (s,)))
+    return BilevelProblem(inner, outer, theta0, blocks=blocks), split

@@ -32,11 +32,16 @@ class BilevelProblem:
         ``Q(theta, h)``: validation loss.
     theta0 : Tensor
         Starting point of the inner solve (also the start of unrolled modes).
+    blocks : tuple of int, default=None
+        Sizes of consecutive parameter blocks that ``L`` does not couple (its
+        Hessian is block diagonal), e.g. one per cross-fitting fold
+        (:func:`stack_problems`); Newton's solver uses them.
     """
 
     inner_loss: Loss
     outer_loss: Loss
     theta0: torch.Tensor
+    blocks: tuple[int, ...] | None = None
 
     def inner_grad(
         self, theta: torch.Tensor, h: torch.Tensor, create_graph: bool = False

@@ -172,6 +172,7 @@ def tune(
     inner_tol: float = 1e-7,
     callback: Callable[[dict], None] | None = None,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    inner_solver: str = "auto",
 ) -> TuningResult:
     """Minimise ``sum_k Q_k(theta_k*(h), h)`` over box-bounded ``h``.
 
@@ -212,12 +213,18 @@ def tune(
         must keep ``h`` inside those bounds itself), e.g.
         :func:`project_capped_simplex` for many per-row weights under a
         budget. Only with ``optimizer="adam"``.
+    inner_solver : {"auto", "newton", "lbfgs"}, default="auto"
+        Solver of the inner problems (:func:`solve_inner`). With ``"lbfgs"``
+        HOAG's linear systems are solved by conjugate gradient too (no
+        Hessian is formed).
 
     Returns
     -------
     TuningResult
     """
     method_options = dict(method_options or {})
+    if method == "hoag" and inner_solver == "lbfgs":
+        method_options.setdefault("solver", "cg")
     if project is not None and optimizer != "adam":
         raise ValueError(
             f"project needs optimizer='adam' (L-BFGS-B only knows box bounds); "
@@ -246,7 +253,8 @@ def tune(
             try:
                 if needs_optimum:
                     theta, n_it, _ = solve_inner(
-                        prob, h, thetas[k], max_iter=max_inner_iter, tol=step_tol
+                        prob, h, thetas[k], max_iter=max_inner_iter, tol=step_tol,
+                        solver=inner_solver,
                     )
                     inner_iter += n_it
                 else:

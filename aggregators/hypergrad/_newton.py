@@ -1,0 +1,204 @@
+"""Damped Newton on problems whose Hessian is block diagonal with small blocks.
+
+Most aggregation functions have a few tens of parameters (learned weights,
+Choquet capacities, uninorms); cross-fitting stacks one such block per fold
+(:func:`stack_problems`), and the blocks do not interact. There the exact
+Hessian costs as many Hessian-vector products as the *largest block* has
+parameters, batched into one vectorised backward pass: probe ``j`` carries
+the ``j``-th unit vector in every block at once, so its product is column
+``j`` of every block. Newton then converges in a handful of iterations where
+L-BFGS needed hundreds on the ill-conditioned problems a tuned L2 produces
+(a stacking refit with L2 weights from 1e-3 to 36: 787 L-BFGS iterations,
+:func:`newton_solve` 8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._problem import BilevelProblem, InnerDivergenceError
+
+__all__ = [
+    "NEWTON_MAX_BLOCK",
+    "block_hessian",
+    "block_sizes",
+    "block_solve",
+    "hessian_blocks",
+    "newton_solve",
+]
+
+#: Largest block (parameters) for which ``solver="auto"`` picks Newton: the
+#: Hessian costs that many Hessian-vector products per iteration.
+NEWTON_MAX_BLOCK = 64
+
+
+def block_sizes(problem: BilevelProblem, theta: torch.Tensor) -> tuple[int, ...]:
+    """The problem's independent parameter blocks (one block when undeclared)."""
+    blocks = problem.blocks
+    if blocks is None or sum(blocks) != theta.numel():
+        return (theta.numel(),)
+    return tuple(int(b) for b in blocks)
+
+
+def _probes(sizes: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``(max_block, n_params)``: row ``j`` is the ``j``-th unit vector of every block."""
+    width = max(sizes)
+    probes = torch.zeros(width, sum(sizes), dtype=like.dtype, device=like.device)
+    off = 0
+    for s in sizes:
+        idx = torch.arange(s, device=like.device)
+        probes[idx, off + idx] = 1.0
+        off += s
+    return probes
+
+
+def hessian_blocks(g: torch.Tensor, theta: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Hessian blocks from a gradient ``g`` of ``theta`` built with ``create_graph=True``.
+
+    Returns ``(n_blocks, width, width)`` with ``width`` the largest block; a
+    smaller block is padded with the identity (which leaves its solve
+    unchanged). The graph of ``g`` is kept.
+    """
+    width = max(sizes)
+    (cols,) = torch.autograd.grad(
+        g, theta, _probes(sizes, theta), is_grads_batched=True, retain_graph=True
+    )  # (width, n_params): column j of every block, side by side
+    out = torch.eye(width, dtype=theta.dtype, device=theta.device).repeat(len(sizes), 1, 1)
+    off = 0
+    for k, s in enumerate(sizes):
+        out[k, :s, :s] = cols[:s, off : off + s].T
+        off += s
+    return 0.5 * (out + out.transpose(1, 2))
+
+
+def block_hessian(
+    problem: BilevelProblem, theta: torch.Tensor, h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inner loss, gradient and Hessian blocks of ``L(., h)`` at ``theta``.
+
+    Returns
+    -------
+    loss : Tensor
+    grad : Tensor
+        Shape ``(n_params,)``.
+    blocks : Tensor
+        ``(n_blocks, width, width)``, see :func:`hessian_blocks`.
+    """
+    sizes = block_sizes(problem, theta)
+    with torch.enable_grad():
+        th = theta.detach().requires_grad_(True)
+        loss = problem.inner_loss(th, h.detach())
+        (g,) = torch.autograd.grad(loss, th, create_graph=True)
+        blocks = hessian_blocks(g, th, sizes)
+    return loss.detach(), g.detach(), blocks.detach()
+
+
+def _pad(v: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """``(n_params,)`` -> ``(n_blocks, width)`` with zeros after short blocks."""
+    width = max(sizes)
+    out = v.new_zeros(len(sizes), width)
+    for k, part in enumerate(torch.split(v, sizes)):
+        out[k, : part.numel()] = part
+    return out
+
+
+def _unpad(m: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    return torch.cat([m[k, :s] for k, s in enumerate(sizes)])
+
+
+def block_solve(
+    blocks: torch.Tensor, b: torch.Tensor, sizes: tuple[int, ...], damping: float = 0.0
+) -> tuple[torch.Tensor, float]:
+    """Solve ``(H + lambda I) x = b`` block by block with Cholesky.
+
+    ``lambda`` starts at ``damping`` times each block's largest diagonal entry
+    and grows tenfold until the block is positive definite, so an indefinite
+    Hessian (a nonconvex inner problem away from its optimum) still gives a
+    descent direction (Levenberg-Marquardt).
+
+    Returns
+    -------
+    x : Tensor
+    damping : float
+        The relative damping that was needed (``0.0`` for none).
+    """
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    scale = blocks.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-12)[:, None, None]
+    lam = damping
+    for _ in range(30):
+        chol, info = torch.linalg.cholesky_ex(blocks + lam * scale * eye)
+        if not bool(info.any()):
+            x = torch.cholesky_solve(_pad(b, sizes)[..., None], chol)[..., 0]
+            return _unpad(x, sizes), lam
+        lam = max(10.0 * lam, 1e-10)
+    raise torch.linalg.LinAlgError("the Hessian blocks could not be made positive definite")
+
+
+def newton_solve(
+    problem: BilevelProblem,
+    h: torch.Tensor,
+    theta0: torch.Tensor | None = None,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-7,
+) -> tuple[torch.Tensor, int, bool]:
+    """Minimise ``L(., h)`` by damped Newton steps with an Armijo line search.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+        With ``blocks`` declared when its Hessian is block diagonal.
+    h : Tensor
+    theta0 : Tensor, default=None
+        Warm start; ``problem.theta0`` when omitted.
+    max_iter : int, default=100
+    tol : float, default=1e-7
+        Stop when the gradient's max-norm falls below ``tol``.
+
+    Returns
+    -------
+    theta : Tensor
+    n_iter : int
+    converged : bool
+        ``False`` also when the line search cannot make progress (then the
+        caller may finish with a first-order solver).
+
+    Raises
+    ------
+    InnerDivergenceError
+        When the loss is not finite at the start.
+    """
+    h = h.detach()
+    theta = (problem.theta0 if theta0 is None else theta0).detach().clone()
+    sizes = block_sizes(problem, theta)
+    damping = 0.0
+    for it in range(max_iter + 1):
+        loss, g, blocks = block_hessian(problem, theta, h)
+        if not (torch.isfinite(loss) and torch.isfinite(g).all()):
+            raise InnerDivergenceError(
+                f"the inner solve diverged: the inner loss became {float(loss)}."
+            )
+        if g.abs().max() <= tol:
+            return theta, it, True
+        if it == max_iter:
+            break
+        try:
+            step, damping = block_solve(blocks, -g, sizes, damping)
+        except torch.linalg.LinAlgError:
+            return theta, it, False
+        slope = g @ step
+        t = 1.0
+        with torch.no_grad():
+            while True:
+                new = problem.inner_loss(theta + t * step, h)
+                if torch.isfinite(new) and new <= loss + 1e-4 * t * slope:
+                    break
+                t *= 0.5
+                if t < 1e-8:
+                    return theta, it, False
+        theta = theta + t * step
+        # Full steps: trust the quadratic model more; short ones: less.
+        damping = damping / 10.0 if t == 1.0 else max(10.0 * damping, 1e-6)
+        if damping < 1e-10:
+            damping = 0.0
+    return theta, max_iter, False

@@ -1,0 +1,190 @@
+"""Newton inner solves and exact linear solves on block-diagonal Hessians."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_breast_cancer
+from sklearn.frozen import FrozenEstimator
+from sklearn.linear_model import LogisticRegression
+from sklearn.naive_bayes import GaussianNB
+from sklearn.tree import DecisionTreeClassifier
+
+from aggregators import AggregatedClassifier, Stacking
+from aggregators.hypergrad import (
+    BilevelProblem,
+    hoag_hypergradient,
+    implicit_hypergradient,
+    solve_inner,
+    stack_problems,
+)
+from aggregators.hypergrad import _inner
+from aggregators.hypergrad._newton import block_hessian, block_solve, newton_solve
+from _ridge import Ridge
+
+DT = torch.float64
+
+
+def logistic_problem(seed: int, n: int = 60, p: int = 4, c: int = 3) -> BilevelProblem:
+    """Multinomial logistic regression with L2 ``exp(h)``; validation cross-entropy."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, p, generator=g, dtype=DT)
+    y = torch.randint(0, c, (n,), generator=g)
+    Xv = torch.randn(n, p, generator=g, dtype=DT)
+    yv = torch.randint(0, c, (n,), generator=g)
+
+    def inner(theta, h):
+        W = theta.reshape(p, c)
+        return F.cross_entropy(X @ W, y) + 0.5 * torch.exp(h[0]) * W.pow(2).sum()
+
+    def outer(theta, h):
+        return F.cross_entropy(Xv @ theta.reshape(p, c), yv)
+
+    return BilevelProblem(inner, outer, torch.zeros(p * c, dtype=DT))
+
+
+@pytest.fixture
+def joint():
+    problems = [logistic_problem(k) for k in range(3)]
+    return stack_problems(problems)
+
+
+H = torch.tensor([-2.0], dtype=DT)
+
+
+def test_stacked_problem_declares_its_blocks(joint):
+    problem, _ = joint
+    assert problem.blocks == (12, 12, 12)
+
+
+def test_block_hessian_equals_the_full_hessians_diagonal_blocks(joint):
+    problem, _ = joint
+    theta = torch.randn(36, generator=torch.Generator().manual_seed(1), dtype=DT)
+    full = torch.autograd.functional.hessian(lambda t: problem.inner_loss(t, H), theta)
+    _, g, blocks = block_hessian(problem, theta, H)
+    for k in range(3):
+        sl = slice(12 * k, 12 * (k + 1))
+        torch.testing.assert_close(blocks[k], full[sl, sl], rtol=1e-12, atol=1e-12)
+    # The folds do not interact: what the block structure assumes.
+    off = full.clone()
+    for k in range(3):
+        off[12 * k : 12 * (k + 1), 12 * k : 12 * (k + 1)] = 0
+    assert off.abs().max() == 0
+    assert g.shape == (36,)
+
+
+def test_block_hessian_pads_unequal_blocks_with_identity():
+    problems = [logistic_problem(0, p=4), logistic_problem(1, p=2)]
+    problem, _ = stack_problems(problems)
+    theta = problem.theta0
+    _, _, blocks = block_hessian(problem, theta, H)
+    assert blocks.shape == (2, 12, 12)
+    torch.testing.assert_close(blocks[1, 6:, 6:], torch.eye(6, dtype=DT))
+    assert blocks[1, :6, 6:].abs().max() == 0
+    # A solve with the padded blocks is the solve with the true ones.
+    b = torch.randn(18, generator=torch.Generator().manual_seed(0), dtype=DT)
+    x, lam = block_solve(blocks, b, (12, 6))
+    assert lam == 0.0
+    full = torch.autograd.functional.hessian(lambda t: problem.inner_loss(t, H), theta)
+    torch.testing.assert_close(full @ x, b, rtol=1e-10, atol=1e-10)
+
+
+def test_newton_matches_lbfgs_on_the_joint_problem(joint):
+    problem, _ = joint
+    t_newton, it_newton, ok_newton = solve_inner(problem, H, tol=1e-10, solver="newton")
+    t_lbfgs, it_lbfgs, ok_lbfgs = solve_inner(problem, H, tol=1e-9, solver="lbfgs")
+    assert ok_newton and ok_lbfgs
+    torch.testing.assert_close(t_newton, t_lbfgs, rtol=1e-6, atol=1e-8)
+    assert it_newton < it_lbfgs
+
+
+def test_newton_damps_an_indefinite_hessian():
+    """A nonconvex loss started at a saddle-ish point still reaches a minimum."""
+
+    def inner(theta, h):  # double well in x, quadratic in y: minima at x = +-1
+        x, y = theta[0], theta[1]
+        return (x**2 - 1) ** 2 + torch.exp(h[0]) * y**2
+
+    problem = BilevelProblem(inner, inner, torch.tensor([0.05, 1.0], dtype=DT))
+    theta, n_iter, converged = newton_solve(problem, torch.zeros(1, dtype=DT), tol=1e-10)
+    assert converged and n_iter < 30
+    assert abs(abs(float(theta[0])) - 1.0) < 1e-8 and abs(float(theta[1])) < 1e-8
+
+
+def test_direct_hypergradient_is_exact_on_ridge():
+    ridge = Ridge()
+    h = torch.full((ridge.p,), -1.0, dtype=DT)
+    theta = ridge.theta_star(h)
+    res = implicit_hypergradient(ridge.problem, theta, h, solver="direct")
+    hh = h.clone().requires_grad_(True)
+    (exact,) = torch.autograd.grad(ridge.value(hh), hh)
+    assert res.info["solver"] == "direct" and res.info["linear_iter"] == 0
+    assert float((res.grad - exact).norm() / exact.norm()) <= 1e-10
+
+
+def test_hoag_solves_small_blocks_directly_and_agrees_with_cg(joint):
+    problem, _ = joint
+    theta, _, _ = solve_inner(problem, H, tol=1e-11, solver="newton")
+    auto = hoag_hypergradient(problem, theta, H, eps0=1e-12)
+    cg = hoag_hypergradient(problem, theta, H, eps0=1e-12, solver="cg")
+    assert auto.info["solver"] == "direct" and cg.info["solver"] == "cg"
+    torch.testing.assert_close(auto.grad, cg.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_large_blocks_stay_with_lbfgs_and_cg():
+    problem = logistic_problem(0, p=30, c=3)  # 90 parameters, one block
+    theta, n_iter, _ = solve_inner(problem, H, tol=1e-9)
+    res = implicit_hypergradient(problem, theta, H, solver="auto")
+    assert res.info["solver"] == "cg"
+    assert n_iter > 3  # L-BFGS iterations, not a few Newton steps
+
+
+def test_auto_falls_back_to_lbfgs_without_batched_second_derivatives(joint, monkeypatch):
+    problem, _ = joint
+
+    def no_vmap(*args, **kwargs):
+        raise RuntimeError("Batching rule not implemented")
+
+    monkeypatch.setattr("aggregators.hypergrad._newton.hessian_blocks", no_vmap)
+    theta, _, converged = solve_inner(problem, H, tol=1e-9)
+    assert converged and problem._no_newton
+    reference, _, _ = solve_inner(problem, H, tol=1e-9, solver="lbfgs")
+    torch.testing.assert_close(theta, reference)
+    monkeypatch.setattr("aggregators.hypergrad._implicit.hessian_blocks", no_vmap)
+    res = implicit_hypergradient(problem, theta, H, solver="auto")
+    assert res.info["solver"] == "cg"
+    with pytest.raises(RuntimeError):
+        implicit_hypergradient(problem, theta, H, solver="direct")
+    assert _inner.NEWTON_MAX_BLOCK >= 12
+
+
+class FirstOrderStacking(Stacking):
+    """Stacking with the engine's first-order path (L-BFGS, conjugate gradient)."""
+
+    second_order = False
+
+
+def test_estimator_same_fit_with_and_without_newton():
+    X, y = load_breast_cancer(return_X_y=True)
+    X_pool, y_pool, X_agg, y_agg = X[:250], y[:250], X[250:], y[250:]
+    pool = [
+        ("lr", FrozenEstimator(LogisticRegression(max_iter=5000).fit(X_pool, y_pool))),
+        ("nb", FrozenEstimator(GaussianNB().fit(X_pool, y_pool))),
+        ("tree", FrozenEstimator(DecisionTreeClassifier(max_depth=3, random_state=0).fit(X_pool, y_pool))),
+    ]
+    fits = [
+        AggregatedClassifier(
+            pool, aggregator=agg, random_state=0, max_outer_iter=5, tuner="implicit-cg"
+        ).fit(X_agg, y_agg)
+        for agg in (Stacking(), FirstOrderStacking())
+    ]
+    np.testing.assert_allclose(
+        fits[0].hyperparams_["l2"], fits[1].hyperparams_["l2"], rtol=1e-3
+    )
+    np.testing.assert_allclose(
+        fits[0].predict_proba(X_agg), fits[1].predict_proba(X_agg), atol=1e-4
+    )
+    # Newton needs a handful of iterations per solve.
+    assert fits[0].tuning_history_.inner_iter.max() <= 10
