@@ -188,3 +188,59 @@ def test_estimator_same_fit_with_and_without_newton():
     )
     # Newton needs a handful of iterations per solve.
     assert fits[0].tuning_history_.inner_iter.max() <= 10
+
+
+# -- the engine's own L-BFGS -----------------------------------------------------------
+def test_lbfgs_minimises_rosenbrock():
+    from aggregators.hypergrad._lbfgs import lbfgs
+
+    def fun_grad(x):
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            f = (1 - xx[:-1]).pow(2).sum() + 100 * (xx[1:] - xx[:-1].pow(2)).pow(2).sum()
+            (g,) = torch.autograd.grad(f, xx)
+        return f.detach(), g
+
+    x, n_iter, converged = lbfgs(fun_grad, torch.full((6,), -1.2, dtype=DT), tol=1e-8)
+    assert converged and n_iter < 200
+    torch.testing.assert_close(x, torch.ones(6, dtype=DT), rtol=0, atol=1e-6)
+
+
+def test_lbfgs_reports_divergence_and_bounded_runs():
+    from aggregators.hypergrad import InnerDivergenceError
+    from aggregators.hypergrad._lbfgs import lbfgs
+
+    def log_barrier(x):  # x - log(x): NaN once a step crosses 0, and beyond x = 10
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            f = (xx - torch.log(xx)).sum()
+            f = torch.where(xx.sum() > 10, torch.nan, f)
+            (g,) = torch.autograd.grad(f, xx)
+        return f.detach(), g
+
+    x, n_iter, converged = lbfgs(log_barrier, torch.tensor([3.0, 0.5], dtype=DT), tol=1e-10)
+    assert converged  # trial steps across 0 are shortened, not fatal
+    torch.testing.assert_close(x, torch.ones(2, dtype=DT))
+    _, n_iter, converged = lbfgs(
+        log_barrier, torch.tensor([3.0, 0.5], dtype=DT), tol=1e-12, max_iter=1
+    )
+    assert n_iter == 1 and not converged
+    with pytest.raises(InnerDivergenceError, match="inner loss became nan"):
+        lbfgs(log_barrier, torch.tensor([11.0, 0.5], dtype=DT))
+
+
+def test_no_torch_optimizer_is_built():
+    """Building a torch.optim optimizer imports torch._dynamo (a second on first use)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from aggregators.hypergrad import BilevelProblem, solve_inner\n"
+        "p = BilevelProblem(lambda t, h: (t - 1).pow(2).sum() * torch.exp(h[0]) + t.pow(4).sum(),"
+        " lambda t, h: t.sum(), torch.zeros(200, dtype=torch.float64))\n"
+        "solve_inner(p, torch.zeros(1, dtype=torch.float64), solver='lbfgs')\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

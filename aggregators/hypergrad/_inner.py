@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._lbfgs import lbfgs
 from ._newton import NEWTON_MAX_BLOCK, block_sizes, newton_solve
 from ._problem import BilevelProblem, InnerDivergenceError
 
@@ -42,7 +43,7 @@ def solve_inner(
     solver : {"auto", "newton", "lbfgs"}, default="auto"
         ``"newton"``: damped Newton with exact Hessian blocks
         (:func:`newton_solve`), finished by L-BFGS if its line search stalls;
-        ``"lbfgs"``: L-BFGS with a strong-Wolfe line search; ``"auto"``:
+        ``"lbfgs"``: L-BFGS with a strong-Wolfe line search (:func:`lbfgs`); ``"auto"``:
         Newton when the largest independent block of parameters
         (``problem.blocks``) has at most :data:`NEWTON_MAX_BLOCK` entries and
         the Hessian can be formed by vectorised backward passes, else L-BFGS.
@@ -87,36 +88,20 @@ def solve_inner(
             if converged:
                 return theta, newton_iter, True
             start = theta  # a stalled line search: L-BFGS finishes from here
-    theta = start.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [theta],
-        lr=1.0,
-        max_iter=max_iter,
-        max_eval=int(max_iter * 1.5) + 10,
-        tolerance_grad=tol,
-        tolerance_change=tolerance_change,
-        history_size=20,
-        line_search_fn="strong_wolfe",
+
+    def fun_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            loss = problem.inner_loss(xx, h)
+            # A NaN loss can come with a finite gradient (a NaN term constant
+            # in theta): lbfgs checks the loss itself and stops there.
+            (g,) = torch.autograd.grad(loss, xx)
+        return loss.detach(), g
+
+    theta, n_iter, _ = lbfgs(
+        fun_grad, start, max_iter=max_iter, tol=tol, tolerance_change=tolerance_change
     )
-
-    def closure():
-        opt.zero_grad(set_to_none=False)
-        loss = problem.inner_loss(theta, h)
-        # torch's strong-Wolfe line search cannot handle a non-finite loss (it
-        # fails with an IndexError on NaN, or wanders on inf), and a NaN loss
-        # can come with a finite gradient (a NaN term constant in theta), so
-        # the final gradient check alone would miss it: stop here.
-        if not torch.isfinite(loss):
-            raise InnerDivergenceError(
-                f"the inner solve diverged: the inner loss became {float(loss.detach())}."
-            )
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    state = opt.state[opt._params[0]]
-    n_iter = newton_iter + int(state.get("n_iter", 0))
+    n_iter += newton_iter
     theta = theta.detach()
     g = problem.inner_grad(theta, h)
     if not (torch.isfinite(theta).all() and torch.isfinite(g).all()):
