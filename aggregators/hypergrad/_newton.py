@@ -173,15 +173,24 @@ def newton_solve(
     sizes = block_sizes(problem, theta)
     damping = 0.0
     for it in range(max_iter + 1):
-        loss, g, blocks = block_hessian(problem, theta, h)
-        if not (torch.isfinite(loss) and torch.isfinite(g).all()):
-            raise InnerDivergenceError(
-                f"the inner solve diverged: the inner loss became {float(loss)}."
-            )
-        if g.abs().max() <= tol:
-            return theta, it, True
-        if it == max_iter:
-            break
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            loss = problem.inner_loss(th, h)
+            (g_graph,) = torch.autograd.grad(loss, th, create_graph=True)
+            g = g_graph.detach()
+            loss = loss.detach()
+            if not (torch.isfinite(loss) and torch.isfinite(g).all()):
+                raise InnerDivergenceError(
+                    f"the inner solve diverged: the inner loss became {float(loss)}."
+                )
+            # The Hessian only when a step is needed: at the last point the
+            # gradient suffices (a warm start that already meets the tolerance
+            # costs one gradient).
+            if g.abs().max() <= tol:
+                return theta, it, True
+            if it == max_iter:
+                break
+            blocks = hessian_blocks(g_graph, th, sizes).detach()
         try:
             step, damping = block_solve(blocks, -g, sizes, damping)
         except torch.linalg.LinAlgError:
