@@ -6,6 +6,9 @@ import torch
 
 from ._lbfgs import lbfgs
 from ._newton import NEWTON_MAX_BLOCK, block_sizes, newton_solve
+
+#: Newton steps before L-BFGS takes over.
+NEWTON_MAX_ITER = 20
 from ._problem import BilevelProblem, InnerDivergenceError
 
 __all__ = ["solve_inner", "lipschitz_estimate"]
@@ -42,7 +45,8 @@ def solve_inner(
         after 10 iterations where 1e-20 reaches 4e-12 in 12.
     solver : {"auto", "newton", "lbfgs"}, default="auto"
         ``"newton"``: damped Newton with exact Hessian blocks
-        (:func:`newton_solve`), finished by L-BFGS if its line search stalls;
+        (:func:`newton_solve`), finished by L-BFGS if its line search stalls
+        or it has not converged in ``NEWTON_MAX_ITER`` steps;
         ``"lbfgs"``: L-BFGS with a strong-Wolfe line search (:func:`lbfgs`); ``"auto"``:
         Newton when the largest independent block of parameters
         (``problem.blocks``) has at most :data:`NEWTON_MAX_BLOCK` entries and
@@ -75,8 +79,11 @@ def solve_inner(
         and not getattr(problem, "_no_newton", False)
     ):
         try:
+            # Newton converges in a handful of steps or not at all (an
+            # optimum at infinity, as softmax weights have once their L2
+            # vanishes: 100 damped steps crawled where L-BFGS took 10).
             theta, newton_iter, converged = newton_solve(
-                problem, h, start, max_iter=min(max_iter, 100), tol=tol
+                problem, h, start, max_iter=min(max_iter, NEWTON_MAX_ITER), tol=tol
             )
         except RuntimeError as e:
             if isinstance(e, InnerDivergenceError) or solver == "newton":
