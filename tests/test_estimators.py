@@ -592,7 +592,7 @@ BAD_FITS = [
     ),
     pytest.param(
         AggregatedClassifier(_nb_tree(), hyperparams={"l3": 1.0}), X_IRIS, Y_IRIS, ValueError,
-        r"\['l3'\].*\['l2'\]", id="unknown-hyperparameter",
+        r"\['l3'\].*\['l2', 'l2_scale'\]", id="unknown-hyperparameter",
     ),
     pytest.param(
         AggregatedClassifier(_nb_tree(), hyperparams={"l2": [1.0, 2.0, 3.0]}), X_IRIS, Y_IRIS,
@@ -719,4 +719,4 @@ def test_stacking_shared_l2(cancer_pool, frozen_pool):
         frozen_pool, aggregator=Stacking(per_model_l2=False), max_outer_iter=5, random_state=0
     ).fit(d.X_agg, d.y_agg)
     assert isinstance(est.hyperparams_["l2"], float)
-    assert list(est.tuning_history_.columns[-1:]) == ["l2"]
+    assert list(est.tuning_history_.columns[-2:]) == ["l2", "l2_scale"]

@@ -400,9 +400,10 @@ def _finite_difference(prob, h, theta, eps=1e-4):
 
 
 def test_stacking_ift_cg_matches_finite_differences(pool_outputs):
-    """Per-model log-L2 vector of Stacking: IFT-CG vs central differences."""
+    """Per-model log-L2 vector of Stacking (and the pool's log-L2, last): IFT-CG
+    vs central differences."""
     prob, h = _aggregator_problem(Stacking(l2=[1e-2, 1e-1, 1e-3, 3e-2]), pool_outputs)
-    assert h.shape == (4,)
+    assert h.shape == (5,)
     theta, _, _ = solve_inner(prob, h, max_iter=5000, tol=1e-10)
     theta = _newton_polish(prob, theta, h)
     res = implicit_hypergradient(prob, theta, h, solver="cg", max_iter=500, tol=1e-12)
