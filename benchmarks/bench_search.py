@@ -36,7 +36,7 @@ fixed and ``max_outer_iter=0`` (one fit of the meta-learner per point, no
 inner validation). Wall times include each search's final refit.
 
 Run: ``python benchmarks/bench_search.py [--quick] [--dims 1 2 10 50]
-[--dataset digits]``.
+[--dataset digits] [--methods hoag ...]``.
 """
 
 from __future__ import annotations
@@ -143,6 +143,14 @@ def run_dim(d: int, pool, data, args) -> list[dict]:
     budget = time.perf_counter() - t0
     record("HypergradSearchCV", "-", budget, hs.best_estimator_, -hs.best_score_,
            len(hs.solve_histories_[0]))
+    for method in args.methods:  # other hypergradient methods, outside the budget
+        t0 = time.perf_counter()
+        other = HypergradSearchCV(
+            est, {"aggregator__l2": loguniform(LOW, HIGH)}, cv=cv, scoring="neg_log_loss",
+            random_state=args.seed, method=method,
+        ).fit(X, y)
+        record(f"HypergradSearchCV {method}", "-", time.perf_counter() - t0,
+               other.best_estimator_, -other.best_score_, len(other.solve_histories_[0]))
 
     base = fixed(est)
     grid_points = {1: 20, 2: 5}.get(d)
@@ -231,6 +239,9 @@ def main(argv=None):
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--quick", action="store_true", help="dims 1 and 10 only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="*", default=[], metavar="METHOD",
+                        help="also run HypergradSearchCV with these methods (e.g. hoag); "
+                             "the black-box budgets stay those of the default method")
     args = parser.parse_args(argv)
     dims = [1, 10] if args.quick else args.dims
     warnings.simplefilter("ignore")
