@@ -7,9 +7,11 @@ Hessian costs as many Hessian-vector products as the *largest block* has
 parameters, batched into one vectorised backward pass: probe ``j`` carries
 the ``j``-th unit vector in every block at once, so its product is column
 ``j`` of every block. Newton then converges in a handful of iterations where
-L-BFGS needed hundreds on the ill-conditioned problems a tuned L2 produces
-(a stacking refit with L2 weights from 1e-3 to 36: 787 L-BFGS iterations,
-:func:`newton_solve` 8).
+L-BFGS needs tens to hundreds on the ill-conditioned problems a tuned L2
+produces. Measured on breast_cancer stacking (6 models, L2 weights tuned to
+between 1e-3 and 36): the final refit took 787 iterations of
+``torch.optim.LBFGS``, 81 of the engine's L-BFGS and 2 Newton steps; the
+whole tuning, 651 L-BFGS iterations against 24 Newton steps.
 """
 
 from __future__ import annotations
