@@ -11,7 +11,7 @@ L-BFGS needs tens to hundreds on the ill-conditioned problems a tuned L2
 produces. Measured on breast_cancer stacking (6 models, L2 weights tuned to
 between 1e-3 and 36): the final refit took 787 iterations of
 ``torch.optim.LBFGS``, 81 of the engine's L-BFGS and 2 Newton steps; the
-whole tuning, 651 L-BFGS iterations against 24 Newton steps.
+whole tuning, 651 iterations of ``torch.optim.LBFGS`` against 24 Newton steps.
 """
 
 from __future__ import annotations
