@@ -99,6 +99,11 @@ class AggregationContext:
     generator : torch.Generator
         Seeded from the estimator's ``random_state``; use it for any
         random initialisation.
+    n_train : int or None
+        Rows each inner problem is fitted on while tuning (the mean training
+        part of the cross-fitting folds); ``None`` when unknown. Penalties
+        on a mean loss weigh ``1 / n_train`` times as much as on a summed
+        one, so bounds that should follow the amount of data read it.
     """
 
     task: str
@@ -110,6 +115,7 @@ class AggregationContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float64
     generator: torch.Generator | None = None
+    n_train: int | None = None
 
     def zeros(self, *shape) -> torch.Tensor:
         """A zero tensor on the context's device and dtype."""

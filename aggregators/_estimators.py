@@ -405,11 +405,14 @@ class _BaseAggregated(BaseEstimator):
         agg_spec = resolve_aggregator(self.aggregator)
         names = [name for name, _ in self._check_estimators()]
         gen = torch.Generator(device=device).manual_seed(seed)
+        n = X_arr.shape[0]
+        splits = self._splits(n, y_strat, seed) if self.max_outer_iter > 0 else [(np.arange(n), None)]
         ctx = AggregationContext(
             task=self._task, n_models=len(names),
             n_outputs=len(self.classes_) if self._task == "classification" else self.n_outputs_,
             n_features=X_arr.shape[1], model_names=names,
             classes=getattr(self, "classes_", None), device=device, dtype=dtype, generator=gen,
+            n_train=int(round(np.mean([len(tr) for tr, _ in splits]))),
         )
         agg_spec.check_task(ctx)
         specs = agg_spec.hyperparameters(ctx)
@@ -421,7 +424,6 @@ class _BaseAggregated(BaseEstimator):
         space = HyperSpace(specs, fixed, device, dtype)
 
         Z = self._transform_outputs(self._collect(Xb, y_orig))
-        n = Z.shape[0]
         # The one host-to-device copy of the data for this fit.
         y_dtype = torch.long if self._task == "classification" else dtype
         full = Split(
@@ -435,7 +437,7 @@ class _BaseAggregated(BaseEstimator):
                 # Nothing to tune and nothing to validate: straight to the refit.
                 return self._refit_only(agg_spec, ctx, full, space, specs)
             problems, fold_parts = [], []
-            for tr, va in self._splits(n, y_strat, seed):
+            for tr, va in splits:
                 tr_t = torch.as_tensor(tr, device=device)
                 va_t = torch.as_tensor(va, device=device)
                 prob, packer_k, buffers_k = make_problem(

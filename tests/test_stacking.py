@@ -122,3 +122,38 @@ def test_bad_shrink_target(cancer_pool, frozen_pool):
     est = AggregatedClassifier(frozen_pool, aggregator=Stacking(shrink_towards="one"))
     with pytest.raises(ValueError, match="shrink_towards must be 'pool' or 'zero'; got 'one'"):
         est.fit(d.X_agg, d.y_agg)
+
+
+def test_l2_bounds_follow_the_training_rows():
+    """``l2_bounds=None``: the floor is ``0.1 / n_train`` (the penalty is on the
+    mean loss), ``1e-3`` without a row count; a given range is kept."""
+    import torch
+
+    from aggregators._base import AggregationContext
+
+    def bounds(agg, n_train):
+        ctx = AggregationContext(
+            task="classification", n_models=3, n_outputs=2, n_features=4,
+            model_names=["a", "b", "c"], dtype=torch.float64, n_train=n_train,
+        )
+        return {h.name: (h.low, h.high) for h in agg.hyperparameters(ctx)}
+
+    assert bounds(Stacking(), 400) == {"l2": (0.1 / 400, 1e2), "l2_scale": (0.1 / 400, 1e2)}
+    assert bounds(Stacking(), None)["l2"] == (1e-3, 1e2)
+    assert bounds(Stacking(l2_bounds=(1e-2, 10.0)), 400)["l2"] == (1e-2, 10.0)
+
+
+def test_estimator_passes_the_training_rows(cancer_pool, frozen_pool):
+    from aggregators import AggregatedClassifier
+
+    seen = []
+
+    class Spy(Stacking):
+        def hyperparameters(self, ctx):
+            seen.append(ctx.n_train)
+            return super().hyperparameters(ctx)
+
+    d = cancer_pool
+    AggregatedClassifier(frozen_pool, aggregator=Spy(), cv=3, random_state=0,
+                         max_outer_iter=1).fit(d.X_agg, d.y_agg)
+    assert seen == [round(len(d.y_agg) * 2 / 3)]
