@@ -6,12 +6,12 @@ import torch
 
 from ._lbfgs import lbfgs
 from ._newton import NEWTON_MAX_BLOCK, block_sizes, newton_solve
-
-#: Newton steps before L-BFGS takes over.
-NEWTON_MAX_ITER = 20
 from ._problem import BilevelProblem, InnerDivergenceError
 
 __all__ = ["solve_inner", "lipschitz_estimate"]
+
+#: Newton steps before L-BFGS takes over.
+NEWTON_MAX_ITER = 20
 
 
 def solve_inner(
@@ -47,8 +47,8 @@ def solve_inner(
         ``"newton"``: damped Newton with exact Hessian blocks
         (:func:`newton_solve`), finished by L-BFGS if its line search stalls
         or it has not converged in ``NEWTON_MAX_ITER`` steps;
-        ``"lbfgs"``: L-BFGS with a strong-Wolfe line search (:func:`lbfgs`); ``"auto"``:
-        Newton when the largest independent block of parameters
+        ``"lbfgs"``: L-BFGS with a strong-Wolfe line search (:func:`lbfgs`);
+        ``"auto"``: Newton when the largest independent block of parameters
         (``problem.blocks``) has at most :data:`NEWTON_MAX_BLOCK` entries and
         the Hessian can be formed by vectorised backward passes, else L-BFGS.
 

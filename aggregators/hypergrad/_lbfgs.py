@@ -94,7 +94,6 @@ def lbfgs(
     tol: float = 1e-7,
     tolerance_change: float = 1e-20,
     history_size: int = 20,
-    memory: list | None = None,
 ) -> tuple[torch.Tensor, int, bool]:
     """Minimise a smooth function of one flat tensor.
 
@@ -111,9 +110,6 @@ def lbfgs(
         Also stop when a step changes the loss, or every parameter, by less.
     history_size : int, default=20
         Curvature pairs kept.
-    memory : list, default=None
-        Curvature pairs ``(s, y)`` to start from (a warm start near a
-        previous solution); updated in place.
 
     Returns
     -------
@@ -146,7 +142,7 @@ def lbfgs(
 
     x = x0.detach().clone()
     f, g = evaluate(x)
-    pairs: list = memory if memory is not None else []
+    pairs: list = []  # (s, y, 1 / y.s), oldest first
     for it in range(max_iter):
         if not bool(torch.isfinite(g).all()):
             raise InnerDivergenceError("the inner solve diverged: non-finite gradient.")
