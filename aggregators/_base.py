@@ -101,9 +101,9 @@ class AggregationContext:
         random initialisation.
     n_train : int or None
         Rows each inner problem is fitted on while tuning (the mean training
-        part of the cross-fitting folds); ``None`` when unknown. Penalties
-        on a mean loss weigh ``1 / n_train`` times as much as on a summed
-        one, so bounds that should follow the amount of data read it.
+        part of the cross-fitting folds); ``None`` when unknown. A penalty
+        weight ``w`` on the mean loss is a weight ``w * n_train`` on the
+        summed loss, so bounds that should follow the amount of data read it.
     """
 
     task: str

@@ -50,9 +50,10 @@ class Stacking(Aggregator):
         Range the L2 weights (and ``l2_scale``) are tuned in (log scale).
         ``None``: ``(0.1 / n_train, 100)`` with ``n_train`` the rows each
         inner problem is fitted on (``(1e-3, 100)`` when that is unknown).
-        A penalty on the mean training loss weighs ``1 / n_train`` times as
-        much as on the summed loss, so a floor in those units allows what
-        ``LogisticRegression(C <= 10)`` allows, on 50 rows or 50 000; a fixed
+        The weights act on the mean training loss, so weight ``l2`` is
+        ``LogisticRegression``'s ``C = 1 / (l2 * n_train)`` (which acts on
+        the summed loss): this floor allows ``C <= 10`` whether there are 50
+        rows or 50 000; a fixed
         floor of 1e-3 bound digits' tuned weights (431 training rows) and
         would forbid weak regularisation on large sets altogether. Measured
         with ``bench_vs_sklearn.py``'s protocol on its four datasets, split
