@@ -15,6 +15,11 @@ from aggregators.hypergrad import BilevelProblem
 DT = torch.float64
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ``||a - b|| / ||b||``."""
+    return float((a - b).norm() / b.norm())
+
+
 class Ridge:
     """``L = 0.5 ||X theta - y||^2 + 0.5 sum_i lam_i theta_i^2``, ``Q`` = mean val SE.
 

@@ -36,13 +36,9 @@ from aggregators.hypergrad import (
     tune,
 )
 from aggregators.hypergrad._problem import outer_grads
-from _ridge import Ridge  # tests/_ridge.py (tests/ is on pytest's pythonpath)
+from _ridge import Ridge, rel_err  # tests/_ridge.py (tests/ is on pytest's pythonpath)
 
 DT = torch.float64
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 # -- ridge regression with closed forms ------------------------------------------------

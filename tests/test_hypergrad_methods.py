@@ -46,13 +46,9 @@ from aggregators.hypergrad import (
 )
 from aggregators.hypergrad import _tuner
 from aggregators.hypergrad._problem import outer_grads
-from _ridge import Ridge  # tests/_ridge.py (tests/ is on pytest's pythonpath)
+from _ridge import Ridge, rel_err  # tests/_ridge.py (tests/ is on pytest's pythonpath)
 
 DT = torch.float64
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,12 @@ from aggregators.hypergrad import (
     solve_inner,
     stack_problems,
 )
-from aggregators.hypergrad import _inner
-from aggregators.hypergrad._newton import block_hessian, block_solve, newton_solve
+from aggregators.hypergrad._newton import (
+    NEWTON_MAX_BLOCK,
+    block_hessian,
+    block_solve,
+    newton_solve,
+)
 from _ridge import Ridge
 
 DT = torch.float64
@@ -143,21 +147,22 @@ def test_large_blocks_stay_with_lbfgs_and_cg():
 
 def test_auto_falls_back_to_lbfgs_without_batched_second_derivatives(joint, monkeypatch):
     problem, _ = joint
+    assert max(problem.blocks) <= NEWTON_MAX_BLOCK  # "auto" would take Newton here
 
     def no_vmap(*args, **kwargs):
         raise RuntimeError("Batching rule not implemented")
 
     monkeypatch.setattr("aggregators.hypergrad._newton.hessian_blocks", no_vmap)
     theta, _, converged = solve_inner(problem, H, tol=1e-9)
-    assert converged and problem._no_newton
+    assert converged and not problem.exact_hessian
     reference, _, _ = solve_inner(problem, H, tol=1e-9, solver="lbfgs")
     torch.testing.assert_close(theta, reference)
     monkeypatch.setattr("aggregators.hypergrad._implicit.hessian_blocks", no_vmap)
+    problem.exact_hessian = True  # the hypergradient finds out on its own too
     res = implicit_hypergradient(problem, theta, H, solver="auto")
-    assert res.info["solver"] == "cg"
+    assert res.info["solver"] == "cg" and not problem.exact_hessian
     with pytest.raises(RuntimeError):
         implicit_hypergradient(problem, theta, H, solver="direct")
-    assert _inner.NEWTON_MAX_BLOCK >= 12
 
 
 class FirstOrderStacking(Stacking):

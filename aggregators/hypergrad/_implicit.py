@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ._inner import lipschitz_estimate
-from ._newton import NEWTON_MAX_BLOCK, block_sizes, block_solve, hessian_blocks
+from ._newton import block_sizes, block_solve, hessian_blocks, uses_exact_hessian
 from ._problem import BilevelProblem, HypergradResult, fd_mixed_product, outer_grads
 
 __all__ = ["conjugate_gradient", "implicit_hypergradient", "neumann_series"]
@@ -181,8 +181,7 @@ def implicit_hypergradient(
 
         auto = solver == "auto"
         if auto:
-            small = max(block_sizes(problem, theta)) <= NEWTON_MAX_BLOCK
-            solver = "direct" if small else "cg"
+            solver = "direct" if uses_exact_hessian(problem, theta) else "cg"
         blocks = None
         if solver == "direct":
             sizes = block_sizes(problem, theta)
@@ -191,7 +190,10 @@ def implicit_hypergradient(
             except RuntimeError:
                 if not auto:
                     raise
-                solver = "cg"  # an operation without a batched second derivative
+                # An operation without a batched second derivative: CG, now
+                # and for the rest of this problem's solves.
+                problem.exact_hessian = False
+                solver = "cg"
         info: dict = {"solver": solver}
         if blocks is not None:
             if damping:

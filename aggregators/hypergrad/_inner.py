@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._lbfgs import lbfgs
-from ._newton import NEWTON_MAX_BLOCK, block_sizes, newton_solve
+from ._newton import newton_solve, uses_exact_hessian
 from ._problem import BilevelProblem, InnerDivergenceError
 
 __all__ = ["solve_inner", "lipschitz_estimate"]
@@ -49,7 +49,7 @@ def solve_inner(
         or it has not converged in ``NEWTON_MAX_ITER`` steps;
         ``"lbfgs"``: L-BFGS with a strong-Wolfe line search (:func:`lbfgs`);
         ``"auto"``: Newton when the largest independent block of parameters
-        (``problem.blocks``) has at most :data:`NEWTON_MAX_BLOCK` entries and
+        (``problem.blocks``) has at most ``NEWTON_MAX_BLOCK`` entries and
         the Hessian can be formed by vectorised backward passes, else L-BFGS.
 
     Returns
@@ -73,11 +73,7 @@ def solve_inner(
     if start.numel() == 0:
         return start.detach().clone(), 0, True
     newton_iter = 0
-    if solver == "newton" or (
-        solver == "auto"
-        and max(block_sizes(problem, start)) <= NEWTON_MAX_BLOCK
-        and not getattr(problem, "_no_newton", False)
-    ):
+    if solver == "newton" or (solver == "auto" and uses_exact_hessian(problem, start)):
         try:
             # Newton converges in a handful of steps or not at all (an
             # optimum at infinity, as softmax weights have once their L2
@@ -90,7 +86,7 @@ def solve_inner(
                 raise
             # Some operation has no batched (vmap) second derivative: L-BFGS
             # needs first derivatives only; do not try Newton again.
-            problem._no_newton = True
+            problem.exact_hessian = False
         else:
             if converged:
                 return theta, newton_iter, True

@@ -27,6 +27,7 @@ __all__ = [
     "block_solve",
     "hessian_blocks",
     "newton_solve",
+    "uses_exact_hessian",
 ]
 
 #: Largest block (parameters) for which ``solver="auto"`` picks Newton: the
@@ -73,6 +74,21 @@ def hessian_blocks(g: torch.Tensor, theta: torch.Tensor, sizes: tuple[int, ...])
     return 0.5 * (out + out.transpose(1, 2))
 
 
+def _loss_and_grad_graph(problem: BilevelProblem, theta: torch.Tensor, h: torch.Tensor):
+    """``(loss, g, th)``: the inner loss and its gradient at a fresh leaf ``th``,
+    ``g`` kept differentiable for :func:`hessian_blocks` (call under grad mode)."""
+    th = theta.detach().requires_grad_(True)
+    loss = problem.inner_loss(th, h.detach())
+    (g,) = torch.autograd.grad(loss, th, create_graph=True)
+    return loss, g, th
+
+
+def uses_exact_hessian(problem: BilevelProblem, theta: torch.Tensor) -> bool:
+    """Whether the engine forms this problem's Hessian blocks: they are small
+    (:data:`NEWTON_MAX_BLOCK`) and batched second derivatives have not failed."""
+    return problem.exact_hessian and max(block_sizes(problem, theta)) <= NEWTON_MAX_BLOCK
+
+
 def block_hessian(
     problem: BilevelProblem, theta: torch.Tensor, h: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,12 +102,9 @@ def block_hessian(
     blocks : Tensor
         ``(n_blocks, width, width)``, see :func:`hessian_blocks`.
     """
-    sizes = block_sizes(problem, theta)
     with torch.enable_grad():
-        th = theta.detach().requires_grad_(True)
-        loss = problem.inner_loss(th, h.detach())
-        (g,) = torch.autograd.grad(loss, th, create_graph=True)
-        blocks = hessian_blocks(g, th, sizes)
+        loss, g, th = _loss_and_grad_graph(problem, theta, h)
+        blocks = hessian_blocks(g, th, block_sizes(problem, theta))
     return loss.detach(), g.detach(), blocks.detach()
 
 
@@ -176,9 +189,7 @@ def newton_solve(
     damping = 0.0
     for it in range(max_iter + 1):
         with torch.enable_grad():
-            th = theta.detach().requires_grad_(True)
-            loss = problem.inner_loss(th, h)
-            (g_graph,) = torch.autograd.grad(loss, th, create_graph=True)
+            loss, g_graph, th = _loss_and_grad_graph(problem, theta, h)
             g = g_graph.detach()
             loss = loss.detach()
             if not (torch.isfinite(loss) and torch.isfinite(g).all()):

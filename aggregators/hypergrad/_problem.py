@@ -36,12 +36,17 @@ class BilevelProblem:
         Sizes of consecutive parameter blocks that ``L`` does not couple (its
         Hessian is block diagonal), e.g. one per cross-fitting fold
         (:func:`stack_problems`); Newton's solver uses them.
+    exact_hessian : bool, default=True
+        Whether the engine may form the Hessian blocks (Newton steps, direct
+        linear solves). The engine sets it to ``False`` when an operation of
+        ``L`` has no batched (vmap) second derivative.
     """
 
     inner_loss: Loss
     outer_loss: Loss
     theta0: torch.Tensor
     blocks: tuple[int, ...] | None = None
+    exact_hessian: bool = True
 
     def inner_grad(
         self, theta: torch.Tensor, h: torch.Tensor, create_graph: bool = False
