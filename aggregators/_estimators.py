@@ -41,9 +41,9 @@ from base_models import (
 )
 
 from ._base import AggregationContext
-from ._bilevel import HyperSpace, Split, make_problem, parse_range
+from ._bilevel import HyperSpace, Split, make_fold_problems, make_problem, parse_range
 from ._registry import resolve_aggregator
-from .hypergrad import METHODS, InnerDivergenceError, solve_inner, stack_problems, tune
+from .hypergrad import METHODS, InnerDivergenceError, solve_inner, tune
 
 __all__ = ["AggregatedClassifier", "AggregatedRegressor", "HypergradientWarning"]
 
@@ -436,23 +436,18 @@ class _BaseAggregated(BaseEstimator):
             if self.max_outer_iter == 0:
                 # Nothing to tune and nothing to validate: straight to the refit.
                 return self._refit_only(agg_spec, ctx, full, space, specs)
-            problems, fold_parts = [], []
-            for tr, va in splits:
-                tr_t = torch.as_tensor(tr, device=device)
-                va_t = torch.as_tensor(va, device=device)
-                prob, packer_k, buffers_k = make_problem(
-                    agg_spec, ctx, full.take(tr_t), full.take(va_t), space
-                )
-                problems.append(prob)
-                fold_parts.append((packer_k, buffers_k))
-
+            # The folds' problems share h and nothing else: one joint solve
+            # (same optimum and hypergradient, a fraction of the solver overhead).
+            joint, split_theta, fold_parts = make_fold_problems(
+                agg_spec, ctx,
+                [(full.take(torch.as_tensor(tr, device=device)),
+                  full.take(torch.as_tensor(va, device=device))) for tr, va in splits],
+                space,
+            )
             lower, upper = space.bounds()
-            callback = _Progress(len(problems)) if self.verbose else None
+            callback = _Progress(len(splits)) if self.verbose else None
             t0 = time.perf_counter()
             try:
-                # The folds' problems share h and nothing else: one joint solve
-                # (same optimum and hypergradient, a fraction of the solver overhead).
-                joint, split_theta = stack_problems(problems)
                 result = tune(
                     [joint], space.initial(), lower=lower, upper=upper,
                     method=self.tuner, method_options=self.tuner_options,
@@ -473,7 +468,7 @@ class _BaseAggregated(BaseEstimator):
                     stacklevel=3,
                 )
             self.tuning_time_ = time.perf_counter() - t0
-            self.tuning_history_ = self._history_frame(result.history, space, len(problems))
+            self.tuning_history_ = self._history_frame(result.history, space, len(splits))
             fold_thetas = split_theta(result.thetas[0])
 
             # Refit the parameters on all rows with the tuned hyperparameters.
@@ -489,7 +484,7 @@ class _BaseAggregated(BaseEstimator):
                 agg_k = clone(agg_spec)
                 agg_k._set_fitted(ctx, packer_k.unflatten(theta_k), buffers_k, hyper, specs)
                 self.fold_aggregators_.append(agg_k)
-        self.validation_loss_ = result.value / len(problems)
+        self.validation_loss_ = result.value / len(splits)
         self.n_iter_ = len(result.history)
         return self
 

@@ -298,10 +298,16 @@ class LAF(Aggregator):
         # Gini units read x, dual units 1 - x; each needs two power sums:
         # Gini: sum w x^p and sum w x^q; dual: sum w (1-x)^r and sum w (1-x)^0.
         logs = torch.stack([torch.log(x), torch.log1p(-x)], -2)[..., dual.long(), :]
-        hi = torch.zeros(self.n_units, device=x.device, dtype=x.dtype)
-        lo = torch.zeros_like(hi)
-        hi = hi.masked_scatter(~dual, p).masked_scatter(dual, r)
-        lo = lo.masked_scatter(~dual, q)
+        # Exponents in unit order: the Gini units' (p, q) and the dual units'
+        # (r, 0), placed by indexing (batches under torch.vmap; masked_scatter
+        # has no batching rule).
+        kinds = self._kinds()
+        order = torch.as_tensor(
+            np.argsort(np.concatenate([np.flatnonzero(~kinds), np.flatnonzero(kinds)])),
+            device=x.device,
+        )
+        hi = torch.cat([p, r])[order]
+        lo = torch.cat([q, torch.zeros_like(r)])[order]
         ex = torch.stack([hi, lo], -1)  # (U, 2)
         # sum_i w_i x_i^b = e^{b top} sum_i w_i e^{b (log x_i - top)}, top = max_i log x_i:
         # every exponential is at most 1 and the largest input's is 1, so nothing

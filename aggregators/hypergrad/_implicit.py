@@ -173,18 +173,15 @@ def implicit_hypergradient(
     with torch.enable_grad():
         th = theta.detach().requires_grad_(True)
         hh = h.detach().requires_grad_(True)
-        g_inner = torch.autograd.grad(problem.inner_loss(th, hh), th, create_graph=True)[0]
-
-        def hvp(v: torch.Tensor) -> torch.Tensor:
-            (out,) = torch.autograd.grad(g_inner, th, grad_outputs=v, retain_graph=True)
-            return out + damping * v if damping else out
-
         auto = solver == "auto"
         if auto:
             solver = "direct" if uses_exact_hessian(problem, theta) else "cg"
         blocks = None
         if solver == "direct":
             sizes = block_sizes(problem, theta)
+            g_inner = torch.autograd.grad(
+                problem.second_order_loss(th, hh), th, create_graph=True
+            )[0]
             try:
                 blocks = hessian_blocks(g_inner, th, sizes)
             except RuntimeError:
@@ -194,6 +191,12 @@ def implicit_hypergradient(
                 # and for the rest of this problem's solves.
                 problem.exact_hessian = False
                 solver = "cg"
+        if blocks is None:
+            g_inner = torch.autograd.grad(problem.inner_loss(th, hh), th, create_graph=True)[0]
+
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            (out,) = torch.autograd.grad(g_inner, th, grad_outputs=v, retain_graph=True)
+            return out + damping * v if damping else out
         info: dict = {"solver": solver}
         if blocks is not None:
             if damping:

@@ -78,7 +78,7 @@ def _loss_and_grad_graph(problem: BilevelProblem, theta: torch.Tensor, h: torch.
     """``(loss, g, th)``: the inner loss and its gradient at a fresh leaf ``th``,
     ``g`` kept differentiable for :func:`hessian_blocks` (call under grad mode)."""
     th = theta.detach().requires_grad_(True)
-    loss = problem.inner_loss(th, h.detach())
+    loss = problem.second_order_loss(th, h.detach())
     (g,) = torch.autograd.grad(loss, th, create_graph=True)
     return loss, g, th
 

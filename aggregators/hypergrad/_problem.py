@@ -40,6 +40,11 @@ class BilevelProblem:
         Whether the engine may form the Hessian blocks (Newton steps, direct
         linear solves). The engine sets it to ``False`` when an operation of
         ``L`` has no batched (vmap) second derivative.
+    hessian_loss : callable, default=None
+        The same ``L`` written in the form whose Hessian blocks are cheapest
+        to form (they come from one vmapped backward pass over a graph that
+        ``create_graph`` built, where an ``L`` that is itself vmapped over
+        folds costs copies); ``inner_loss`` when omitted.
     """
 
     inner_loss: Loss
@@ -47,6 +52,11 @@ class BilevelProblem:
     theta0: torch.Tensor
     blocks: tuple[int, ...] | None = None
     exact_hessian: bool = True
+    hessian_loss: Loss | None = None
+
+    def second_order_loss(self, theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``L(theta, h)`` through :attr:`hessian_loss` when given."""
+        return (self.hessian_loss or self.inner_loss)(theta, h)
 
     def inner_grad(
         self, theta: torch.Tensor, h: torch.Tensor, create_graph: bool = False
