@@ -57,9 +57,13 @@ evaluated; the fits are deterministic). "ratio" is GridSearchCV's time
 divided by the method's time.
 
 Run: ``python benchmarks/bench_vs_sklearn.py [--quick] [--datasets wine digits]
-[--out results.md|results.csv] [--details] [--variants] [--methods TEXT ...]``. The header
-line records the library commit and the load average: timings on a shared
-machine are only comparable within one run.
+[--out results.md|results.csv] [--details] [--variants] [--methods TEXT ...]
+[--seed N | --seeds 0 1 2 3 4]``. One split of a few hundred rows decides little
+(which method is best on a dataset changes from seed to seed), so ``--seeds``
+repeats everything (split, pool, Optuna) per seed and adds a summary of the
+mean test log-loss over the seeds. The header line records the library
+commit and the load average: timings on a shared machine are only comparable
+within one run.
 """
 
 from __future__ import annotations
@@ -341,12 +345,12 @@ def library_version() -> str:
     return head + (" + uncommitted library changes" if dirty else "")
 
 
-def run_dataset(name: str, args) -> tuple[pd.DataFrame, dict]:
-    X, y = load(name, args.quick, args.seed)
-    X_pool, y_pool, X_agg, y_agg, X_test, y_test = split(X, y, args.seed)
+def run_dataset(name: str, args, seed: int) -> tuple[pd.DataFrame, dict]:
+    X, y = load(name, args.quick, seed)
+    X_pool, y_pool, X_agg, y_agg, X_test, y_test = split(X, y, seed)
     classes = np.unique(y)
     t0 = time.perf_counter()
-    pool = pretrained_pool(X_pool, y_pool, args.seed)
+    pool = pretrained_pool(X_pool, y_pool, seed)
     pool_seconds = time.perf_counter() - t0
     frozen = [(n, FrozenEstimator(m)) for n, m in pool.items()]
     n_trials = args.optuna_trials or (15 if args.quick else 50)
@@ -356,7 +360,7 @@ def run_dataset(name: str, args) -> tuple[pd.DataFrame, dict]:
         Method("uniform average", "peer", None),
         weight_peer("Caruana selection (50 rounds)", caruana_selection, pool, classes),
         weight_peer("L-BFGS softmax weights", softmax_weights_lbfgs, pool, classes),
-        *sklearn_methods(frozen, n_trials, args.seed),
+        *sklearn_methods(frozen, n_trials, seed),
         ours("stacking", frozen, "stacking", 0),
         ours("weights", frozen, "weights", 0),
     ]
@@ -375,7 +379,7 @@ def run_dataset(name: str, args) -> tuple[pd.DataFrame, dict]:
         ]
 
     print(
-        f"\n=== {name}: {X.shape[1]} features, {len(classes)} classes; pool trained on "
+        f"\n=== {name} (seed {seed}): {X.shape[1]} features, {len(classes)} classes; pool trained on "
         f"{len(X_pool)} rows ({pool_seconds:.1f}s, outside the timings), "
         f"aggregation on {len(X_agg)}, test on {len(X_test)}",
         flush=True,
@@ -384,7 +388,7 @@ def run_dataset(name: str, args) -> tuple[pd.DataFrame, dict]:
         print(f"  note: {note}")
     rows = []
     for method in methods:
-        row = {"dataset": name, "method": method.name, "group": method.group}
+        row = {"dataset": name, "seed": seed, "method": method.name, "group": method.group}
         if method.fit is None:  # uniform average: nothing to fit
             proba = blend(pool_proba(pool, X_test, classes), uniform(pool))
             seconds, runs, kinds = 0.0, 0, []
@@ -467,10 +471,41 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def summarise_seeds(table: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset, over the seeds: mean test log-loss of our best and of the
+    peers' best (each chosen by its mean), in how many seeds our best of that
+    seed was at or below the peers' best of that seed, and the median speed-up."""
+    out = []
+    for name, t in table.groupby("dataset", sort=False):
+        # summarise() groups by its "dataset" column: here, one group per seed.
+        per_seed = summarise(t.assign(dataset=t.seed))
+        means = t.groupby(["method", "group"]).test_log_loss.mean().reset_index()
+        ours_t, peers_t = means[means.group == "ours"], means[means.group == "peer"]
+        if ours_t.empty or peers_t.empty:
+            continue
+        best_ours = ours_t.loc[ours_t.test_log_loss.idxmin()]
+        best_peer = peers_t.loc[peers_t.test_log_loss.idxmin()]
+        mean_of = dict(zip(means.method, means.test_log_loss))
+        out.append({
+            "dataset": name,
+            "seeds": t.seed.nunique(),
+            "our best (mean)": best_ours.method.removeprefix("hyperagg "),
+            "our ll": best_ours.test_log_loss,
+            "best peer (mean)": best_peer.method,
+            "peer ll": best_peer.test_log_loss,
+            "ours <= peer": bool(best_ours.test_log_loss <= best_peer.test_log_loss),
+            "seeds ours <= peer": int(per_seed["ours <= peer"].sum()),
+            "stacking ll": mean_of.get("hyperagg stacking", math.nan),
+            "GridCV ll": mean_of.get(GRID_NAME, math.nan),
+            "median speed-up vs GridCV": per_seed["speed-up vs GridCV"].median(),
+        })
+    return pd.DataFrame(out)
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub table (pandas' ``to_markdown`` needs ``tabulate``, not a dependency)."""
     fmt = {"fit_s": "{:.3f}", "ratio_vs_grid": "{:.1f}x", "speed-up vs GridCV": "{:.1f}x",
-           "ceiling": "{:.0f}x"}
+           "median speed-up vs GridCV": "{:.1f}x", "ceiling": "{:.0f}x"}
 
     def cell(col, v):
         if isinstance(v, float):
@@ -489,8 +524,8 @@ def write_out(path: Path, table: pd.DataFrame, summary: pd.DataFrame, header: st
     if path.suffix.lower() in (".md", ".markdown"):
         buf = io.StringIO()
         buf.write(f"{header}\n")
-        for name, t in table.groupby("dataset", sort=False):
-            buf.write(f"\n### {name}\n\n")
+        for (name, seed), t in table.groupby(["dataset", "seed"], sort=False):
+            buf.write(f"\n### {name} (seed {seed})\n\n")
             shown = t[["method", "test_log_loss", "test_accuracy", "fit_s", "ratio_vs_grid", "warnings"]]
             buf.write(to_markdown(shown) + "\n")
         buf.write("\n### summary\n\n" + to_markdown(summary) + "\n")
@@ -507,6 +542,9 @@ def main(argv=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--out", type=Path, help="also write the table (.md or .csv)")
     parser.add_argument("--seed", type=int, default=0, help="split, pool and Optuna seed")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="run every dataset with each of these seeds (instead of "
+                             "--seed) and add a summary over them")
     parser.add_argument("--optuna-trials", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each fit faster than 1 s (median time reported)")
@@ -527,32 +565,45 @@ def main(argv=None) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    seeds = args.seeds or [args.seed]
     header = (
-        f"bench_vs_sklearn: seed {args.seed}, {'quick' if args.quick else 'full'} run, "
+        f"bench_vs_sklearn: seed{'s' if len(seeds) > 1 else ''} "
+        f"{' '.join(map(str, seeds))}, {'quick' if args.quick else 'full'} run, "
         f"torch {torch.__version__} threads={torch.get_num_threads()}, "
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.2f} at start, library {library_version()}"
     )
     print(header)
-    print(f"torch warm-up: {warm_up(args.seed):.2f}s (not timed)")
+    print(f"torch warm-up: {warm_up(seeds[0]):.2f}s (not timed)")
     tables = []
-    for name in args.datasets:
-        table, infos = run_dataset(name, args)
-        tables.append(table)
-        with pd.option_context("display.width", 160, "display.max_colwidth", 60):
-            print()
-            print(format_table(table))
-        if args.details:
-            for method, info in infos.items():
-                print(f"  [{method}]")
-                for k, v in info.items():
-                    print(f"    {k}: {v}")
+    for seed in seeds:
+        for name in args.datasets:
+            table, infos = run_dataset(name, args, seed)
+            tables.append(table)
+            with pd.option_context("display.width", 160, "display.max_colwidth", 60):
+                print()
+                print(format_table(table))
+            if args.details:
+                for method, info in infos.items():
+                    print(f"  [{method}]")
+                    for k, v in info.items():
+                        print(f"    {k}: {v}")
     table = pd.concat(tables, ignore_index=True)
-    summary = summarise(table)
     print("\nsummary (test log-loss; speed-up = GridSearchCV time / hyperagg stacking time; "
           "ceiling = GridSearchCV time / one prediction pass of the pool (best single))")
-    with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
-        print(summary.to_string(index=False))
+    for seed in seeds:
+        summary = summarise(table[table.seed == seed])
+        if len(seeds) > 1:
+            print(f"seed {seed}")
+        with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
+            print(summary.to_string(index=False))
+    if len(seeds) > 1:
+        summary = summarise_seeds(table)
+        print(f"\nover seeds {' '.join(map(str, seeds))} (mean test log-loss; our best and "
+              "the best peer each chosen by its mean; 'seeds ours <= peer' compares the "
+              "bests of each seed)")
+        with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
+            print(summary.to_string(index=False))
     if args.out:
         write_out(args.out, table, summary, header)
     return table, summary
