@@ -187,11 +187,14 @@ def data_loss(
         if task == "classification":
             return F.cross_entropy(out, y)
         return (out - y).pow(2).mean()
+    return (weights * row_losses(task, out, y)).mean()
+
+
+def row_losses(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each row's cross-entropy, or its squared error averaged over the outputs."""
     if task == "classification":
-        per_row = F.cross_entropy(out, y, reduction="none")
-    else:
-        per_row = (out - y).pow(2).reshape(out.shape[0], -1).mean(1)
-    return (weights * per_row).mean()
+        return F.cross_entropy(out, y, reduction="none")
+    return (out - y).pow(2).reshape(out.shape[0], -1).mean(1)
 
 
 @dataclass
@@ -279,12 +282,6 @@ def _stacked_rows(parts: list[Split]) -> tuple[Split, torch.Tensor]:
     return stacked, w
 
 
-def _row_losses(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if task == "classification":
-        return F.cross_entropy(out, y, reduction="none")
-    return (out - y).pow(2).reshape(out.shape[0], -1).mean(1)
-
-
 def make_fold_problems(
     agg: Aggregator,
     ctx: AggregationContext,
@@ -349,15 +346,12 @@ def _batched_problem(agg, ctx, folds, space, parts, joint) -> BilevelProblem | N
     def fold_loss(theta, buf, Z, X, y, w, hyper, with_penalty):
         params = packer.unflatten(theta)
         out = agg.forward({**params, **buf}, hyper, Z, X)
-        loss = (w * _row_losses(ctx.task, out, y)).sum()
+        loss = (w * row_losses(ctx.task, out, y)).sum()
         return loss + agg.penalty(params, hyper) if with_penalty else loss
 
-    batched_inner = torch.vmap(
-        lambda *a: fold_loss(*a, True), in_dims=(0, 0, 0, x_dim, 0, 0, None)
-    )
-    batched_outer = torch.vmap(
-        lambda *a: fold_loss(*a, False), in_dims=(0, 0, 0, x_dim, 0, 0, None)
-    )
+    in_dims = (0, 0, 0, x_dim, 0, 0, None)  # hyperparameters: shared by the folds
+    batched_inner = torch.vmap(lambda *a: fold_loss(*a, True), in_dims=in_dims)
+    batched_outer = torch.vmap(lambda *a: fold_loss(*a, False), in_dims=in_dims)
 
     def inner(theta, u):
         return batched_inner(

@@ -293,7 +293,8 @@ class LAF(Aggregator):
     def _units(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """Every unit on ``x`` of shape (n, m, c): returns (n, c, units)."""
         p, q, r = self._exponents(params)
-        dual = torch.as_tensor(self._kinds(), device=x.device)
+        kinds = self._kinds()
+        dual = torch.as_tensor(kinds, device=x.device)
         x = x.clamp(self.eps, 1 - self.eps).transpose(1, 2)  # (n, c, m)
         # Gini units read x, dual units 1 - x; each needs two power sums:
         # Gini: sum w x^p and sum w x^q; dual: sum w (1-x)^r and sum w (1-x)^0.
@@ -301,7 +302,6 @@ class LAF(Aggregator):
         # Exponents in unit order: the Gini units' (p, q) and the dual units'
         # (r, 0), placed by indexing (batches under torch.vmap; masked_scatter
         # has no batching rule).
-        kinds = self._kinds()
         order = torch.as_tensor(
             np.argsort(np.concatenate([np.flatnonzero(~kinds), np.flatnonzero(kinds)])),
             device=x.device,

@@ -124,10 +124,22 @@ class _HostSyncWeights(Aggregator):
         return 0.5 * hyper["l2"][0] * params["logits"].pow(2).sum()
 
 
+class _RowCentredWeights(_HostSyncWeights):
+    """Weights on outputs centred by their mean over the rows: a statistic that
+    the padding rows would change, which only the start-up check can see."""
+
+    short_name = "row_centred_weights"
+
+    def forward(self, params, hyper, Z, X=None):
+        w = torch.softmax(params["logits"], 0)
+        logp = torch.log((Z * w[None, :, None]).sum(1).clamp_min(1e-12))
+        return logp - logp.mean(0)
+
+
 def test_what_does_not_batch_falls_back_to_the_fold_by_fold_sum(pool_outputs, monkeypatch):
     ctx, folds = pool_outputs
     calls = _spy(monkeypatch)
-    for agg in (_HostSyncWeights(), resolve_aggregator("moe")):
+    for agg in (_HostSyncWeights(), _RowCentredWeights(), resolve_aggregator("moe")):
         space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
         problem, _, _ = make_fold_problems(agg, ctx, folds, space)
         sequential, _ = stack_problems(
@@ -139,7 +151,8 @@ def test_what_does_not_batch_falls_back_to_the_fold_by_fold_sum(pool_outputs, mo
             _losses_and_grads(sequential, sequential.theta0, u),
         ):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    assert calls == [False, False]  # the host read; MoE's per-fold load-balancing loss
+    # The host read; the row statistic; MoE's per-fold load-balancing loss.
+    assert calls == [False, False, False]
 
 
 def _fits(est, X, y, monkeypatch):
