@@ -173,6 +173,12 @@ class Aggregator(BaseEstimator):
     #: :meth:`forward` cost far more than first ones. Functions that are not
     #: ``smooth`` never get Newton steps.
     second_order: bool = True
+    #: Whether :meth:`forward` is differentiable in the base outputs ``Z``.
+    #: ``False`` for integrals that sort their inputs or take their minima
+    #: (Choquet, Sugeno): a wrapper whose trained parameters move ``Z``
+    #: (:class:`~aggregators.ModelSelection`) then has a training loss with
+    #: kinks although the function is smooth in its own parameters.
+    smooth_in_outputs: bool = True
 
     # -- what a subclass declares -------------------------------------------------
     def check_task(self, ctx: AggregationContext) -> None:

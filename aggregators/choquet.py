@@ -594,6 +594,8 @@ class Choquet(Aggregator):
     """
 
     short_name = "choquet"
+    # The integral takes minima (and, for k >= 3, a sort) of its inputs.
+    smooth_in_outputs = False
 
     def __init__(
         self,

@@ -170,7 +170,10 @@ class ModelSelection(Aggregator):
 
     @property
     def smooth(self) -> bool:  # type: ignore[override]
-        return bool(getattr(self._inner(), "smooth", True))
+        # The keep mask blends the base outputs, so the wrapped function's
+        # kinks in its inputs become kinks in the trained keep logits.
+        inner = self._inner()
+        return bool(getattr(inner, "smooth", True) and getattr(inner, "smooth_in_outputs", True))
 
     @property
     def second_order(self) -> bool:  # type: ignore[override]

@@ -7,9 +7,12 @@ model that reads a pure-noise feature.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from aggregators import AggregatedClassifier, Choquet, ModelSelection, SparseMoE
@@ -101,6 +104,20 @@ def test_selection_wraps_any_aggregator(pool, inner):
                                                      est.aggregator_._inner())
     if not isinstance(inner, SparseMoE):  # a gate can also route around the noise model
         assert not est.aggregator_.selected_["noise"]
+
+
+def test_selection_is_smooth_only_around_a_function_smooth_in_its_inputs(pool):
+    # Choquet's minima of its inputs become kinks in the keep logits that
+    # blend them; weights and stacking are smooth in their inputs.
+    assert not ModelSelection(Choquet()).smooth
+    assert ModelSelection("stacking").smooth and ModelSelection("weights").smooth
+    assert not ModelSelection(SparseMoE()).smooth  # not smooth in its own parameters
+    models, X, y = pool
+    with warnings.catch_warnings():
+        # The final fit stops at a kink: expected, so no ConvergenceWarning.
+        warnings.simplefilter("error", ConvergenceWarning)
+        AggregatedClassifier(models, aggregator=ModelSelection(Choquet()), random_state=0,
+                             **FAST).fit(X, y)
 
 
 def test_selection_error_cases(pool):
