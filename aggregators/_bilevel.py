@@ -258,6 +258,11 @@ def make_problem(
 #: Largest ``rows x outputs`` of a fold whose Hessian blocks come from the
 #: fold-batched loss (see :func:`make_fold_problems`).
 BATCHED_HESSIAN_MAX_ENTRIES = 1024
+#: Largest number of entries of the folds' base outputs (all folds, training
+#: and validation rows) that are copied into padded, stacked tensors: the
+#: batching saves per-fold overhead, which only small problems notice, and
+#: the copies double the memory the folds' outputs take.
+BATCHED_MAX_ENTRIES = 2**22
 
 
 def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -327,6 +332,8 @@ def _batched_problem(agg, ctx, folds, space, parts, joint) -> BilevelProblem | N
     """The vmapped version of ``joint``, or ``None`` when it does not apply."""
     if type(agg).data_penalty is not Aggregator.data_penalty:
         return None  # statistics over each fold's own rows: padding would change them
+    if sum(tr.Z.numel() + va.Z.numel() for tr, va in folds) > BATCHED_MAX_ENTRIES:
+        return None
     packer = parts[0][0]
     layout = (packer.names, packer.shapes)
     buffers = [b for _, b in parts]

@@ -155,6 +155,19 @@ def test_what_does_not_batch_falls_back_to_the_fold_by_fold_sum(pool_outputs, mo
     assert calls == [False, False, False]
 
 
+def test_large_folds_are_not_copied_into_a_batch(pool_outputs, monkeypatch):
+    ctx, folds = pool_outputs
+    calls = _spy(monkeypatch)
+    agg = resolve_aggregator("stacking")
+    space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
+    entries = sum(tr.Z.numel() + va.Z.numel() for tr, va in folds)
+    monkeypatch.setattr(bilevel, "BATCHED_MAX_ENTRIES", entries)
+    make_fold_problems(agg, ctx, folds, space)
+    monkeypatch.setattr(bilevel, "BATCHED_MAX_ENTRIES", entries - 1)
+    make_fold_problems(agg, ctx, folds, space)
+    assert calls == [True, False]
+
+
 def _fits(est, X, y, monkeypatch):
     calls = _spy(monkeypatch)
     batched = est.fit(X, y)
