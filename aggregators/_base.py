@@ -175,7 +175,7 @@ class Aggregator(BaseEstimator):
     second_order: bool = True
     #: Whether :meth:`forward` is differentiable in the base outputs ``Z``.
     #: ``False`` for integrals that sort their inputs or take their minima
-    #: (Choquet, Sugeno): a wrapper whose trained parameters move ``Z``
+    #: (Choquet; Sugeno's max-min is a soft one): a wrapper whose trained parameters move ``Z``
     #: (:class:`~aggregators.ModelSelection`) then has a training loss with
     #: kinks although the function is smooth in its own parameters.
     smooth_in_outputs: bool = True
