@@ -114,6 +114,7 @@ class HyperSpace:
         fixed = {k: v for k, v in fixed.items() if k not in ranges}
         specs = [self._with_range(s, ranges[s.name]) if s.name in ranges else s for s in specs]
         self.specs = specs
+        self.ranged = set(ranges)  # the ones whose box the user gave
         self.device, self.dtype = device, dtype
         self.tuned = [s for s in specs if s.name not in fixed]
         self.constants = {}
@@ -152,6 +153,21 @@ class HyperSpace:
         hi = [np.full(s.size, self._encode(s, s.high)) for s in self.tuned]
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
         return self._tensor(cat(lo)), self._tensor(cat(hi))
+
+    def scales(self) -> torch.Tensor:
+        """The outer optimiser's unit for each tuned entry.
+
+        The width of the box (in ``u``) for a hyperparameter whose range the
+        user gave, as a grid would span it; 1 (one unit of ``log``) for one
+        tuned within the aggregator's declared bounds, which only keep it
+        sane and say nothing of where it matters.
+        """
+        parts = [
+            np.full(s.size, self._encode(s, s.high) - self._encode(s, s.low)
+                    if s.name in self.ranged else 1.0)
+            for s in self.tuned
+        ]
+        return self._tensor(np.concatenate(parts) if parts else np.zeros(0))
 
     def _tensor(self, a) -> torch.Tensor:
         return torch.as_tensor(a, device=self.device, dtype=self.dtype)

@@ -453,7 +453,7 @@ class _BaseAggregated(BaseEstimator):
                     method=self.tuner, method_options=self.tuner_options,
                     optimizer=self.optimizer, max_outer_iter=self.max_outer_iter,
                     tol=self.tol, max_inner_iter=self.max_inner_iter, callback=callback,
-                    inner_solver=_inner_solver(agg_spec),
+                    inner_solver=_inner_solver(agg_spec), scale=space.scales(),
                 )
             except InnerDivergenceError as e:
                 raise ValueError(

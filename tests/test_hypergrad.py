@@ -636,3 +636,62 @@ def test_tune_warm_started_cg_matches_cold(ridge, method):
     cold = tune([ridge.problem], torch.tensor([2.0], dtype=DT), method_options={"v0": None}, **kw)
     torch.testing.assert_close(warm.h, cold.h, rtol=1e-6, atol=1e-8)
     assert warm.value == pytest.approx(cold.value, rel=1e-9)
+
+
+def test_tune_scale_is_a_change_of_units(ridge):
+    """L-BFGS-B on ``h / scale`` visits exactly the points it visits on a
+    problem written in those units: the first step is a fraction of the
+    box the scale describes, not of one unit of ``h``."""
+    s = 7.5
+    kw = dict(max_outer_iter=30, tol=1e-12)
+    scaled = tune(
+        [ridge.problem], torch.tensor([-3.0], dtype=DT),
+        lower=torch.tensor([-4.0], dtype=DT), upper=torch.tensor([6.0], dtype=DT),
+        scale=torch.tensor([s], dtype=DT), **kw,
+    )
+    in_units = BilevelProblem(
+        lambda theta, x: ridge.problem.inner_loss(theta, s * x),
+        lambda theta, x: ridge.problem.outer_loss(theta, s * x),
+        ridge.problem.theta0,
+    )
+    plain = tune(
+        [in_units], torch.tensor([-3.0 / s], dtype=DT),
+        lower=torch.tensor([-4.0 / s], dtype=DT), upper=torch.tensor([6.0 / s], dtype=DT), **kw,
+    )
+    assert len(scaled.history) == len(plain.history) > 2
+    for a, b in zip(scaled.history, plain.history):
+        assert a["h"][0] == pytest.approx(s * b["h"][0], rel=1e-7, abs=1e-9)
+        assert a["outer_loss"] == pytest.approx(b["outer_loss"], rel=1e-9)
+    # Without the scale the first step is different (one unit of h).
+    unscaled = tune(
+        [ridge.problem], torch.tensor([-3.0], dtype=DT),
+        lower=torch.tensor([-4.0], dtype=DT), upper=torch.tensor([6.0], dtype=DT), **kw,
+    )
+    assert unscaled.history[1]["h"][0] != pytest.approx(scaled.history[1]["h"][0], abs=1e-3)
+    # Same optimum either way.
+    assert float(scaled.h) == pytest.approx(float(unscaled.h), abs=1e-4)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_tune_rejects_bad_scale(ridge, bad):
+    with pytest.raises(ValueError, match="scale"):
+        tune(
+            [ridge.problem], torch.tensor([0.0], dtype=DT),
+            lower=torch.tensor([-4.0], dtype=DT), upper=torch.tensor([6.0], dtype=DT),
+            scale=torch.tensor([bad], dtype=DT),
+        )
+
+
+def test_hyperspace_scales_are_user_boxes():
+    """A range the user gives sets the outer optimiser's unit (its width in
+    log or linear units); a declared bound does not."""
+    ctx = AggregationContext(task="classification", n_models=3, n_outputs=2, n_features=4,
+                             model_names=["a", "b", "c"])
+    specs = LearnedWeights().hyperparameters(ctx)
+    names = [s.name for s in specs]
+    space = HyperSpace(specs, {"l2": (1e-4, 1e2, "log"), "entropy": (0.0, 0.5, "linear")},
+                       torch.device("cpu"), DT)
+    scales = dict(zip([s.name for s in space.tuned], space.scales().tolist()))
+    assert scales["l2"] == pytest.approx(math.log(1e6))
+    assert scales["entropy"] == pytest.approx(0.5)
+    assert all(scales[n] == 1.0 for n in names if n not in ("l2", "entropy"))

@@ -217,3 +217,23 @@ def test_estimator_hyperparams_dict_is_respected(stacking, data):
     assert hyper["temperature"] == pytest.approx(0.8)
     assert hyper["entropy"] == pytest.approx(LearnedWeights().entropy)  # held at its initial value
     assert 1e-4 * (1 - 1e-9) <= search.best_params_["aggregator__l2"] <= 1e1 * (1 + 1e-9)
+
+
+def test_first_outer_step_is_measured_in_the_given_range(frozen_pool, data):
+    """L-BFGS-B's first step is the projected negative hypergradient in units
+    of the range the user gave (log-width W): |dh| = min(W^2 |g|, distance
+    to the bound), whatever the hyperparameter's own units."""
+    X, y = data
+    low, high = 1e-4, 1e1
+    est = AggregatedClassifier(
+        frozen_pool, aggregator=LearnedWeights(per="global"),
+        hyperparams={"l2": (low, high, "log"), "temperature": 1.0, "entropy": 1e-3},
+        max_outer_iter=3, random_state=0,
+    ).fit(X, y)
+    hist = est.tuning_history_
+    assert len(hist) >= 2
+    h0, h1 = np.log(hist["l2"].iloc[0]), np.log(hist["l2"].iloc[1])
+    g = hist["hypergrad_norm"].iloc[0]
+    width = np.log(high / low)
+    room = (h0 - np.log(low)) if h1 < h0 else (np.log(high) - h0)
+    assert abs(h1 - h0) == pytest.approx(min(width**2 * g, room), rel=1e-6)

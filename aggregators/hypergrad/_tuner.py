@@ -173,6 +173,7 @@ def tune(
     callback: Callable[[dict], None] | None = None,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     inner_solver: str = "auto",
+    scale: torch.Tensor | None = None,
 ) -> TuningResult:
     """Minimise ``sum_k Q_k(theta_k*(h), h)`` over box-bounded ``h``.
 
@@ -217,6 +218,13 @@ def tune(
         Solver of the inner problems (:func:`solve_inner`). With ``"lbfgs"``
         HOAG's linear systems are solved by conjugate gradient too (no
         Hessian is formed).
+    scale : Tensor, default=None
+        Positive unit of each entry of ``h`` for L-BFGS-B, which works on
+        ``h / scale``. Its first step (and any step after it resets its
+        curvature pairs) is the projected negative gradient, whose length
+        depends on the units of ``h``: give the width of a range the user
+        chose, so that step is a fraction of that range. ``None``: the units
+        of ``h``.
 
     Returns
     -------
@@ -300,7 +308,7 @@ def tune(
             evaluate(h0.detach())
             state["message"] = "no tuning asked for"
         elif optimizer == "lbfgs":
-            _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state)
+            _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale)
         elif optimizer == "adam":
             _run_adam(evaluate, h0, lower, upper, max_outer_iter, outer_lr, tol, state, project)
         else:
@@ -321,22 +329,27 @@ def tune(
     )
 
 
-def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state):
+def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=None):
     dtype, device = h0.dtype, h0.device
     lo, hi = lower.detach().cpu().numpy(), upper.detach().cpu().numpy()
+    unit = np.ones_like(lo) if scale is None else scale.detach().cpu().numpy().astype(np.float64)
+    if not (unit.shape == lo.shape and np.all(np.isfinite(unit)) and np.all(unit > 0)):
+        raise ValueError(f"scale must hold {lo.size} positive finite values; got {unit!r}.")
+    # L-BFGS-B sees x = h / unit.
     bounds = [
         (None if not np.isfinite(a) else float(a), None if not np.isfinite(b) else float(b))
-        for a, b in zip(lo, hi)
+        for a, b in zip(lo / unit, hi / unit)
     ]
 
     def fun(x):
         # Only the hyperparameter vector crosses to the host here.
-        value, grad = evaluate(torch.as_tensor(x, dtype=dtype, device=device))
-        return float(value), grad.detach().cpu().numpy().astype(np.float64)
+        h = np.clip(x * unit, lo, hi)  # no rounding past a bound
+        value, grad = evaluate(torch.as_tensor(h, dtype=dtype, device=device))
+        return float(value), grad.detach().cpu().numpy().astype(np.float64) * unit
 
     res = minimize(
         fun,
-        np.clip(h0.detach().cpu().numpy().astype(np.float64), lo, hi),
+        np.clip(h0.detach().cpu().numpy().astype(np.float64), lo, hi) / unit,
         jac=True,
         method="L-BFGS-B",
         bounds=bounds,
