@@ -428,15 +428,24 @@ def _pool_split(loader, seed=0):
 
 
 def test_classifier_end_to_end_beats_uniform_average():
-    ests, X_agg, y_agg, X_test, y_test = _pool_split(load_breast_cancer)
-    clf = AggregatedClassifier(ests, aggregator=Choquet(), random_state=0).fit(X_agg, y_agg)
-    p = clf.predict_proba(X_test)
+    # 171 aggregation rows: one split's test log-loss is noise, so the claim
+    # is on the mean over five. Measured (split seeds 0-4): 0.131, 0.114,
+    # 0.168, 0.030, 0.100 (mean 0.1085) against the uniform average's
+    # 0.124, 0.117, 0.136, 0.077, 0.119 (mean 0.1146).
+    lls, lls_uniform = [], []
+    for seed in range(5):
+        ests, X_agg, y_agg, X_test, y_test = _pool_split(load_breast_cancer, seed)
+        fitted = AggregatedClassifier(ests, aggregator=Choquet(), random_state=0).fit(X_agg, y_agg)
+        uniform = np.mean([m.predict_proba(X_test) for _, m in ests], axis=0)
+        lls.append(log_loss(y_test, fitted.predict_proba(X_test)))
+        lls_uniform.append(log_loss(y_test, uniform))
+        if seed == 0:
+            clf, p = fitted, fitted.predict_proba(X_test)
+            first = (ests, X_test)
+    assert np.mean(lls) < np.mean(lls_uniform), (lls, lls_uniform)
+    ests, X_test = first
     assert p.shape == (len(X_test), 2)
     assert np.all(p >= 0) and np.allclose(p.sum(1), 1)
-    uniform = np.mean([m.predict_proba(X_test) for _, m in ests], axis=0)
-    ll, ll_uniform = log_loss(y_test, p), log_loss(y_test, uniform)
-    # Measured: 0.121 against 0.124 for the uniform average (seed 0).
-    assert ll < ll_uniform, (ll, ll_uniform)
 
     agg = clf.aggregator_
     names = [n for n, _ in ests]

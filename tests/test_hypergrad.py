@@ -695,3 +695,24 @@ def test_hyperspace_scales_are_user_boxes():
     assert scales["l2"] == pytest.approx(math.log(1e6))
     assert scales["entropy"] == pytest.approx(0.5)
     assert all(scales[n] == 1.0 for n in names if n not in ("l2", "entropy"))
+
+
+@pytest.mark.parametrize("factor", [1.0, 1e-4, 1e3])
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_tune_stopping_ignores_the_loss_scale(ridge, ridge_grid_optimum, factor, optimizer):
+    """``tol`` is a relative decrease: an outer loss 1e4 times smaller (a
+    near-perfect regressor's standardised error) is tuned as far. SciPy's own
+    ``ftol`` divides by ``max(|f|, 1)`` and stopped it after one step."""
+    h_grid, _ = ridge_grid_optimum
+    scaled = BilevelProblem(
+        ridge.problem.inner_loss,
+        lambda theta, h: factor * ridge.problem.outer_loss(theta, h),
+        ridge.problem.theta0,
+    )
+    res = tune(
+        [scaled], torch.tensor([-3.0], dtype=DT),
+        lower=torch.tensor([-4.0], dtype=DT), upper=torch.tensor([6.0], dtype=DT),
+        optimizer=optimizer, outer_lr=0.1, max_outer_iter=200 if optimizer == "adam" else 50,
+        tol=1e-9,
+    )
+    assert abs(float(res.h) - h_grid) <= 0.05, (float(res.h), h_grid)

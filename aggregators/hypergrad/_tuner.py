@@ -156,6 +156,20 @@ class _Stop(Exception):
     pass
 
 
+class _Converged(Exception):
+    pass
+
+
+def _small_decrease(prev: float, cur: float, tol: float) -> bool:
+    """Relative decrease at most ``tol``, whatever the loss's scale.
+
+    SciPy's ``ftol`` divides by ``max(|f|, 1)``: below a loss of 1 it is an
+    absolute test, which stopped a regression whose standardised validation
+    loss was 0.005 after two evaluations, its hyperparameters barely moved.
+    """
+    return prev - cur <= tol * max(abs(prev), abs(cur))
+
+
 def tune(
     problems: Sequence[BilevelProblem],
     h0: torch.Tensor,
@@ -203,7 +217,9 @@ def tune(
     outer_lr : float, default=0.1
         Adam step size.
     tol : float, default=1e-4
-        Relative decrease of the outer loss below which the loop stops.
+        Relative decrease of the outer loss below which the loop stops:
+        between L-BFGS-B's accepted iterates, or the relative change over
+        one Adam step.
     max_inner_iter : int, default=500
     inner_tol : float, default=1e-7
     callback : callable, default=None
@@ -341,21 +357,39 @@ def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=Non
         for a, b in zip(lo / unit, hi / unit)
     ]
 
+    seen: list = []  # (x, f) of every evaluation, line-search trials included
+    accepted: list = []  # f at the iterates L-BFGS-B accepted
+
     def fun(x):
         # Only the hyperparameter vector crosses to the host here.
         h = np.clip(x * unit, lo, hi)  # no rounding past a bound
         value, grad = evaluate(torch.as_tensor(h, dtype=dtype, device=device))
+        seen.append((x.copy(), float(value)))
         return float(value), grad.detach().cpu().numpy().astype(np.float64) * unit
 
-    res = minimize(
-        fun,
-        np.clip(h0.detach().cpu().numpy().astype(np.float64), lo, hi) / unit,
-        jac=True,
-        method="L-BFGS-B",
-        bounds=bounds,
-        options={"maxiter": max_outer_iter, "maxfun": 2 * max_outer_iter, "ftol": tol, "gtol": 1e-8},
-    )
-    state["message"] = str(res.message)
+    def after_iteration(xk):
+        f = next((f for x, f in reversed(seen) if np.array_equal(x, xk)), seen[-1][1])
+        prev = accepted[-1] if accepted else seen[0][1]
+        accepted.append(f)
+        if _small_decrease(prev, f, tol):
+            raise _Converged
+
+    try:
+        res = minimize(
+            fun,
+            np.clip(h0.detach().cpu().numpy().astype(np.float64), lo, hi) / unit,
+            jac=True,
+            method="L-BFGS-B",
+            bounds=bounds,
+            callback=after_iteration,
+            # Its own ftol is off: the relative test above replaces it.
+            options={"maxiter": max_outer_iter, "maxfun": 2 * max_outer_iter, "ftol": 0.0,
+                     "gtol": 1e-8},
+        )
+    except _Converged:
+        state["message"] = "the relative decrease of the outer loss fell below tol"
+    else:
+        state["message"] = str(res.message)
 
 
 def _run_adam(evaluate, h0, lower, upper, max_outer_iter, lr, tol, state, project=None):
@@ -373,7 +407,7 @@ def _run_adam(evaluate, h0, lower, upper, max_outer_iter, lr, tol, state, projec
         step = lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
         h = project(h - step)
         cur = float(value)
-        if abs(prev - cur) <= tol * max(1.0, abs(cur)):
+        if math.isfinite(prev) and abs(prev - cur) <= tol * max(abs(prev), abs(cur)):
             state["message"] = "outer loss changed by less than tol"
             return
         prev = cur
