@@ -716,3 +716,36 @@ def test_tune_stopping_ignores_the_loss_scale(ridge, ridge_grid_optimum, factor,
         tol=1e-9,
     )
     assert abs(float(res.h) - h_grid) <= 0.05, (float(res.h), h_grid)
+
+
+class _WrongSlope(torch.autograd.Function):
+    """``1 + h^2`` with a slope of -1 everywhere: no descent step can succeed."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return 1.0 + (h * h).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g * torch.ones(1, dtype=DT)
+
+
+def test_tune_stops_when_evaluations_stall(ridge):
+    """Outer values that disagree with their hypergradient (what inexact inner
+    solves produce) leave L-BFGS-B backtracking: the tuner stops after
+    ``STALL_EVALS`` evaluations without improvement and keeps the best point."""
+    from aggregators.hypergrad._tuner import STALL_EVALS
+
+    lying = BilevelProblem(
+        ridge.problem.inner_loss,
+        lambda theta, h: _WrongSlope.apply(h) + 0.0 * theta.sum(),
+        ridge.problem.theta0,
+    )
+    res = tune(
+        [lying], torch.tensor([0.0], dtype=DT),
+        lower=torch.tensor([-4.0], dtype=DT), upper=torch.tensor([6.0], dtype=DT),
+        max_outer_iter=30,
+    )
+    assert len(res.history) == 1 + STALL_EVALS
+    assert float(res.h) == 0.0 and res.value == pytest.approx(1.0)
+    assert "did not improve" in res.message and not res.diverged
