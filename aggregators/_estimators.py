@@ -661,10 +661,10 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         work per step, not the accuracy reached over the run (as in HOAG); the
         final refit on all rows may use up to ten times as many.
     tol : float, default=1e-4
-        Relative decrease of the validation loss over one outer iteration
-        below which tuning stops: relative to the loss itself, so a small
-        loss (a near-perfect regressor's standardised error) is tuned as
-        far as a large one.
+        Decrease of the validation loss over one outer iteration, relative
+        to its value at the start, below which tuning stops: a small loss (a
+        near-perfect regressor's standardised error) is tuned as far as a
+        large one.
     prefit : "auto" or bool, default="auto"
         ``"auto"``: fitted estimators are used as they are, unfitted ones are
         fitted inside; ``True``: every estimator must be fitted already;

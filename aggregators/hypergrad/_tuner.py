@@ -177,14 +177,17 @@ class _Stalled(Exception):
 STALL_EVALS = 5
 
 
-def _small_decrease(prev: float, cur: float, tol: float) -> bool:
-    """Relative decrease at most ``tol``, whatever the loss's scale.
+def _small_decrease(prev: float, cur: float, tol: float, start: float) -> bool:
+    """A decrease of at most ``tol`` times the loss at the start (or now, if larger).
 
-    SciPy's ``ftol`` divides by ``max(|f|, 1)``: below a loss of 1 it is an
-    absolute test, which stopped a regression whose standardised validation
-    loss was 0.005 after two evaluations, its hyperparameters barely moved.
+    Scale-free, unlike SciPy's ``ftol``, which divides by ``max(|f|, 1)``:
+    below a loss of 1 that is an absolute test, which stopped a regression
+    whose standardised validation loss was 0.005 after two evaluations, its
+    hyperparameters barely moved. Relative to the start rather than to the
+    current loss, so that a loss tuned far below its start does not ask for
+    ever smaller gains.
     """
-    return prev - cur <= tol * max(abs(prev), abs(cur))
+    return prev - cur <= tol * max(abs(start), abs(prev), abs(cur))
 
 
 def tune(
@@ -234,9 +237,9 @@ def tune(
     outer_lr : float, default=0.1
         Adam step size.
     tol : float, default=1e-4
-        Relative decrease of the outer loss below which the loop stops:
-        between L-BFGS-B's accepted iterates, or the relative change over
-        one Adam step.
+        Decrease of the outer loss, relative to its value at ``h0`` (or to
+        the current value, if larger), below which the loop stops: between
+        L-BFGS-B's accepted iterates, or the change over one Adam step.
     max_inner_iter : int, default=500
     inner_tol : float, default=1e-7
     callback : callable, default=None
@@ -384,7 +387,7 @@ def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=Non
         f = float(value)
         if seen:
             best = min(v for _, v in seen)
-            improved = f < best - tol * abs(best)
+            improved = f < best - tol * max(abs(best), abs(seen[0][1]))
             state["stall"] = 0 if improved else state.get("stall", 0) + 1
             if state["stall"] >= STALL_EVALS:
                 raise _Stalled
@@ -395,7 +398,7 @@ def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=Non
         f = next((f for x, f in reversed(seen) if np.array_equal(x, xk)), seen[-1][1])
         prev = accepted[-1] if accepted else seen[0][1]
         accepted.append(f)
-        if _small_decrease(prev, f, tol):
+        if _small_decrease(prev, f, tol, seen[0][1]):
             raise _Converged
 
     try:
@@ -428,15 +431,17 @@ def _run_adam(evaluate, h0, lower, upper, max_outer_iter, lr, tol, state, projec
     m = torch.zeros_like(h)
     v = torch.zeros_like(h)
     b1, b2, eps = 0.9, 0.999, 1e-8
-    prev = math.inf
+    prev = start = math.inf
     for t in range(1, max_outer_iter + 1):
         value, g = evaluate(h)
+        if t == 1:
+            start = float(value)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         step = lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
         h = project(h - step)
         cur = float(value)
-        if math.isfinite(prev) and abs(prev - cur) <= tol * max(abs(prev), abs(cur)):
+        if math.isfinite(prev) and abs(prev - cur) <= tol * max(abs(start), abs(prev), abs(cur)):
             state["message"] = "outer loss changed by less than tol"
             return
         prev = cur
