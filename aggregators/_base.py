@@ -126,6 +126,21 @@ class AggregationContext:
         return torch.full(shape, float(value), device=self.device, dtype=self.dtype)
 
 
+def l2_bounds_for(ctx: "AggregationContext", given: tuple | None) -> tuple[float, float]:
+    """Range of an L2 weight on the mean training loss: ``given``, else ``(0.1 / n_train, 100)``.
+
+    An L2 weight on the mean loss is ``LogisticRegression``'s ``C = 1 / (l2 *
+    n_train)``: this floor allows ``C <= 10`` however many rows each inner
+    problem has (``(1e-3, 100)`` when the count is unknown). Shared by the
+    aggregation functions whose penalty is a plain L2 (stacking, LAF).
+    """
+    if given is not None:
+        return float(given[0]), float(given[1])
+    if ctx.n_train:
+        return 0.1 / ctx.n_train, 1e2
+    return 1e-3, 1e2
+
+
 def unit_interval_scale(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output ``(low, span)`` mapping regressors' outputs on the rows of ``Z`` into [0, 1].
 

@@ -9,7 +9,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ._base import AggregationContext, Aggregator, Hyperparameter, Params, unit_interval_scale
+from ._base import (
+    AggregationContext,
+    Aggregator,
+    Hyperparameter,
+    Params,
+    l2_bounds_for,
+    unit_interval_scale,
+)
 
 __all__ = ["LAF", "laf_unit"]
 
@@ -170,9 +177,16 @@ class LAF(Aggregator):
         Initial output temperature ``T`` (classifiers).
     temperature_bounds : tuple of float, default=(0.5, 2.0)
         Range ``T`` is tuned in (see above for the floor).
-    l2_bounds : tuple of float, default=(1e-3, 1e2)
-        Range the L2 weight is tuned in (log scale); the floor is
-        :class:`Stacking`'s.
+    l2_bounds : tuple of float or None, default=None
+        Range the L2 weight is tuned in (log scale). ``None``: :class:`Stacking`'s
+        rule, ``(0.1 / n_train, 100)`` with ``n_train`` the rows each inner
+        problem is fitted on. Measured against the former fixed ``(1e-3,
+        100)`` with ``bench_vs_sklearn.py``'s protocol (split seeds 0-4, four
+        datasets): lower test log-loss in 12 of 20 cells and higher in 1
+        (digits 0.0754 -> 0.0735, synthetic 0.8030 -> 0.7993 on average),
+        and lower or equal on all 8 sets of ``bench_unseen.py`` (2-target
+        regression MSE 235 -> 208); the fits on digits and synthetic took
+        about twice as long (4.5 -> 9.1 s, 4.9 -> 10.4 s).
     eps : float, default=1e-6
         Inputs are clamped to ``[eps, 1 - eps]``.
 
@@ -219,7 +233,7 @@ class LAF(Aggregator):
         l2: float = 1e-2,
         temperature: float = 1.0,
         temperature_bounds: tuple = (0.5, 2.0),
-        l2_bounds: tuple = (1e-3, 1e2),
+        l2_bounds: tuple | None = None,
         eps: float = _EPS,
     ):
         self.n_units = n_units
@@ -241,7 +255,7 @@ class LAF(Aggregator):
             raise TypeError(f"weighted must be True or False; got {self.weighted!r}.")
 
     def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
-        hp = [Hyperparameter("l2", self.l2, *self.l2_bounds)]
+        hp = [Hyperparameter("l2", self.l2, *l2_bounds_for(ctx, self.l2_bounds))]
         if ctx.task == "classification":
             lo, hi = self.temperature_bounds
             hp.insert(0, Hyperparameter("temperature", self.temperature, lo, hi))

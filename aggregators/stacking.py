@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._base import AggregationContext, Aggregator, Hyperparameter, Params
+from ._base import AggregationContext, Aggregator, Hyperparameter, Params, l2_bounds_for
 
 __all__ = ["Stacking"]
 
@@ -145,15 +145,8 @@ class Stacking(Aggregator):
     def _pools(self, ctx: AggregationContext) -> bool:
         return self.shrink_towards == "pool" and ctx.task == "classification"
 
-    def _l2_bounds(self, ctx: AggregationContext) -> tuple[float, float]:
-        if self.l2_bounds is not None:
-            return tuple(self.l2_bounds)
-        if ctx.n_train:
-            return 0.1 / ctx.n_train, 1e2
-        return 1e-3, 1e2
-
     def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
-        low, high = self._l2_bounds(ctx)
+        low, high = l2_bounds_for(ctx, self.l2_bounds)
         hp = [
             Hyperparameter(
                 "l2", self.l2, low, high, log=True, size=ctx.n_models,

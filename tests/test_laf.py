@@ -234,3 +234,24 @@ def test_regressor_runs():
 def test_bad_parameters(params, err, match):
     with pytest.raises(err, match=match):
         LAF(**params).check_task(None)
+
+
+def test_l2_bounds_follow_the_training_rows():
+    """``l2_bounds=None``: Stacking's rule, a floor of ``0.1 / n_train``
+    (``1e-3`` without a row count); a given range is kept."""
+    import torch
+
+    from aggregators import LAF
+    from aggregators._base import AggregationContext
+
+    def bounds(agg, n_train, task="regression"):
+        ctx = AggregationContext(
+            task=task, n_models=3, n_outputs=1, n_features=4,
+            model_names=["a", "b", "c"], dtype=torch.float64, n_train=n_train,
+        )
+        return {h.name: (h.low, h.high) for h in agg.hyperparameters(ctx)}
+
+    assert bounds(LAF(), 400)["l2"] == (0.1 / 400, 1e2)
+    assert bounds(LAF(), None)["l2"] == (1e-3, 1e2)
+    assert bounds(LAF(), 250, "classification")["l2"] == (0.1 / 250, 1e2)
+    assert bounds(LAF(l2_bounds=(1e-2, 10.0)), 400)["l2"] == (1e-2, 10.0)
