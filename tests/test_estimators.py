@@ -296,6 +296,31 @@ def test_class_alignment_of_a_model_knowing_a_subset_of_classes():
     assert est.score(X, y) > 0.9
 
 
+@pytest.mark.parametrize("per", ["global", "per_output"])
+@pytest.mark.parametrize("pool", ["linear", "log", "regression"])
+def test_weights_forward_is_the_written_out_weighted_sum(per, pool):
+    """The contraction over the model axis equals ``sum_m w_m Z[:, m]`` term by term."""
+    gen = torch.Generator().manual_seed(0)
+    n, m, c = 7, 4, 3
+    Z = torch.softmax(torch.randn(n, m, c, generator=gen, dtype=torch.float64), 2)
+    agg = LearnedWeights(per=per, pool="linear" if pool == "regression" else pool)
+    shape = (m,) if per == "global" else (m, c)
+    params = {"logits": torch.randn(*shape, generator=gen, dtype=torch.float64)}
+    w = torch.softmax(params["logits"], 0)
+    w = (w[:, None] if w.dim() == 1 else w).expand(m, c)
+    mix = lambda V: sum(w[j] * V[:, j] for j in range(m))  # noqa: E731
+    if pool == "regression":
+        np.testing.assert_allclose(agg.forward(params, {}, Z), mix(Z), rtol=1e-12)
+        return
+    hyper = {"temperature": torch.tensor([0.7], dtype=torch.float64)}
+    if pool == "linear":
+        p = mix(Z)
+        expected = torch.log(p / p.sum(1, keepdim=True) if per == "per_output" else p)
+    else:
+        expected = mix(torch.log(Z))
+    np.testing.assert_allclose(agg.forward(params, hyper, Z), expected / 0.7, rtol=1e-12)
+
+
 def test_class_alignment_by_label_not_by_column_order():
     X, y = X_IRIS, IRIS_NAMES[Y_IRIS]
     lr = LogisticRegression(max_iter=500).fit(X, y)
