@@ -344,9 +344,7 @@ class SparseMoE(Aggregator):
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
         G = self.gates(params, hyper, Z, X)
         # Unrouted entries of Z hold placeholders and have G == 0 exactly.
-        # A contraction rather than a broadcast product and a sum: a quarter
-        # of the gradient's time at 20,000 rows x 32 models (13 -> 3 ms).
-        mix = torch.einsum("nmk,nm->nk", Z, G)
+        mix = (Z * G[:, :, None]).sum(1)
         if "is_classifier" in params:
             return torch.log(mix.clamp_min(self.eps))
         return mix
