@@ -264,6 +264,50 @@ def test_conjugate_gradient_matches_dense_solve():
     assert n0 == 0 and torch.all(x0 == 0)
 
 
+def _spd(n, eigenvalues, gen):
+    Q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))[0]
+    A = Q @ torch.diag(eigenvalues) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+def test_block_conjugate_gradient_solves_each_block_as_if_alone():
+    """Block-diagonal A: three blocks of 12 with 4 distinct eigenvalues each, 12
+    distinct in all. Per-block step lengths solve it in 4 products, as one
+    block alone takes; one recursion over the whole system needs about 12."""
+    gen = torch.Generator().manual_seed(3)
+    levels = [torch.tensor(v, dtype=DT) for v in ([1, 2, 3, 4], [10, 20, 30, 40], [0.1, 0.5, 5, 50])]
+    As = [_spd(12, lv.repeat_interleave(3), gen) for lv in levels]
+    A = torch.block_diag(*As)
+    b = torch.randn(36, generator=gen, dtype=DT)
+    exact = torch.linalg.solve(A, b)
+    x, n_it, res = conjugate_gradient(lambda v: A @ v, b, max_iter=100, tol=1e-10, blocks=(12, 12, 12))
+    assert rel_err(x, exact) <= 1e-9 and res <= 1e-10
+    assert n_it <= 5
+    _, n_alone, _ = conjugate_gradient(lambda v: As[0] @ v, b[:12], max_iter=100, tol=1e-10)
+    _, n_joint, _ = conjugate_gradient(lambda v: A @ v, b, max_iter=100, tol=1e-10)
+    assert n_alone <= 5 and n_joint >= 10
+    # Blocks of different sizes, a warm start, and the one-block path unchanged.
+    B = torch.block_diag(As[1][:5, :5], As[2])
+    rhs = b[:17]
+    xb, _, _ = conjugate_gradient(lambda v: B @ v, rhs, tol=1e-12, blocks=(5, 12), x0=0.9 * torch.linalg.solve(B, rhs))
+    assert rel_err(xb, torch.linalg.solve(B, rhs)) <= 1e-9
+    one = conjugate_gradient(lambda v: A @ v, b, tol=1e-12, blocks=(36,))
+    plain = conjugate_gradient(lambda v: A @ v, b, tol=1e-12)
+    assert torch.equal(one[0], plain[0]) and one[1] == plain[1]
+
+
+def test_block_conjugate_gradient_stops_a_block_at_negative_curvature():
+    """An indefinite block stops where it is; a positive definite one is still solved."""
+    gen = torch.Generator().manual_seed(4)
+    good = _spd(6, torch.linspace(1, 3, 6, dtype=DT), gen)
+    bad = -torch.eye(4, dtype=DT)
+    A = torch.block_diag(good, bad)
+    b = torch.randn(10, generator=gen, dtype=DT)
+    x, _, _ = conjugate_gradient(lambda v: A @ v, b, max_iter=50, tol=1e-12, blocks=(6, 4))
+    assert rel_err(x[:6], torch.linalg.solve(good, b[:6])) <= 1e-9
+    assert torch.equal(x[6:], torch.zeros(4, dtype=DT))
+
+
 def test_conjugate_gradient_gradcheck_through_solution():
     """CG is built from differentiable ops: its solution's gradient is A^{-1}."""
     g = torch.Generator().manual_seed(3)

@@ -28,6 +28,7 @@ def conjugate_gradient(
     max_iter: int = 100,
     tol: float = 1e-10,
     x0: torch.Tensor | None = None,
+    blocks: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, int, float]:
     """Solve ``A x = b`` for symmetric positive (semi)definite ``A``.
 
@@ -43,6 +44,14 @@ def conjugate_gradient(
     x0 : Tensor, default=None
         Starting point (zero when omitted), e.g. the solution of a nearby
         system; it costs one more product.
+    blocks : tuple of int, default=None
+        Sizes of consecutive blocks of a block-diagonal ``A`` (one per
+        cross-fitting fold). Each block then gets its own step lengths, as if
+        it were solved alone, while one ``matvec`` serves all: a block with
+        ``k`` distinct eigenvalues is solved in ``k`` products, where one
+        recursion over the whole system needs as many products as the blocks
+        have distinct eigenvalues together. A block meeting non-positive
+        curvature stops where it is; the others go on.
 
     Returns
     -------
@@ -50,6 +59,24 @@ def conjugate_gradient(
     n_iter : int
     rel_residual : float
     """
+    if blocks is not None and len(blocks) > 1 and sum(blocks) == b.numel():
+        n_blocks = len(blocks)
+        which = torch.repeat_interleave(
+            torch.arange(n_blocks, device=b.device), torch.as_tensor(blocks, device=b.device)
+        )
+
+        def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # one per block
+            return torch.zeros(n_blocks, dtype=u.dtype, device=u.device).index_add_(0, which, u * v)
+
+        def spread(c: torch.Tensor) -> torch.Tensor:  # per block -> per entry
+            return c[which]
+    else:
+        def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return (u @ v).reshape(1)
+
+        def spread(c: torch.Tensor) -> torch.Tensor:
+            return c
+
     if x0 is None:
         x = torch.zeros_like(b)
         r = b.clone()
@@ -57,25 +84,30 @@ def conjugate_gradient(
         x = x0.detach().clone()
         r = b - matvec(x)
     p = r.clone()
-    rs = r @ r
+    rs = dot(r, r)
     b_norm = b.norm().clamp_min(torch.finfo(b.dtype).tiny)
     thresh = (tol * b_norm) ** 2
+    live = rs > 0
     it = 0
     for it in range(1, max_iter + 1):
-        if rs <= thresh:
+        if rs.sum() <= thresh:
             it -= 1
             break
         ap = matvec(p)
-        pap = p @ ap
-        if pap <= 0:  # direction of non-positive curvature: stop where we are
+        pap = dot(p, ap)
+        # Non-positive curvature along p: that block stops where it is.
+        live = live & (pap > 0)
+        if not bool(live.any()):
             break
-        alpha = rs / pap
-        x = x + alpha * p
-        r = r - alpha * ap
-        rs_new = r @ r
-        p = r + (rs_new / rs) * p
+        one = torch.ones_like(rs)
+        alpha = torch.where(live, rs / torch.where(live, pap, one), 0.0)
+        x = x + spread(alpha) * p
+        r = r - spread(alpha) * ap
+        rs_new = dot(r, r)
+        beta = torch.where(live, rs_new / torch.where(live, rs, one), 0.0)
+        p = spread(live.to(p.dtype)) * (r + spread(beta) * p)
         rs = rs_new
-    return x, it, float((rs.sqrt() / b_norm).detach())
+    return x, it, float((rs.sum().sqrt() / b_norm).detach())
 
 
 def neumann_series(
@@ -127,7 +159,8 @@ def implicit_hypergradient(
     h : Tensor
         Hyperparameters.
     solver : {"cg", "neumann", "direct", "auto"}, default="cg"
-        How ``H v = d_theta Q`` is solved: conjugate gradient, Neumann
+        How ``H v = d_theta Q`` is solved: conjugate gradient (with step
+        lengths per block of ``problem.blocks``), Neumann
         series, or Cholesky factors of the exact Hessian blocks
         (``problem.blocks``; as many Hessian-vector products as the largest
         block has entries, in one vectorised pass). ``"auto"``: direct when
@@ -209,7 +242,10 @@ def implicit_hypergradient(
         elif solver == "cg":
             if v0 is not None and v0.shape != g_theta.shape:
                 v0 = None
-            v, n_it, res = conjugate_gradient(hvp, g_theta, max_iter=max_iter, tol=tol, x0=v0)
+            v, n_it, res = conjugate_gradient(
+                hvp, g_theta, max_iter=max_iter, tol=tol, x0=v0,
+                blocks=block_sizes(problem, theta),
+            )
             info.update(linear_iter=n_it, residual=res, v=v.detach())
         elif solver == "neumann":
             if alpha is None:
