@@ -421,8 +421,17 @@ def _newton_polish(prob: BilevelProblem, theta: torch.Tensor, h: torch.Tensor, s
     for _ in range(steps):
         H = torch.autograd.functional.hessian(lambda t: prob.inner_loss(t, h), theta)
         g = prob.inner_grad(theta, h)
-        theta = theta - torch.linalg.lstsq(H, g[:, None], rcond=1e-12).solution[:, 0]
+        theta = theta - _lstsq(H, g)
     return theta
+
+
+def _lstsq(H: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Minimum-norm least squares by SVD (``gelsd``). With MKL's LAPACK the
+    default driver (``gelsy``) misjudged this singular Hessian's rank: on an
+    H200 machine (torch 2.11, MKL) it gave a hypergradient reference of
+    (0.0049, 0.0004, ...) where ``gelsd``, ``gelss``, ``gels`` and CG agreed
+    on (0.0009, 0.0003, ...)."""
+    return torch.linalg.lstsq(H, g[:, None], rcond=1e-12, driver="gelsd").solution[:, 0]
 
 
 def _finite_difference(prob, h, theta, eps=1e-4):
@@ -488,7 +497,7 @@ def test_stacking_methods_agree(pool_outputs):
     _, g_theta, g_h = outer_grads(prob, theta, h)
     # H has one exact null direction (a common shift of the class intercepts);
     # d_theta Q is orthogonal to it, so the least-squares solution is the one.
-    v = torch.linalg.lstsq(H, g_theta[:, None], rcond=1e-12).solution[:, 0]
+    v = _lstsq(H, g_theta)
     assert rel_err(cg.grad, g_h - B.T @ v) <= 1e-8
     lr = float(1.0 / lipschitz_estimate(prob, theta, h))
     rev = hypergradient(prob, theta, h, "truncated-reverse", n_steps=15, lr=lr).grad
