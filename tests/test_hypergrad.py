@@ -294,6 +294,8 @@ def test_block_conjugate_gradient_solves_each_block_as_if_alone():
     one = conjugate_gradient(lambda v: A @ v, b, tol=1e-12, blocks=(36,))
     plain = conjugate_gradient(lambda v: A @ v, b, tol=1e-12)
     assert torch.equal(one[0], plain[0]) and one[1] == plain[1]
+    with pytest.raises(ValueError, match="add up to"):
+        conjugate_gradient(lambda v: A @ v, b, blocks=(12, 12))
 
 
 def test_block_conjugate_gradient_stops_a_block_at_negative_curvature():

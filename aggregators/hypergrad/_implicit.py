@@ -59,7 +59,11 @@ def conjugate_gradient(
     n_iter : int
     rel_residual : float
     """
-    if blocks is not None and len(blocks) > 1 and sum(blocks) == b.numel():
+    if blocks is not None and sum(blocks) != b.numel():
+        raise ValueError(
+            f"blocks must add up to the system's size {b.numel()}; got {tuple(blocks)}."
+        )
+    if blocks is not None and len(blocks) > 1:
         n_blocks = len(blocks)
         which = torch.repeat_interleave(
             torch.arange(n_blocks, device=b.device), torch.as_tensor(blocks, device=b.device)
@@ -88,6 +92,7 @@ def conjugate_gradient(
     b_norm = b.norm().clamp_min(torch.finfo(b.dtype).tiny)
     thresh = (tol * b_norm) ** 2
     live = rs > 0
+    one = torch.ones_like(rs)
     it = 0
     for it in range(1, max_iter + 1):
         if rs.sum() <= thresh:
@@ -99,7 +104,6 @@ def conjugate_gradient(
         live = live & (pap > 0)
         if not bool(live.any()):
             break
-        one = torch.ones_like(rs)
         alpha = torch.where(live, rs / torch.where(live, pap, one), 0.0)
         x = x + spread(alpha) * p
         r = r - spread(alpha) * ap
