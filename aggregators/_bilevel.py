@@ -215,14 +215,35 @@ def row_losses(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Split:
-    """Tensors of one set of rows, already on the device."""
+    """Tensors of one set of rows, already on the device.
+
+    ``w``: the rows' sample weights (``None``: all equal). Losses over the
+    rows are then weighted means, ``sum_i w_i loss_i / sum_i w_i``.
+    """
 
     Z: torch.Tensor
     y: torch.Tensor
     X: torch.Tensor | None = None
+    w: torch.Tensor | None = None
 
     def take(self, idx: torch.Tensor) -> "Split":
-        return Split(self.Z[idx], self.y[idx], None if self.X is None else self.X[idx])
+        return Split(
+            self.Z[idx], self.y[idx],
+            None if self.X is None else self.X[idx],
+            None if self.w is None else self.w[idx],
+        )
+
+    def mean_weights(self) -> torch.Tensor | None:
+        """``w`` scaled to mean 1 (what :func:`data_loss` takes), ``None`` without weights."""
+        if self.w is None:
+            return None
+        total = self.w.sum()
+        if not bool(total > 0):
+            raise ValueError(
+                "a set of rows the aggregator is fitted or validated on has a total "
+                "sample weight of 0; give those rows positive weights or use fewer folds."
+            )
+        return self.w * (self.w.shape[0] / total)
 
 
 def make_problem(
@@ -255,8 +276,13 @@ def make_problem(
         params = {**packer.unflatten(theta), **buffers}
         return agg.forward(params, space.values(u), part.Z, part.X)
 
+    sample_w = train.mean_weights()
+    val_w = val.mean_weights() if val is not None else sample_w
+
     def inner(theta, u):
-        w = None if row_weights is None else row_weights(u)
+        w = sample_w
+        if row_weights is not None:
+            w = row_weights(u) if w is None else w * row_weights(u)
         loss = data_loss(ctx.task, forward(theta, u, train), train.y, w)
         params, hyper = packer.unflatten(theta), space.values(u)
         extra = agg.data_penalty({**params, **buffers}, hyper, train.Z, train.X)
@@ -266,7 +292,7 @@ def make_problem(
 
     def outer(theta, u):
         part = val if val is not None else train
-        return data_loss(ctx.task, forward(theta, u, part), part.y)
+        return data_loss(ctx.task, forward(theta, u, part), part.y, val_w)
 
     return BilevelProblem(inner, outer, start.detach()), packer, buffers
 
@@ -288,11 +314,14 @@ def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _stacked_rows(parts: list[Split]) -> tuple[Split, torch.Tensor]:
-    """Folds' rows padded to one length and stacked, with per-row weights ``1 / n_fold``."""
+    """Folds' rows padded to one length and stacked, with per-row weights ``1 / n_fold``
+    (``w_i / sum(w)`` with sample weights; 0 on the padding)."""
     n = max(p.y.shape[0] for p in parts)
     ref = parts[0].Z
     w = torch.stack([
         (torch.arange(n, device=ref.device) < p.y.shape[0]).to(ref.dtype) / p.y.shape[0]
+        if p.w is None
+        else torch.cat([p.mean_weights() / p.y.shape[0], p.w.new_zeros(n - p.y.shape[0])])
         for p in parts
     ])
     stacked = Split(

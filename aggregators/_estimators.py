@@ -23,7 +23,13 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import Bunch
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_is_fitted,
+    check_random_state,
+    has_fit_parameter,
+    validate_data,
+)
 
 from base_models import (
     BaseModel,
@@ -291,22 +297,35 @@ class _BaseAggregated(BaseEstimator):
             raise ValueError(f"base model {name!r} returned NaN or infinite predictions.")
         return out
 
-    def _fit_inside(self, name, obj, Xb, y_orig, base_cv) -> tuple[BaseModel, np.ndarray]:
+    def _fit_inside(
+        self, name, obj, Xb, y_orig, base_cv, sample_weight=None
+    ) -> tuple[BaseModel, np.ndarray]:
         """Fit a clone of ``obj`` on all rows; return it and out-of-fold outputs."""
         est = clone(obj)
         method = {"proba": "predict_proba", "decision": "decision_function"}.get(
             SklearnModel(est).output, "predict"
         )
+        params = {}
+        if sample_weight is not None:
+            if not has_fit_parameter(est, "sample_weight"):
+                raise ValueError(
+                    f"base estimator {name!r} ({type(est).__name__}) takes no sample_weight "
+                    "in fit, so it cannot be fitted with the weights given: fit it "
+                    "yourself and pass it fitted."
+                )
+            params = {"sample_weight": sample_weight}
         with _naming(name, "could not be fitted"):
             # Out-of-fold outputs for the aggregator, as scikit-learn's stacking
             # does; the model kept for predict time is fitted on all rows.
-            raw = np.asarray(cross_val_predict(est, Xb, y_orig, cv=base_cv, method=method))
-            model = SklearnModel(clone(obj).fit(Xb, y_orig))
+            raw = np.asarray(
+                cross_val_predict(est, Xb, y_orig, cv=base_cv, method=method, params=params)
+            )
+            model = SklearnModel(clone(obj).fit(Xb, y_orig, **params))
         if raw.ndim == 1 and (method != "predict" or model.output == "value"):
             raw = raw[:, None]  # binary decision function, single-target regression
         return model, raw
 
-    def _collect(self, Xb, y_orig) -> np.ndarray:
+    def _collect(self, Xb, y_orig, sample_weight=None) -> np.ndarray:
         """Fit what must be fitted, and stack every base model's outputs once."""
         base_cv = check_cv(self.base_cv, y_orig, classifier=self._task == "classification")
         models, outs = {}, []
@@ -324,7 +343,9 @@ class _BaseAggregated(BaseEstimator):
                         "but prefit=True: fit it first, or use prefit='auto'."
                     )
                 if self.prefit is False or not fitted:
-                    model, raw = self._fit_inside(name, obj, Xb, y_orig, base_cv)
+                    model, raw = self._fit_inside(
+                        name, obj, Xb, y_orig, base_cv, sample_weight
+                    )
                     self.fitted_inside_.append(name)
                 else:
                     model = SklearnModel(obj)
@@ -386,7 +407,19 @@ class _BaseAggregated(BaseEstimator):
             out.update(search, __others__=True)
         return out
 
-    def _fit(self, X, y, y_model, y_orig, y_strat):
+    @staticmethod
+    def _check_weights(sample_weight, X_arr) -> np.ndarray | None:
+        """Validated sample weights; ``None`` for none or all equal (the same fit)."""
+        if sample_weight is None:
+            return None
+        sw = _check_sample_weight(sample_weight, X_arr, dtype=np.float64)
+        if (sw < 0).any():
+            raise ValueError("sample_weight has negative values; weights must be >= 0.")
+        if not sw.sum() > 0:
+            raise ValueError("sample_weight sums to 0: no row would count.")
+        return None if np.all(sw == sw[0]) else sw
+
+    def _fit(self, X, y, y_model, y_orig, y_strat, sample_weight=None):
         """``y_model``: what the aggregator is trained on (encoded / standardised)."""
         X_arr, Xb = X
         if X_arr.shape[0] < 2:
@@ -423,13 +456,14 @@ class _BaseAggregated(BaseEstimator):
             fixed = {**{s.name: s.initial() for s in specs}, **fixed}
         space = HyperSpace(specs, fixed, device, dtype)
 
-        Z = self._transform_outputs(self._collect(Xb, y_orig))
+        Z = self._transform_outputs(self._collect(Xb, y_orig, sample_weight))
         # The one host-to-device copy of the data for this fit.
         y_dtype = torch.long if self._task == "classification" else dtype
         full = Split(
             to_tensor(Z, device, dtype),
             torch.as_tensor(y_model, device=device, dtype=y_dtype),
             to_tensor(X_arr, device, dtype) if agg_spec.uses_X else None,
+            None if sample_weight is None else to_tensor(sample_weight, device, dtype),
         )
 
         with small_problem_threads(Z.size, device):
@@ -738,7 +772,7 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
 
     _task = "classification"
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Fit the base models that need it, then the tuned aggregation function.
 
         Parameters
@@ -746,6 +780,12 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         X : array-like or DataFrame of shape (n_samples, n_features)
         y : array-like of shape (n_samples,)
             Class labels.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative row weights. The aggregator's training and
+            validation losses become weighted means, and base estimators
+            fitted inside get the weights in their ``fit`` (one that takes no
+            ``sample_weight`` is an error). The cross-fitting folds are drawn
+            from all rows, weights aside.
 
         Returns
         -------
@@ -753,6 +793,7 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         """
         self._validate_params()
         X_arr, y = validate_data(self, X, y, ensure_all_finite=True)
+        sample_weight = self._check_weights(sample_weight, X_arr)
         check_classification_targets(y)
         enc = LabelEncoder().fit(y)
         self.classes_ = enc.classes_
@@ -763,7 +804,7 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
             )
         y_enc = enc.transform(y)
         Xb = X if isinstance(X, (pd.DataFrame, pd.Series)) else X_arr
-        return self._fit((X_arr, Xb), y, y_enc, y, y_enc)
+        return self._fit((X_arr, Xb), y, y_enc, y, y_enc, sample_weight)
 
     def predict_proba(self, X, *, dense=False) -> np.ndarray:
         """Class probabilities of the aggregated ensemble.
@@ -845,13 +886,15 @@ n_features_in_, feature_names_in_
 
     _task = "regression"
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Fit the base models that need it, then the tuned aggregation function.
 
         Parameters
         ----------
         X : array-like or DataFrame of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_targets)
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative row weights (see :meth:`AggregatedClassifier.fit`).
 
         Returns
         -------
@@ -861,17 +904,20 @@ n_features_in_, feature_names_in_
         X_arr, y = validate_data(
             self, X, y, ensure_all_finite=True, multi_output=True, y_numeric=True
         )
+        sample_weight = self._check_weights(sample_weight, X_arr)
         y = np.asarray(y, dtype=np.float64)
         y2 = y.reshape(len(y), -1)
         self.n_outputs_ = y2.shape[1]
         # Same shape as one row of y: a scalar for 1-d y, which is also how
         # predict knows to return 1-d predictions.
-        scale = y.std(0)
-        self.y_mean_ = y.mean(0)
+        # Weighted statistics with sample weights: those of the data with each
+        # row repeated by its weight.
+        self.y_mean_ = np.average(y, axis=0, weights=sample_weight)
+        scale = np.sqrt(np.average((y - self.y_mean_) ** 2, axis=0, weights=sample_weight))
         self.y_scale_ = np.where(scale > 0, scale, 1.0)
         Xb = X if isinstance(X, (pd.DataFrame, pd.Series)) else X_arr
         y_std = (y2 - self.y_mean_) / self.y_scale_
-        return self._fit((X_arr, Xb), y, y_std, y, None)
+        return self._fit((X_arr, Xb), y, y_std, y, None, sample_weight)
 
     def _transform_outputs(self, Z):
         # Z: (n, n_models, n_outputs); the statistics broadcast over the last axis.

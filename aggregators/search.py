@@ -32,7 +32,7 @@ from sklearn.utils import get_tags
 from sklearn.utils._param_validation import HasMethods, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils import _safe_indexing, indexable
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import _check_method_params, check_is_fitted
 from tqdm.auto import tqdm
 
 from ._bilevel import parse_range
@@ -455,7 +455,8 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
         X_tr, y_tr = _safe_indexing(X, train), _safe_indexing(y, train)
         X_te, y_te = _safe_indexing(X, test), _safe_indexing(y, test)
         t0 = time.perf_counter()
-        est.fit(X_tr, y_tr, **fit_params)
+        # Row-aligned fit parameters (sample_weight) follow the split's rows.
+        est.fit(X_tr, y_tr, **_check_method_params(X, fit_params, indices=train))
         fit_time = time.perf_counter() - t0
         t0 = time.perf_counter()
         test_scores = self._score(est, X_te, y_te)

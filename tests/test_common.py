@@ -35,9 +35,17 @@ def _instances():
         )
 
 
-# No check is skipped by us: every check of scikit-learn 1.9 passes on these instances.
+# One check of scikit-learn 1.9 fails by design; every other passes on these instances.
 # (scikit-learn itself skips check_array_api_input unless SCIPY_ARRAY_API=1 is set.)
-EXPECTED_FAILED_CHECKS: dict = {}
+_REPEATS = (
+    "a row of weight k and k copies of the row give the same losses (asserted with "
+    "max_outer_iter=0 in tests/test_estimators.py), but copies change the cross-fitting "
+    "folds, and the inner folds of base estimators fitted inside, so tuned fits differ"
+)
+EXPECTED_FAILED_CHECKS: dict = {
+    name: {"check_sample_weight_equivalence_on_dense_data": _REPEATS}
+    for name in ("AggregatedClassifier", "AggregatedRegressor")
+}
 
 
 @parametrize_with_checks(

@@ -772,3 +772,101 @@ def test_regressor_tunes_when_the_validation_loss_is_tiny(aggregator):
     assert len(reg.tuning_history_) > 3
     # Measured: weights 26.50, stacking 26.32, choquet 26.33 against 26.50.
     assert mean_squared_error(y_test, reg.predict(X_test)) <= 1.05 * best
+
+
+# -- sample weights ---------------------------------------------------------------------------
+def _diabetes_pool():
+    X, y = load_diabetes(return_X_y=True)
+    pool = [
+        ("ridge", FrozenEstimator(Ridge().fit(X[:150], y[:150]))),
+        ("tree", FrozenEstimator(DecisionTreeRegressor(max_depth=3, random_state=0).fit(X[:150], y[:150]))),
+    ]
+    return pool, X[150:300], y[150:300], X[300:]
+
+
+@pytest.mark.parametrize("task, agg", [
+    ("classification", "stacking"), ("classification", "weights"), ("classification", "choquet"),
+    ("regression", "stacking"), ("regression", "weights"),
+])
+def test_sample_weight_counts_as_repeated_rows(task, agg, cancer_pool, frozen_pool):
+    """A row of weight k fits as k copies of it (without tuning, so that the
+    copies cannot change the cross-fitting folds)."""
+    if task == "classification":
+        Est, pool, X, y, X_new = (AggregatedClassifier, frozen_pool, cancer_pool.X_agg,
+                                  cancer_pool.y_agg, cancer_pool.X_test)
+    else:
+        Est, (pool, X, y, X_new) = AggregatedRegressor, _diabetes_pool()
+    sw = np.random.default_rng(0).integers(0, 4, len(y)).astype(float)
+    kw = dict(aggregator=agg, max_outer_iter=0, random_state=0)
+    weighted = Est(pool, **kw).fit(X, y, sample_weight=sw)
+    rows = np.repeat(np.arange(len(y)), sw.astype(int))
+    copied = Est(pool, **kw).fit(X[rows], y[rows])
+    out = (lambda e: e.predict_proba(X_new)) if task == "classification" else (lambda e: e.predict(X_new))
+    np.testing.assert_allclose(out(weighted), out(copied), rtol=1e-9, atol=1e-9)
+    unweighted = Est(pool, **kw).fit(X, y)
+    assert np.abs(out(weighted) - out(unweighted)).max() > 1e-4  # the weights mattered
+
+
+@pytest.mark.parametrize("agg", ["stacking", "weights"])
+def test_rows_of_weight_zero_do_not_count_in_tuning(agg, frozen_pool, cancer_pool):
+    """Tuned over 5 folds (drawn without looking at y), rows of weight 0 may carry
+    any label: neither the inner fits nor the validation losses read them."""
+    d = cancer_pool
+    y = d.y_agg.copy()
+    sw = np.ones(len(y))
+    sw[::4] = 0.0
+    noisy = y.copy()
+    noisy[::4] = 1 - noisy[::4]
+    kw = dict(aggregator=agg, cv=KFold(5, shuffle=True, random_state=0), random_state=0)
+    a = AggregatedClassifier(frozen_pool, **kw).fit(d.X_agg, y, sample_weight=sw)
+    b = AggregatedClassifier(frozen_pool, **kw).fit(d.X_agg, noisy, sample_weight=sw)
+    np.testing.assert_allclose(a.predict_proba(d.X_test), b.predict_proba(d.X_test), atol=1e-8)
+    assert a.validation_loss_ == pytest.approx(b.validation_loss_, rel=1e-8)
+    c = AggregatedClassifier(frozen_pool, **kw).fit(d.X_agg, noisy)
+    assert abs(c.validation_loss_ - b.validation_loss_) > 1e-3
+
+
+def test_equal_sample_weights_are_no_weights(frozen_pool, cancer_pool):
+    d = cancer_pool
+    ref = AggregatedClassifier(frozen_pool, random_state=0).fit(d.X_agg, d.y_agg)
+    for sw in (np.ones(len(d.y_agg)), np.full(len(d.y_agg), 2.5), list(np.ones(len(d.y_agg)))):
+        est = AggregatedClassifier(frozen_pool, random_state=0).fit(d.X_agg, d.y_agg, sample_weight=sw)
+        np.testing.assert_array_equal(est.predict_proba(d.X_test), ref.predict_proba(d.X_test))
+
+
+def test_sample_weight_reaches_base_estimators_fitted_inside():
+    X, y = X_IRIS, Y_IRIS
+    sw = np.random.default_rng(1).uniform(0.1, 3.0, len(y))
+    est = AggregatedClassifier(
+        [("lr", LogisticRegression(max_iter=2000)), ("nb", GaussianNB())], random_state=0,
+    ).fit(X, y, sample_weight=sw)
+    direct = LogisticRegression(max_iter=2000).fit(X, y, sample_weight=sw)
+    np.testing.assert_allclose(est.named_estimators_["lr"].coef_, direct.coef_, rtol=1e-6)
+    unweighted = LogisticRegression(max_iter=2000).fit(X, y)
+    assert np.abs(est.named_estimators_["lr"].coef_ - unweighted.coef_).max() > 1e-3
+    with pytest.raises(ValueError, match=r"'pipe'.*takes no sample_weight"):
+        AggregatedClassifier(
+            [("lr", LogisticRegression(max_iter=2000)), ("pipe", make_pipeline(StandardScaler(), GaussianNB()))],
+        ).fit(X, y, sample_weight=sw)
+
+
+@pytest.mark.parametrize("sw, match", [
+    (np.r_[-1.0, np.ones(149)], "negative"),
+    (np.zeros(150), "non-zero|sums to 0"),  # scikit-learn 1.9 says it first
+    (np.ones(10), "sample_weight"),
+    (np.r_[np.nan, np.ones(149)], "NaN"),
+])
+def test_bad_sample_weight(sw, match):
+    with pytest.raises(ValueError, match=match):
+        AggregatedClassifier([("lr", LogisticRegression()), ("nb", GaussianNB())]).fit(
+            X_IRIS, Y_IRIS, sample_weight=sw
+        )
+
+
+def test_a_fold_without_weight_is_an_error(frozen_pool, cancer_pool):
+    d = cancer_pool
+    sw = np.r_[np.ones(len(d.y_agg) // 2), np.zeros(len(d.y_agg) - len(d.y_agg) // 2)]
+    with pytest.raises(ValueError, match="total sample weight of 0"):
+        AggregatedClassifier(frozen_pool, cv=KFold(2), random_state=0).fit(
+            d.X_agg, d.y_agg, sample_weight=sw
+        )

@@ -237,3 +237,23 @@ def test_first_outer_step_is_measured_in_the_given_range(frozen_pool, data):
     width = np.log(high / low)
     room = (h0 - np.log(low)) if h1 < h0 else (np.log(high) - h0)
     assert abs(h1 - h0) == pytest.approx(min(width**2 * g, room), rel=1e-6)
+
+
+def test_sample_weight_follows_each_split(stacking, data):
+    """A row-aligned fit parameter is sliced to each split's training rows, as
+    GridSearchCV does; the solve on all rows gets it whole."""
+    X, y = data
+    sw = np.random.default_rng(0).uniform(0.2, 3.0, len(y))
+    space = {"aggregator__l2": loguniform(1e-3, 1e2)}
+    search = HypergradSearchCV(stacking, space, cv=CV, scoring="neg_log_loss").fit(X, y, sample_weight=sw)
+    plain = HypergradSearchCV(stacking, space, cv=CV, scoring="neg_log_loss").fit(X, y)
+    res = search.cv_results_
+    l2 = res["params"][0]["aggregator__l2"]
+    assert not np.allclose(l2, plain.cv_results_["params"][0]["aggregator__l2"])
+    tr, te = next(iter(CV.split(X, y)))
+    ref = clone(stacking).set_params(hyperparams={"l2": l2}, max_outer_iter=0).fit(
+        X[tr], y[tr], sample_weight=sw[tr]
+    )
+    assert res["split0_test_score"][0] == pytest.approx(
+        -log_loss(y[te], ref.predict_proba(X[te]), labels=[0, 1]), abs=1e-4
+    )
