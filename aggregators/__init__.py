@@ -17,6 +17,12 @@ Search
 HypergradSearchCV
     ``GridSearchCV``'s interface; continuous dimensions solved by hypergradient.
 
+Deploy
+------
+save, load, score_file, score_dask
+    Safe model files, batch scoring of Parquet/CSV files, Dask past one machine
+    (:mod:`aggregators.deploy`; the ``hyperagg`` command).
+
 The hypergradient engine lives in :mod:`aggregators.hypergrad`.
 """
 
@@ -32,6 +38,7 @@ from .sugeno import Sugeno
 from .uninorm import Uninorm
 from .stacking import Stacking
 from .weights import LearnedWeights
+from .deploy import load, save, score_dask, score_file
 
 __version__ = "0.1.0"
 
@@ -52,4 +59,8 @@ __all__ = [
     "Sugeno",
     "Uninorm",
     "available_aggregators",
+    "load",
+    "save",
+    "score_dask",
+    "score_file",
 ]
