@@ -126,7 +126,7 @@ def feature_columns(est, names: list[str], columns=None, exclude=()) -> list[str
     if missing:
         raise ValueError(
             f"the input lacks the feature column(s) {missing} that the model needs; "
-            f"its columns are {names[:20]}{" ..." if len(names) > 20 else ""}."
+            f"its columns are {names[:20]}{' ...' if len(names) > 20 else ''}."
         )
     return columns
 
