@@ -230,7 +230,8 @@ def _restore(root, rebuild):
 
 
 # -- describing the estimator -----------------------------------------------------
-def _estimator_summary(est) -> dict:
+def estimator_summary(est) -> dict:
+    """A JSON-able description of a fitted estimator (the manifest's summary)."""
     agg = getattr(est, "aggregator_", None)
     out = {
         "estimator": _qualname(est),
@@ -321,7 +322,7 @@ def save(estimator, path) -> Path:
     manifest = {
         "format": FORMAT,
         "versions": _versions(),
-        "summary": _estimator_summary(estimator),
+        "summary": estimator_summary(estimator),
         "torch_modules": {k: cls for k, (_, cls) in tensors.items()},
     }
     path = Path(path)

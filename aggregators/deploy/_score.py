@@ -26,7 +26,7 @@ import pandas as pd
 from sklearn.base import is_classifier
 from sklearn.utils.validation import check_is_fitted
 
-from ._persist import load, place_on_device
+from ._persist import estimator_summary, load, place_on_device
 
 __all__ = ["ScoreReport", "score_file"]
 
@@ -176,11 +176,11 @@ def score_frame(est, df: pd.DataFrame, spec: _Spec, first_row: int = 0):
     skipped = ids[bad]
     out = pd.DataFrame(index=df.index)  # score_dask keeps the input's index
     if spec.id_column is not None:
-        out[spec.id_column] = df[spec.id_column].to_numpy()
+        out[spec.id_column] = df[spec.id_column].array  # .array keeps the dtype
         # Stored predictions (PrecomputedModel) are matched to rows by index.
         X = X.set_axis(pd.Index(df[spec.id_column].to_numpy(), name=spec.id_column), axis=0)
     for c in spec.keep_columns:
-        out[c] = df[c].to_numpy()
+        out[c] = df[c].array
     Xin = X if spec.named else X.to_numpy()
     if len(df):
         if is_classifier(est):
@@ -202,10 +202,8 @@ def score_frame(est, df: pd.DataFrame, spec: _Spec, first_row: int = 0):
 def empty_output(est, spec: _Spec, df: pd.DataFrame) -> pd.DataFrame:
     """A zero-row frame with the output's columns and dtypes (Dask's ``meta``)."""
     cols = {}
-    if spec.id_column is not None:
-        cols[spec.id_column] = df[spec.id_column].iloc[:0].to_numpy()
-    for c in spec.keep_columns:
-        cols[c] = df[c].iloc[:0].to_numpy()
+    for c in ([spec.id_column] if spec.id_column is not None else []) + spec.keep_columns:
+        cols[c] = df[c].iloc[:0].array
     for c in output_columns(est):
         if c == "prediction" and is_classifier(est):
             cols[c] = np.asarray(est.classes_)[:0]
@@ -220,19 +218,15 @@ def _fingerprint(path: Path) -> list:
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
-def _model_id(model, est) -> str | None:
-    if isinstance(model, (str, os.PathLike)):
-        h = hashlib.sha256()
-        with open(model, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        return "sha256:" + h.hexdigest()
-    try:
-        import joblib  # noqa: PLC0415 (scikit-learn's dependency)
+def _model_id(est) -> str:
+    """A fingerprint of the fitted model that survives save/load.
 
-        return "joblib:" + joblib.hash(est)
-    except Exception:  # noqa: BLE001 (an unhashable model is simply not checked)
-        return None
+    Its description (classes, features, base models, tuned hyperparameters),
+    not its bytes: the same model, given as a file or as the loaded object,
+    may resume the other's run; another fit of it may not.
+    """
+    blob = json.dumps(estimator_summary(est), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _write_table(table, path: Path, fmt: str) -> None:
@@ -413,7 +407,7 @@ def score_file(
     state = {
         "input": str(input.resolve()),
         "input_files": _fingerprint(input),
-        "model": _model_id(model, est),
+        "model": _model_id(est),
         "chunk_rows": int(chunk_rows),
         "features": spec.features,
         "id_column": id_column,
