@@ -15,8 +15,8 @@ is its own:
 
 Also printed: the share of ``score_file``'s time spent inside the estimator's
 ``predict_proba`` (base models and aggregation), i.e. what the framework adds,
-and with ``--rss-rows`` the peak memory of ``score_file`` on a larger file,
-which should not grow with the file.
+and with ``--rss-rows`` the peak memory of ``score_file`` and of the pandas
+loop on larger files: ``score_file``'s should not grow with the file.
 
 Run: ``python benchmarks/bench_scoring.py [--rows 1000000] [--rss-rows 10000000]
 [--chunk-rows 100000]``
@@ -96,11 +96,32 @@ def fit_models(folder: Path) -> dict:
 
 
 # -- the workers (each in a fresh process) ----------------------------------------
+def _reset_peak() -> None:
+    """Forget the peak RSS so far (Linux >= 4.0).
+
+    A child made by fork+exec starts with its parent's peak, which would
+    otherwise be counted as the child's.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def _peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(method: str, model: str, src: str, dst: str, chunk_rows: int) -> dict:
+    _reset_peak()
     from aggregators import load, score_dask, score_file  # noqa: PLC0415
 
     est = load(model)
@@ -136,6 +157,7 @@ def worker(method: str, model: str, src: str, dst: str, chunk_rows: int) -> dict
 
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                           dashboard_address=None) as cluster, Client(cluster) as client:
+            client.run(_reset_peak)
             t0 = time.perf_counter()  # the cluster's start-up is not scoring
             ddf = dd.read_parquet(src, blocksize=None)
             score_dask(est, ddf, id_column="id").to_parquet(dst, write_index=False)
@@ -201,12 +223,13 @@ def main(argv=None) -> None:
         for n in args.rss_rows:
             big = tmp / f"rows{n}.parquet"
             write_input(big, n)
-            r = run_worker("score_file", paths["stacking"], str(big), str(tmp / "big.parquet"),
-                           args.chunk_rows)
-            rows.append({"aggregator": "stacking", "method": "score_file", "rows": n, **r})
+            for method in ("score_file", "pandas loop"):
+                r = run_worker(method, paths["stacking"], str(big), str(tmp / "big.parquet"),
+                               args.chunk_rows)
+                rows.append({"aggregator": "stacking", "method": method, "rows": n, **r})
+                print(f"  stacking  {method:12s} {n:,} rows: {r['seconds']:.1f} s, "
+                      f"peak {r['peak_mb']:.0f} MiB")
             big.unlink()
-            print(f"  stacking  score_file   {n:,} rows: {r['seconds']:.1f} s, "
-                  f"peak {r['peak_mb']:.0f} MiB")
         table = pd.DataFrame(rows)
         table["rows/s"] = table["rows"] / table["seconds"]
         table["in predict_proba"] = table["inside"] / table["seconds"]

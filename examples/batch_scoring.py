@@ -82,7 +82,7 @@ def main(rows: int = 200_000, chunk_rows: int = 20_000) -> pd.DataFrame:
     try:
         score_file(est, src, out, chunk_rows=chunk_rows, id_column="id", progress=False)
     except Interrupted:
-        partial = sorted(p.name for p in (folder / "scores.parquet.partial").glob("chunk-*"))
+        partial = sorted(p.name for p in (folder / "scores.parquet.partial").glob("chunk-????????.arrow"))
         print(f"interrupted: {len(partial)} chunks done ({partial[0]} ...), "
               f"output exists: {out.exists()}")
     del est.predict_proba

@@ -116,13 +116,13 @@ def test_killed_run_resumes_to_the_uninterrupted_output(model, tmp_path):
         env=subprocess_env(), stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 120
-    while len(list(work.glob("chunk-*.parquet"))) < 4:
+    while len(list(work.glob("chunk-????????.arrow"))) < 4:
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "the scoring run made no progress"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(list(work.glob("chunk-*.parquet")))
+    done = len(list(work.glob("chunk-????????.arrow")))
     assert 4 <= done < 12  # killed halfway
     assert not out.exists()  # nothing under the output name
 

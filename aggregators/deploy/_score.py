@@ -230,16 +230,29 @@ def _model_id(est) -> str:
 
 
 def _write_table(table, path: Path, fmt: str) -> None:
-    """Write ``table`` to ``path`` atomically (a temporary name, then a rename)."""
+    """Write ``table`` to ``path`` atomically (a temporary name, then a rename).
+
+    ``fmt="arrow"`` is the work folder's own format (Arrow IPC, uncompressed):
+    its chunk files are read once, so encoding them would only cost time.
+    """
     import pyarrow.csv as pacsv  # noqa: PLC0415
+    import pyarrow.feather as feather  # noqa: PLC0415
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     tmp = path.with_name(f".{path.name}.tmp")
-    if fmt == "parquet":
+    if fmt == "arrow":
+        feather.write_feather(table, tmp, compression="uncompressed")
+    elif fmt == "parquet":
         pq.write_table(table, tmp)
     else:
         pacsv.write_csv(table, tmp)
     os.replace(tmp, path)
+
+
+def _read_part(path: Path):
+    import pyarrow.feather as feather  # noqa: PLC0415
+
+    return feather.read_table(path, memory_map=True)
 
 
 def _concat(parts: list[Path], output: Path, fmt: str) -> None:
@@ -252,7 +265,7 @@ def _concat(parts: list[Path], output: Path, fmt: str) -> None:
     writer = None
     try:
         for part in parts:
-            table = pq.read_table(part)
+            table = _read_part(part)
             if writer is None:
                 writer = (pq.ParquetWriter(tmp, table.schema) if fmt == "parquet"
                           else pacsv.CSVWriter(tmp, table.schema))
@@ -434,24 +447,23 @@ def score_file(
     n_read = n_skipped = resumed = 0
     parts, skipped_parts = [], []
     import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
 
     try:
         for i, table in enumerate(_chunks(dataset, read, int(chunk_rows))):
-            part = work / (_CHUNK.format(i) + ".parquet")
-            side = work / (_CHUNK.format(i) + ".skipped.parquet")
+            part = work / (_CHUNK.format(i) + ".arrow")
+            side = work / (_CHUNK.format(i) + ".skipped.arrow")
             if part.exists():
                 resumed += 1
             else:
                 out, skipped = score_frame(est, table.to_pandas(), spec, first_row=n_read)
                 if len(skipped):
                     # Before the chunk itself: a chunk file on disk means both are done.
-                    _write_table(pa.table({id_column or "row": skipped}), side, "parquet")
-                _write_table(pa.Table.from_pandas(out, preserve_index=False), part, "parquet")
+                    _write_table(pa.table({id_column or "row": skipped}), side, "arrow")
+                _write_table(pa.Table.from_pandas(out, preserve_index=False), part, "arrow")
             parts.append(part)
             if side.exists():
                 skipped_parts.append(side)
-                n_skipped += pq.read_metadata(side).num_rows
+                n_skipped += _read_part(side).num_rows
             n_read += table.num_rows
             bar.update(table.num_rows)
     finally:
