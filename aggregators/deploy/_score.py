@@ -287,11 +287,20 @@ def _chunks(dataset, columns, chunk_rows):
     first run's, whatever sizes the reader happens to return.
     """
     import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.dataset as ds  # noqa: PLC0415
 
+    options = None
+    if isinstance(dataset.format, ds.ParquetFileFormat):
+        # Parquet's pre-buffering reads ahead whole row groups' column chunks
+        # as fast as the disk allows; with a consumer slower than the disk
+        # (any model) it held the whole file: 2.2 GiB for a 1.6 GiB file of
+        # 10 M rows, against 0.24 GiB without it.
+        options = ds.ParquetFragmentScanOptions(pre_buffer=False)
     pending, n = [], 0
     # Little read-ahead: memory is to follow chunk_rows, not the file.
     for batch in dataset.to_batches(columns=columns, batch_size=min(chunk_rows, 1 << 16),
-                                    batch_readahead=2, fragment_readahead=1):
+                                    batch_readahead=1, fragment_readahead=1,
+                                    fragment_scan_options=options):
         pending.append(batch)
         n += batch.num_rows
         while n >= chunk_rows:
