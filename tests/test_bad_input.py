@@ -1,0 +1,238 @@
+"""Bad input, in one table: every case gets a clear error (or a warning of ours).
+
+Each row is ``(make, err, match)``: ``make()`` does what a user would do, and
+must raise ``err`` (or, for a warning category, warn it) with a message
+matching ``match``: naming the model or the parameter, what was expected and
+how to fix it. Estimators are cloned by ``_fit`` (which also unfits plain
+fitted base estimators), so pretrained ones are wrapped in ``FrozenEstimator``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import norm
+from sklearn.base import clone
+from sklearn.datasets import load_diabetes, load_iris
+from sklearn.frozen import FrozenEstimator
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.naive_bayes import GaussianNB
+from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
+from aggregators import (
+    AggregatedClassifier,
+    AggregatedRegressor,
+    Aggregator,
+    HypergradSearchCV,
+    Hyperparameter,
+)
+from base_models import (
+    CallableModel,
+    IncompatibleBaseModelError,
+    PrecomputedModel,
+    SklearnModel,
+    TorchModel,
+    UnfittedBaseModelError,
+    as_base_model,
+    class_probabilities,
+)
+
+X_IRIS, Y_IRIS = load_iris(return_X_y=True)
+IRIS_NAMES = np.array(["setosa", "versicolor", "virginica"])
+X_DIAB, Y_DIAB = load_diabetes(return_X_y=True)
+X_NAN = X_IRIS.copy()
+X_NAN[3, 1] = np.nan
+X_INF = X_IRIS.copy()
+X_INF[0, 0] = np.inf
+Y_DIAB_NAN = Y_DIAB.copy()
+Y_DIAB_NAN[5] = np.nan
+IRIS_LR = LogisticRegression(max_iter=500).fit(X_IRIS, Y_IRIS)
+NB_2_FEATURES = GaussianNB().fit(X_IRIS[:, :2], Y_IRIS)
+NAN_NET = TorchModel(torch.nn.Linear(4, 3), output="logits")
+torch.nn.init.constant_(NAN_NET.module.weight, float("nan"))
+FAST = {"max_outer_iter": 2, "random_state": 0}
+
+
+class LazyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.LazyLinear(3)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class Diverges(Aggregator):
+    """Its forward pass is NaN: the fit diverges at the initial hyperparameters."""
+
+    def hyperparameters(self, ctx):
+        return [Hyperparameter("l2", 1e-2, 1e-6, 1e2)]
+
+    def init_params(self, ctx, Z, y, X=None):
+        return {"w": ctx.zeros(ctx.n_models)}
+
+    def forward(self, params, hyper, Z, X=None):
+        return (Z * params["w"][None, :, None]).sum(1) * float("nan")
+
+
+def _nb_tree():
+    return [("nb", GaussianNB()), ("tree", DecisionTreeClassifier(max_depth=2, random_state=0))]
+
+
+def _frozen_nb():
+    return [("nb", FrozenEstimator(GaussianNB().fit(X_IRIS, Y_IRIS)))]
+
+
+def _reg_pool():
+    return [("ridge", Ridge()), ("tree", DecisionTreeRegressor(max_depth=2, random_state=0))]
+
+
+def _fit(est, X=X_IRIS, y=Y_IRIS):
+    return lambda: clone(est).fit(X, y)
+
+
+def _fit_then_predict(est, X_fit, y_fit, X_new, before_predict=None):
+    def make():
+        fitted = clone(est).fit(X_fit, y_fit)
+        if before_predict is not None:
+            before_predict()
+        fitted.predict_proba(X_new)
+
+    return make
+
+
+def _predict(X, method):
+    def make():
+        est = AggregatedClassifier(_nb_tree(), **FAST).fit(X_IRIS, Y_IRIS)
+        getattr(est, method)(X)
+
+    return make
+
+
+# -- clear already (moved here from test_estimators.py, test_base_models.py, test_search.py)
+EXISTING = [
+    pytest.param(_fit(AggregatedClassifier(_nb_tree()), X_NAN), ValueError, "NaN", id="nan-in-X"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree()), X_INF), ValueError, "infinity",
+                 id="inf-in-X"),
+    pytest.param(_fit(AggregatedRegressor(_reg_pool()), X_DIAB, Y_DIAB_NAN), ValueError, "NaN",
+                 id="nan-in-y"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree()), X_IRIS, np.zeros(150)), ValueError,
+                 "only one class", id="one-class"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree()[:1])), ValueError,
+                 "at least 2 base models; got 1", id="one-base-model"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree()), X_IRIS, Y_IRIS + 0.5), ValueError,
+                 "Unknown label type: continuous", id="continuous-y-to-classifier"),
+    pytest.param(_fit(AggregatedRegressor(_reg_pool()), X_IRIS, IRIS_NAMES[Y_IRIS]), ValueError,
+                 "convert", id="string-y-to-regressor"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree()), X_IRIS, Y_IRIS[:-1]), ValueError,
+                 "inconsistent numbers of samples", id="mismatched-lengths"),
+    pytest.param(_fit(AggregatedRegressor(_reg_pool()), X_DIAB[:1], Y_DIAB[:1]), ValueError,
+                 "at least 2 samples", id="one-sample"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree() + [("net", LazyNet())])),
+                 UnfittedBaseModelError, "'net'.*uninitialised", id="unfitted-torch-module"),
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree() + [("net", as_base_model(LazyNet(), output="logits"))])),
+        UnfittedBaseModelError, "'net'.*uninitialised", id="unfitted-torch-module-wrapped",
+    ),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree() + [("bad", NAN_NET)])),
+                 UnfittedBaseModelError, "'bad'.*non-finite", id="torch-module-with-nan-weights"),
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree() + [("frozen", FrozenEstimator(GaussianNB()))])),
+        UnfittedBaseModelError, "'frozen' is frozen but not fitted", id="unfitted-frozen-estimator",
+    ),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree(), prefit=True)), UnfittedBaseModelError,
+                 "'nb'.*prefit=True", id="prefit-true-unfitted"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree(), aggregator="nope")), ValueError,
+                 "unknown aggregator 'nope'", id="unknown-aggregator"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree(), hyperparams={"l3": 1.0})), ValueError,
+                 r"\['l3'\].*\['l2', 'l2_scale'\]", id="unknown-hyperparameter"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree(), hyperparams={"l2": [1.0, 2.0, 3.0]})),
+                 ValueError, "'l2' takes a scalar or 2 values", id="hyperparameter-of-wrong-size"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree(), hyperparams={"l2": -1.0})), ValueError,
+                 "'l2' must be finite and positive", id="negative-log-hyperparameter"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree() + [("reg", Ridge())])),
+                 IncompatibleBaseModelError, "'reg' is a regressor",
+                 id="regressor-in-classifier-pool"),
+    pytest.param(_fit(AggregatedRegressor(_reg_pool() + [("nb", GaussianNB())]), X_IRIS,
+                      Y_IRIS * 1.5),
+                 IncompatibleBaseModelError, "'nb' is a classifier",
+                 id="classifier-in-regressor-pool"),
+    pytest.param(
+        _fit(AggregatedClassifier([("lr", FrozenEstimator(IRIS_LR)), ("nb", GaussianNB())]),
+             X_IRIS, IRIS_NAMES[Y_IRIS]),
+        IncompatibleBaseModelError, "'lr'.*incompatible", id="incompatible-class-labels",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree() + [("small", FrozenEstimator(NB_2_FEATURES))])),
+        ValueError, "base model 'small' could not predict.*2 features",
+        id="base-model-expects-other-features",
+    ),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree(), aggregator=Diverges())), ValueError,
+                 "diverged at its initial hyperparameters", id="diverges-at-start"),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree(), cv=1)), ValueError, "'cv' parameter",
+                 id="bad-cv"),
+    pytest.param(_fit(AggregatedClassifier([GaussianNB(), GaussianNB()])), TypeError,
+                 r"\(name, model\) tuples", id="not-name-model-tuples"),
+    pytest.param(_fit(AggregatedClassifier([("a", GaussianNB()), ("a", GaussianNB())])),
+                 ValueError, "unique", id="duplicate-names"),
+    # at predict
+    *[
+        pytest.param(_predict(X, method), ValueError, match, id=f"{method}-{case}")
+        for method in ("predict", "predict_proba")
+        for X, match, case in [
+            (X_IRIS[:, :3], "X has 3 features, but AggregatedClassifier is expecting 4",
+             "wrong-number-of-features"),
+            (X_NAN, "NaN", "nan-in-X"),
+            (X_INF, "infinity", "inf-in-X"),
+        ]
+    ],
+    # base models on their own (more in test_base_models.py)
+    pytest.param(lambda: PrecomputedModel(np.zeros((3, 2)), keys=["a", "b", "a"]), ValueError,
+                 "must be unique", id="precomputed-duplicate-keys"),
+    pytest.param(lambda: PrecomputedModel(np.zeros((3, 2))).predict_raw(np.zeros((2, 3))),
+                 ValueError, "pass X as a DataFrame.*key_column", id="precomputed-numpy-X"),
+    pytest.param(
+        lambda: PrecomputedModel(np.zeros((3, 2)), keys=["a", "b", "c"]).predict_raw(
+            pd.DataFrame({"x": [1, 2]}, index=["a", "zz"])),
+        ValueError, r"no stored prediction for keys \['zz'\]", id="precomputed-missing-key",
+    ),
+    pytest.param(
+        lambda: class_probabilities("shifted", SklearnModel(
+            LogisticRegression(max_iter=1000).fit(X_IRIS, Y_IRIS + 10)), X_IRIS, [0, 1, 2]),
+        IncompatibleBaseModelError, "model 'shifted'.*none of", id="disjoint-class-labels",
+    ),
+    pytest.param(lambda: CallableModel(np.zeros(3)), TypeError, "needs a callable",
+                 id="callable-not-callable"),
+    pytest.param(lambda: TorchModel(torch.nn.Linear, output="logits"), TypeError,
+                 "class Linear, not a trained instance", id="torch-class-not-instance"),
+    # HypergradSearchCV
+    pytest.param(
+        lambda: HypergradSearchCV(AggregatedClassifier(_nb_tree()),
+                                  {"aggregator__l2": norm(0, 1)}).fit(X_IRIS, Y_IRIS),
+        ValueError, "loguniform or scipy.stats.uniform", id="search-range-not-a-box",
+    ),
+    pytest.param(
+        lambda: HypergradSearchCV(AggregatedClassifier(_nb_tree()),
+                                  {"aggregator__l2": (1.0, 0.1, "log")}).fit(X_IRIS, Y_IRIS),
+        ValueError, "low < high", id="search-range-reversed",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "make, err, match",
+    EXISTING,
+)
+def test_bad_input(make, err, match):
+    if issubclass(err, Warning):
+        with pytest.warns(err, match=match):
+            make()
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. StratifiedKFold on tiny classes
+        with pytest.raises(err, match=match):
+            make()
