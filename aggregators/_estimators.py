@@ -450,11 +450,12 @@ class _BaseAggregated(BaseEstimator):
         agg_spec.check_task(ctx)
         specs = agg_spec.hyperparameters(ctx)
         fixed = self._resolve_hyperparams()
+        # Held at the aggregator's own values, as given (checked, never clipped).
         if fixed.pop("__all__", False):
-            fixed = {s.name: s.initial() for s in specs}
+            fixed = {s.name: s.init for s in specs}
         if fixed.pop("__others__", False):
-            fixed = {**{s.name: s.initial() for s in specs}, **fixed}
-        space = HyperSpace(specs, fixed, device, dtype)
+            fixed = {**{s.name: s.init for s in specs}, **fixed}
+        space = HyperSpace(specs, fixed, device, dtype, owner=type(agg_spec).__name__)
 
         Z = self._transform_outputs(self._collect(Xb, y_orig, sample_weight))
         # The one host-to-device copy of the data for this fit.
@@ -665,7 +666,9 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         given values) and tunes the rest. A dict value may instead be a range,
         ``(low, high, "log")``, ``(low, high, "linear")``,
         ``scipy.stats.loguniform(low, high)`` or ``scipy.stats.uniform(loc,
-        scale)``: that hyperparameter is tuned within it.
+        scale)``: that hyperparameter is tuned within it. A value (or a
+        range's end) outside the hyperparameter's declared limits, here or on
+        the aggregator, is a ``ValueError`` at ``fit``, never clipped.
     tuner : str, default="hoag"
         Hypergradient method, a key of ``aggregators.hypergrad.METHODS``
         (listed in :func:`aggregators.hypergrad.hypergradient`). The default,

@@ -27,8 +27,11 @@ from aggregators import (
     AggregatedClassifier,
     AggregatedRegressor,
     Aggregator,
+    Choquet,
     HypergradSearchCV,
     Hyperparameter,
+    LearnedWeights,
+    Stacking,
 )
 from base_models import (
     CallableModel,
@@ -153,7 +156,7 @@ EXISTING = [
     pytest.param(_fit(AggregatedClassifier(_nb_tree(), hyperparams={"l2": [1.0, 2.0, 3.0]})),
                  ValueError, "'l2' takes a scalar or 2 values", id="hyperparameter-of-wrong-size"),
     pytest.param(_fit(AggregatedClassifier(_nb_tree(), hyperparams={"l2": -1.0})), ValueError,
-                 "'l2' must be finite and positive", id="negative-log-hyperparameter"),
+                 r"'l2' must lie in \(0, 100\]; got -1.0", id="negative-log-hyperparameter"),
     pytest.param(_fit(AggregatedClassifier(_nb_tree() + [("reg", Ridge())])),
                  IncompatibleBaseModelError, "'reg' is a regressor",
                  id="regressor-in-classifier-pool"),
@@ -223,9 +226,50 @@ EXISTING = [
 ]
 
 
+# -- issue 15: hyperparameters outside their limits, an error at fit however given ---------
+HYPERPARAMETERS = [
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree(), aggregator=Stacking(l2=-1), **FAST)),
+        ValueError, r"Stacking's hyperparameter 'l2' must lie in \(0, 100\]; got -1 "
+        r"\(given to Stacking\)", id="stacking-l2-negative",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree(), aggregator=Stacking(l2=-1), hyperparams="fixed",
+                                  **FAST)),
+        ValueError, r"'l2' must lie in \(0, 100\]; got -1", id="stacking-l2-negative-fixed",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree(), aggregator=Choquet(temperature=0), **FAST)),
+        ValueError, r"Choquet's hyperparameter 'temperature' must lie in \[0.001, 1000\]; "
+        r"got 0", id="choquet-temperature-zero",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree(), aggregator=Stacking(l2=1e9), **FAST)),
+        ValueError, r"'l2' must lie in \(0, 100\]; got 1000000000.0 \(given to Stacking\)",
+        id="stacking-l2-above-the-upper-bound",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree(), hyperparams={"l2": 1e9}, **FAST)),
+        ValueError, r"'l2' must lie in \(0, 100\]; got 1000000000.0 \(given as "
+        r"hyperparams=\{'l2': ...\}\)", id="hyperparams-l2-above-the-upper-bound",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree(), aggregator=Stacking(l2=[0.1, 1e9]), **FAST)),
+        ValueError, r"'l2' must lie in \(0, 100\]; got \[0.1, 1000000000.0\] \(entries "
+        r"\['tree'\]\)", id="stacking-l2-vector-one-entry-out",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree(), aggregator=LearnedWeights(),
+                                  hyperparams={"temperature": (0.1, 10.0, "log")}, **FAST)),
+        ValueError, r"range \(0.1, 10\) given to tune LearnedWeights's hyperparameter "
+        r"'temperature' in reaches outside its allowed range \[0.5, 2\]",
+        id="range-beyond-the-limits",
+    ),
+]
+
 @pytest.mark.parametrize(
     "make, err, match",
-    EXISTING,
+    EXISTING + HYPERPARAMETERS,
 )
 def test_bad_input(make, err, match):
     if issubclass(err, Warning):
