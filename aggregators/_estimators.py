@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager
 from numbers import Integral, Real
 
 import numpy as np
@@ -37,6 +36,7 @@ from base_models import (
     SklearnModel,
     UnfittedBaseModelError,
     as_base_model,
+    calling,
     class_probabilities,
     is_fitted_estimator,
     regression_outputs,
@@ -76,25 +76,6 @@ def _is_frozen(obj) -> bool:
         return clone(obj) is obj
     except Exception:  # a duck-typed estimator clone cannot handle: not frozen
         return False
-
-
-@contextmanager
-def _naming(name: str, what: str):
-    """Re-raise a base model's ValueError / TypeError with the model's name in it.
-
-    Only those exact types (and our own base-model errors) are rewrapped, so
-    that callers matching a more specific exception class still see it.
-    """
-    try:
-        yield
-    except (UnfittedBaseModelError, IncompatibleBaseModelError) as e:
-        if repr(name) in str(e):
-            raise
-        raise type(e)(f"base model {name!r} {what}: {e}") from e
-    except (ValueError, TypeError) as e:
-        if type(e) not in (ValueError, TypeError):
-            raise
-        raise type(e)(f"base model {name!r} {what}: {e}") from e
 
 
 def _inner_solver(agg) -> str:
@@ -287,12 +268,11 @@ class _BaseAggregated(BaseEstimator):
 
     def _base_outputs(self, name, model, Xb, raw=None) -> np.ndarray:
         self._check_model_task(name, model.task)
+        # Both name the model in whatever they raise, the model's own errors included.
         if self._task == "classification":
-            with _naming(name, "could not predict"):
-                out = class_probabilities(name, model, Xb, self.classes_, raw=raw)
+            out = class_probabilities(name, model, Xb, self.classes_, raw=raw)
         else:
-            with _naming(name, "could not predict"):
-                out = regression_outputs(name, model, Xb, self.n_outputs_, raw=raw)
+            out = regression_outputs(name, model, Xb, self.n_outputs_, raw=raw)
         if not np.all(np.isfinite(out)):
             raise ValueError(f"base model {name!r} returned NaN or infinite predictions.")
         return out
@@ -314,7 +294,7 @@ class _BaseAggregated(BaseEstimator):
                     "yourself and pass it fitted."
                 )
             params = {"sample_weight": sample_weight}
-        with _naming(name, "could not be fitted"):
+        with calling(name, "fit"):
             # Out-of-fold outputs for the aggregator, as scikit-learn's stacking
             # does; the model kept for predict time is fitted on all rows.
             raw = np.asarray(

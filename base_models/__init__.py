@@ -5,7 +5,15 @@ scikit-learn estimators, torch modules, plain callables and stored predictions;
 :func:`as_base_model` picks the right one.
 """
 
-from ._base import BaseModel, IncompatibleBaseModelError, UnfittedBaseModelError
+from ._base import (
+    BaseModel,
+    BaseModelError,
+    BaseModelTypeError,
+    BaseModelValueError,
+    IncompatibleBaseModelError,
+    UnfittedBaseModelError,
+    calling,
+)
 from ._callable import CallableModel, PrecomputedModel
 from ._device import (
     resolve_device,
@@ -20,6 +28,9 @@ from ._torch import TorchModel
 
 __all__ = [
     "BaseModel",
+    "BaseModelError",
+    "BaseModelTypeError",
+    "BaseModelValueError",
     "CallableModel",
     "IncompatibleBaseModelError",
     "PrecomputedModel",
@@ -27,6 +38,7 @@ __all__ = [
     "TorchModel",
     "UnfittedBaseModelError",
     "as_base_model",
+    "calling",
     "class_probabilities",
     "is_fitted_estimator",
     "regression_outputs",

@@ -63,6 +63,11 @@ class CallableModel(BaseModel):
         out = out.astype(np.float64, copy=False)
         return out.reshape(len(out), -1) if out.ndim == 1 else out
 
+    @property
+    def method_called(self) -> str:
+        """``"<function name>(X)"``, as error messages name it."""
+        return f"{getattr(self.func, '__name__', 'callable')}(X)"
+
     def _describe(self) -> str:
         return f"{getattr(self.func, '__name__', 'callable')}, output={self.output!r}"
 
@@ -202,6 +207,11 @@ class PrecomputedModel(BaseModel):
             "PrecomputedModel cannot tell which stored rows a numpy X refers to: "
             "pass X as a DataFrame whose index holds the keys, or set key_column."
         )
+
+    @property
+    def method_called(self) -> str:
+        """``"the lookup of stored predictions"``, as error messages name it."""
+        return "the lookup of stored predictions"
 
     def predict_raw(self, X) -> np.ndarray:
         keys = self._row_keys(X)

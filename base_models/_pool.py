@@ -9,7 +9,7 @@ import torch
 from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator
 
-from ._base import BaseModel, IncompatibleBaseModelError
+from ._base import BaseModel, IncompatibleBaseModelError, calling
 from ._callable import CallableModel, PrecomputedModel
 from ._sklearn import SklearnModel
 from ._torch import TorchModel
@@ -144,6 +144,8 @@ def class_probabilities(
     IncompatibleBaseModelError
         If the model's labels share nothing with ``classes``, it predicts a
         label outside them, or its column count cannot be matched.
+    BaseModelError
+        If the model itself raises (chained; :func:`calling`).
 
     Notes
     -----
@@ -160,7 +162,9 @@ def class_probabilities(
     >>> class_probabilities("m", m, None, np.array(["a", "b", "c"]), raw=m.predictions)
     array([[0.7, 0. , 0.3]])
     """
-    raw = model.predict_raw(X) if raw is None else raw
+    if raw is None:
+        with calling(name, model.method_called):
+            raw = model.predict_raw(X)
     n = len(raw)
     if model.output == "label":
         labels = np.asarray(raw).ravel()
@@ -220,7 +224,10 @@ def regression_outputs(
             f"base model {name!r} is a classifier; a regressor's pool needs "
             "regression models."
         )
-    raw = np.asarray(model.predict_raw(X) if raw is None else raw, dtype=np.float64)
+    if raw is None:
+        with calling(name, model.method_called):
+            raw = model.predict_raw(X)
+    raw = np.asarray(raw, dtype=np.float64)
     raw = raw.reshape(len(raw), -1)
     if raw.shape[1] != n_targets:
         raise IncompatibleBaseModelError(

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from scipy.stats import norm
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.datasets import load_diabetes, load_iris
 from sklearn.frozen import FrozenEstimator
 from sklearn.linear_model import LogisticRegression, Ridge
@@ -34,6 +34,7 @@ from aggregators import (
     Stacking,
 )
 from base_models import (
+    BaseModelError,
     CallableModel,
     IncompatibleBaseModelError,
     PrecomputedModel,
@@ -171,7 +172,7 @@ EXISTING = [
     ),
     pytest.param(
         _fit(AggregatedClassifier(_nb_tree() + [("small", FrozenEstimator(NB_2_FEATURES))])),
-        ValueError, "base model 'small' could not predict.*2 features",
+        ValueError, "base model 'small' failed in predict_proba: ValueError: .*2 features",
         id="base-model-expects-other-features",
     ),
     pytest.param(_fit(AggregatedClassifier(_nb_tree(), aggregator=Diverges())), ValueError,
@@ -267,9 +268,64 @@ HYPERPARAMETERS = [
     ),
 ]
 
+# -- issue 15: a base model that raises: its name, the method, the original chained ------
+class FailsToFit(ClassifierMixin, BaseEstimator):
+    """An estimator fitted inside that raises something other than ValueError."""
+
+    def fit(self, X, y):
+        raise RuntimeError("out of licences")
+
+    def predict(self, X):
+        return np.zeros(len(X))
+
+
+class Switch:
+    """A callable that returns probabilities at fit and ``bad`` ones once switched."""
+
+    __name__ = "switch"
+
+    def __init__(self, bad):
+        self.bad = bad
+        self.on = False
+
+    def __call__(self, X):
+        p = IRIS_LR.predict_proba(X)
+        return self.bad(p) if self.on else p
+
+
+_switch_raises = Switch(lambda p: {}["missing column"])
+
+FAILURES = [
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree() + [("net", torch.nn.Linear(3, 3))], **FAST)),
+        BaseModelError, r"base model 'net' failed in Linear.forward: RuntimeError: mat1 and "
+        r"mat2 shapes", id="torch-shape-error",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(
+            _nb_tree() + [("f", CallableModel(lambda X: X["no such column"]))], **FAST),
+            pd.DataFrame(X_IRIS)),
+        BaseModelError, r"base model 'f' failed in <lambda>\(X\): KeyError: 'no such column'",
+        id="callable-key-error",
+    ),
+    pytest.param(
+        _fit_then_predict(
+            AggregatedClassifier(_nb_tree() + [("switch", CallableModel(_switch_raises))], **FAST),
+            X_IRIS, Y_IRIS, X_IRIS[:5], before_predict=lambda: setattr(_switch_raises, "on", True),
+        ),
+        BaseModelError, r"base model 'switch' failed in switch\(X\): KeyError",
+        id="callable-key-error-at-predict",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree() + [("lic", FailsToFit())], **FAST)),
+        BaseModelError, r"base model 'lic' failed in fit: RuntimeError: out of licences",
+        id="estimator-fitted-inside-raises",
+    ),
+]
+
 @pytest.mark.parametrize(
     "make, err, match",
-    EXISTING + HYPERPARAMETERS,
+    EXISTING + HYPERPARAMETERS + FAILURES,
 )
 def test_bad_input(make, err, match):
     if issubclass(err, Warning):
@@ -278,5 +334,7 @@ def test_bad_input(make, err, match):
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. StratifiedKFold on tiny classes
-        with pytest.raises(err, match=match):
+        with pytest.raises(err, match=match) as info:
             make()
+    if isinstance(info.value, BaseModelError):
+        assert info.value.__cause__ is not None  # the model's own error, chained

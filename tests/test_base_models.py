@@ -18,6 +18,9 @@ from sklearn.tree import DecisionTreeClassifier
 
 from base_models import (
     BaseModel,
+    BaseModelError,
+    BaseModelTypeError,
+    BaseModelValueError,
     CallableModel,
     IncompatibleBaseModelError,
     PrecomputedModel,
@@ -25,6 +28,7 @@ from base_models import (
     TorchModel,
     UnfittedBaseModelError,
     as_base_model,
+    calling,
     class_probabilities,
     regression_outputs,
     resolve_device,
@@ -815,3 +819,34 @@ def test_to_tensor_and_back():
     assert isinstance(back, np.ndarray)
     np.testing.assert_array_equal(back, 2 * a)
     assert to_tensor(t, torch.device("cpu"), torch.float64).dtype == torch.float64
+
+
+# ------------------------------------------------- checks on what base models give
+
+
+@pytest.mark.parametrize(
+    "raised, caught",
+    [
+        (KeyError("k"), BaseModelError),
+        (RuntimeError("r"), BaseModelError),
+        (ValueError("v"), BaseModelValueError),
+        (TypeError("t"), BaseModelTypeError),
+        (NotFittedError("n"), UnfittedBaseModelError),
+    ],
+)
+def test_calling_names_the_model_and_keeps_the_kind(raised, caught):
+    match = rf"base model 'm' failed in predict: {type(raised).__name__}"
+    with pytest.raises(caught, match=match) as info:
+        with calling("m", "predict"):
+            raise raised
+    assert info.value.__cause__ is raised
+    if isinstance(raised, (ValueError, TypeError)):  # still one: callers may catch it so
+        assert isinstance(info.value, type(raised))
+
+
+def test_calling_leaves_our_named_errors_alone():
+    err = IncompatibleBaseModelError("base model 'm' returns 3 columns")
+    with pytest.raises(IncompatibleBaseModelError) as info:
+        with calling("m", "predict"):
+            raise err
+    assert info.value is err
