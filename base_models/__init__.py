@@ -22,7 +22,12 @@ from ._device import (
     to_numpy,
     to_tensor,
 )
-from ._pool import as_base_model, class_probabilities, regression_outputs
+from ._pool import (
+    as_base_model,
+    check_probabilities,
+    class_probabilities,
+    regression_outputs,
+)
 from ._sklearn import SklearnModel, is_fitted_estimator
 from ._torch import TorchModel
 
@@ -39,6 +44,7 @@ __all__ = [
     "UnfittedBaseModelError",
     "as_base_model",
     "calling",
+    "check_probabilities",
     "class_probabilities",
     "is_fitted_estimator",
     "regression_outputs",

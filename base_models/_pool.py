@@ -14,7 +14,17 @@ from ._callable import CallableModel, PrecomputedModel
 from ._sklearn import SklearnModel
 from ._torch import TorchModel
 
-__all__ = ["as_base_model", "class_probabilities", "regression_outputs"]
+__all__ = [
+    "as_base_model",
+    "check_probabilities",
+    "class_probabilities",
+    "regression_outputs",
+]
+
+# Rows of probabilities may miss [0, 1] or a sum of 1 by this much: float32
+# models miss by about 1e-7 per class; scores or logits taken for
+# probabilities miss by far more.
+PROBA_TOL = 1e-3
 
 
 def as_base_model(obj, **kwargs) -> BaseModel:
@@ -89,6 +99,65 @@ def _to_proba(raw: np.ndarray, output: str, n_cols: int) -> np.ndarray:
     raise AssertionError(output)  # labels are handled by the caller
 
 
+def check_probabilities(name: str, raw: np.ndarray) -> None:
+    """Raise unless the rows of ``raw`` are probabilities, within ``PROBA_TOL``.
+
+    Every value must lie in ``[0, 1]`` and, with more than one column, every
+    row must sum to 1 (a single column is the positive class's probability).
+    Non-finite values are left to the caller's own check.
+
+    Parameters
+    ----------
+    name : str
+        The model's name in the pool (for messages).
+    raw : ndarray of shape (n_samples, n_columns)
+        What a model that declares ``output="proba"`` returned.
+
+    Raises
+    ------
+    IncompatibleBaseModelError
+        Naming the model, how many rows are off and by how much.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from base_models import check_probabilities
+    >>> check_probabilities("ok", np.array([[0.2, 0.8]]))
+    >>> check_probabilities("scaled", np.array([[0.6, 2.4]]))
+    Traceback (most recent call last):
+    ...
+    base_models._base.IncompatibleBaseModelError: base model 'scaled' ...
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    finite = np.isfinite(raw).all(axis=1)
+    vals = raw[finite]
+    if vals.size == 0:
+        return
+    problems = []
+    out_of_range = ((vals < -PROBA_TOL) | (vals > 1 + PROBA_TOL)).any(axis=1)
+    if out_of_range.any():
+        problems.append(
+            f"{int(out_of_range.sum())} of {len(vals)} rows hold values outside [0, 1] "
+            f"(from {vals.min():.4g} to {vals.max():.4g})"
+        )
+    if vals.shape[1] > 1:
+        sums = vals.sum(axis=1)
+        off = np.abs(sums - 1.0) > PROBA_TOL
+        if off.any():
+            problems.append(
+                f"{int(off.sum())} of {len(vals)} rows do not sum to 1 (sums from "
+                f"{sums.min():.4g} to {sums.max():.4g})"
+            )
+    if problems:
+        raise IncompatibleBaseModelError(
+            f"base model {name!r} declares probabilities (output='proba') but "
+            f"{' and '.join(problems)}. If it returns scores or logits, say so: "
+            "output='logits' for a TorchModel, CallableModel or PrecomputedModel, "
+            "SklearnModel(estimator, method='decision_function') for a scikit-learn "
+            "model; otherwise fix the model's outputs."
+        )
+
+
 def _class_positions(name: str, model_classes, classes) -> np.ndarray:
     """Column of ``classes`` for each of the model's labels (-1: not a target class)."""
     try:
@@ -143,7 +212,8 @@ def class_probabilities(
     ------
     IncompatibleBaseModelError
         If the model's labels share nothing with ``classes``, it predicts a
-        label outside them, or its column count cannot be matched.
+        label outside them, its column count cannot be matched, or it
+        declares probabilities that are not (:func:`check_probabilities`).
     BaseModelError
         If the model itself raises (chained; :func:`calling`).
 
@@ -186,6 +256,8 @@ def class_probabilities(
             )
         model_classes = np.asarray(classes)
     model_classes = np.asarray(model_classes)
+    if model.output == "proba":
+        check_probabilities(name, raw)
     proba = _to_proba(raw, model.output, len(model_classes))
     if proba.shape != (n, len(model_classes)):
         raise IncompatibleBaseModelError(

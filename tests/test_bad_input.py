@@ -323,9 +323,62 @@ FAILURES = [
     ),
 ]
 
+# -- issue 15: probabilities that are not, from every kind of model, at fit and predict --
+torch.manual_seed(0)
+LOGIT_NET = torch.nn.Linear(4, 3)  # returns logits, whatever it is declared to return
+
+
+class ScaledProba(LogisticRegression):
+    """A fitted classifier whose predict_proba is broken: rows sum to 3."""
+
+    def predict_proba(self, X):
+        return 3 * super().predict_proba(X)
+
+
+_switch_scaled = Switch(lambda p: 3 * p)
+
+PROBABILITIES = [
+    pytest.param(
+        _fit(AggregatedClassifier(_nb_tree() + [("net", TorchModel(LOGIT_NET, output="proba"))],
+                                  **FAST)),
+        IncompatibleBaseModelError,
+        r"'net' declares probabilities \(output='proba'\) but .*outside \[0, 1\].*"
+        r"output='logits'", id="torch-proba-that-are-logits",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(
+            _nb_tree() + [("x3", FrozenEstimator(ScaledProba(max_iter=500).fit(X_IRIS, Y_IRIS)))],
+            **FAST)),
+        IncompatibleBaseModelError, r"'x3' declares probabilities.*150 of 150 rows do not "
+        r"sum to 1 \(sums from 3 to 3\).*decision_function", id="sklearn-proba-scaled-by-3",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(
+            _nb_tree() + [("neg", CallableModel(lambda X: IRIS_LR.predict_proba(X) - 0.2))],
+            **FAST)),
+        IncompatibleBaseModelError, r"'neg' declares probabilities.*outside \[0, 1\] "
+        r"\(from -0.2 ", id="callable-proba-negative",
+    ),
+    pytest.param(
+        _fit(AggregatedClassifier(
+            _frozen_nb() + [("stored", PrecomputedModel(3 * IRIS_LR.predict_proba(X_IRIS)))],
+            **FAST), pd.DataFrame(X_IRIS)),
+        IncompatibleBaseModelError, r"'stored' declares probabilities.*do not sum to 1",
+        id="precomputed-proba-scaled",
+    ),
+    pytest.param(
+        _fit_then_predict(
+            AggregatedClassifier(_nb_tree() + [("switch", CallableModel(_switch_scaled))], **FAST),
+            X_IRIS, Y_IRIS, X_IRIS[:5], before_predict=lambda: setattr(_switch_scaled, "on", True),
+        ),
+        IncompatibleBaseModelError, r"'switch' declares probabilities.*5 of 5 rows do not sum",
+        id="proba-checked-at-predict-too",
+    ),
+]
+
 @pytest.mark.parametrize(
     "make, err, match",
-    EXISTING + HYPERPARAMETERS + FAILURES,
+    EXISTING + HYPERPARAMETERS + FAILURES + PROBABILITIES,
 )
 def test_bad_input(make, err, match):
     if issubclass(err, Warning):

@@ -29,6 +29,7 @@ from base_models import (
     UnfittedBaseModelError,
     as_base_model,
     calling,
+    check_probabilities,
     class_probabilities,
     regression_outputs,
     resolve_device,
@@ -822,6 +823,22 @@ def test_to_tensor_and_back():
 
 
 # ------------------------------------------------- checks on what base models give
+
+
+def test_check_probabilities_tolerance(iris_lr, iris):
+    X, _ = iris
+    p = iris_lr.predict_proba(X)
+    check_probabilities("ok", p)
+    check_probabilities("float32", softmax(np.random.default_rng(0).normal(size=(50, 10)), 1)
+                        .astype(np.float32))
+    check_probabilities("binary-column", p[:, :1])
+    check_probabilities("nan-left-to-the-caller", np.array([[np.nan, np.nan], [0.3, 0.7]]))
+    with pytest.raises(IncompatibleBaseModelError, match=r"'one' declares.*1 of 150 rows do not"):
+        bad = p.copy()
+        bad[7] *= 1.01
+        check_probabilities("one", bad)
+    with pytest.raises(IncompatibleBaseModelError, match=r"'col'.*outside \[0, 1\]"):
+        check_probabilities("col", 2 * p[:, :1])
 
 
 @pytest.mark.parametrize(
