@@ -37,6 +37,7 @@ from base_models import (
     UnfittedBaseModelError,
     as_base_model,
     calling,
+    check_class_order,
     class_probabilities,
     is_fitted_estimator,
     regression_outputs,
@@ -344,6 +345,12 @@ class _BaseAggregated(BaseEstimator):
                     ) from e
             models[name] = model
             outs.append(self._base_outputs(name, model, Xb, raw))
+            if self._task == "classification" and model.classes_ is None and (
+                model.output != "label"
+            ):
+                # Its columns were taken to be the classes in sorted order.
+                y_enc = np.searchsorted(self.classes_, y_orig)
+                check_class_order(name, outs[-1], y_enc, self.classes_, sample_weight)
         self.base_models_ = models
         self.estimators_ = [
             getattr(m, "estimator", getattr(m, "module", m)) for m in models.values()

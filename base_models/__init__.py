@@ -10,6 +10,7 @@ from ._base import (
     BaseModelError,
     BaseModelTypeError,
     BaseModelValueError,
+    BaseModelWarning,
     IncompatibleBaseModelError,
     UnfittedBaseModelError,
     calling,
@@ -24,6 +25,7 @@ from ._device import (
 )
 from ._pool import (
     as_base_model,
+    check_class_order,
     check_probabilities,
     class_probabilities,
     regression_outputs,
@@ -36,6 +38,7 @@ __all__ = [
     "BaseModelError",
     "BaseModelTypeError",
     "BaseModelValueError",
+    "BaseModelWarning",
     "CallableModel",
     "IncompatibleBaseModelError",
     "PrecomputedModel",
@@ -44,6 +47,7 @@ __all__ = [
     "UnfittedBaseModelError",
     "as_base_model",
     "calling",
+    "check_class_order",
     "check_probabilities",
     "class_probabilities",
     "is_fitted_estimator",

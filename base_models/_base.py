@@ -13,6 +13,7 @@ __all__ = [
     "BaseModelError",
     "BaseModelTypeError",
     "BaseModelValueError",
+    "BaseModelWarning",
     "IncompatibleBaseModelError",
     "UnfittedBaseModelError",
     "calling",
@@ -42,6 +43,10 @@ class BaseModelValueError(BaseModelError, ValueError):
 
 class BaseModelTypeError(BaseModelError, TypeError):
     """A base model raised a ``TypeError``."""
+
+
+class BaseModelWarning(UserWarning):
+    """A base model's outputs look wrong, or part of them is dropped."""
 
 
 def _wrapped(name: str, method: str, exc: Exception) -> Exception:

@@ -6,16 +6,18 @@ import warnings
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator
 
-from ._base import BaseModel, IncompatibleBaseModelError, calling
+from ._base import BaseModel, BaseModelWarning, IncompatibleBaseModelError, calling
 from ._callable import CallableModel, PrecomputedModel
 from ._sklearn import SklearnModel
 from ._torch import TorchModel
 
 __all__ = [
     "as_base_model",
+    "check_class_order",
     "check_probabilities",
     "class_probabilities",
     "regression_outputs",
@@ -158,6 +160,63 @@ def check_probabilities(name: str, raw: np.ndarray) -> None:
         )
 
 
+def check_class_order(
+    name: str, proba: np.ndarray, y: np.ndarray, classes, sample_weight=None
+) -> None:
+    """Warn when a model's columns match the target better in another order.
+
+    For a model without class labels, whose columns are taken to be the
+    target's classes in sorted order: ``M[a, b]`` is the mean probability
+    the model gives column ``b`` on the rows of class ``a``; the permutation
+    of columns with the largest ``sum_a M[a, perm(a)]`` is found by linear
+    assignment. When it is not the identity, and beats it by at least 0.1 in
+    both the mean probability of the true class and the accuracy of the
+    most probable class, a :class:`BaseModelWarning` names the model and
+    the better order.
+
+    Parameters
+    ----------
+    name : str
+        The model's name in the pool.
+    proba : ndarray of shape (n_samples, n_classes)
+        Its probabilities, columns in the order of ``classes``.
+    y : ndarray of shape (n_samples,)
+        The target, encoded as ``0 .. n_classes-1``.
+    classes : array-like of shape (n_classes,)
+        The target's class labels (for the message).
+    sample_weight : ndarray of shape (n_samples,), default=None
+        Row weights.
+    """
+    k = proba.shape[1]
+    w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, float)
+    M = np.zeros((k, k))
+    for a in range(k):
+        rows = y == a
+        if w[rows].sum() > 0:
+            M[a] = np.average(proba[rows], axis=0, weights=w[rows])
+    _, perm = linear_sum_assignment(M, maximize=True)  # perm[a]: the column for class a
+    if np.array_equal(perm, np.arange(k)):
+        return
+    as_class = np.argsort(perm)  # as_class[b]: the class column b stands for
+    top = proba.argmax(axis=1)
+    acc_id = np.average(top == y, weights=w)
+    acc_perm = np.average(as_class[top] == y, weights=w)
+    true_id = np.average(proba[np.arange(len(y)), y], weights=w)
+    true_perm = np.average(proba[np.arange(len(y)), perm[y]], weights=w)
+    if true_perm - true_id >= 0.1 and acc_perm - acc_id >= 0.1:
+        order = [np.asarray(classes)[c].item() for c in as_class]
+        warnings.warn(
+            f"base model {name!r} has no class labels, so its columns were taken as "
+            f"the classes {list(np.asarray(classes).tolist())} in that order, but they "
+            f"match the target far better as {order}: mean probability of the true "
+            f"class {true_perm:.2f} against {true_id:.2f}, accuracy {acc_perm:.2f} "
+            f"against {acc_id:.2f}. If that is its order, give its labels "
+            f"(classes={order}).",
+            BaseModelWarning,
+            stacklevel=3,
+        )
+
+
 def _class_positions(name: str, model_classes, classes) -> np.ndarray:
     """Column of ``classes`` for each of the model's labels (-1: not a target class)."""
     try:
@@ -276,7 +335,7 @@ def class_probabilities(
             f"base model {name!r} knows classes {list(model_classes[pos < 0])} that "
             "are absent from the target; their probability is dropped and the rest "
             "renormalised.",
-            UserWarning,
+            BaseModelWarning,
             stacklevel=3,
         )
     out = np.zeros((n, len(classes)))

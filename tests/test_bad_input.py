@@ -35,6 +35,7 @@ from aggregators import (
 )
 from base_models import (
     BaseModelError,
+    BaseModelWarning,
     CallableModel,
     IncompatibleBaseModelError,
     PrecomputedModel,
@@ -376,9 +377,20 @@ PROBABILITIES = [
     ),
 ]
 
+# -- issue 15: a model without class labels whose columns are in another order -----------
+CLASS_ORDER = [
+    pytest.param(
+        _fit(AggregatedClassifier(
+            _nb_tree() + [("f", CallableModel(lambda X: IRIS_LR.predict_proba(X)[:, [1, 0, 2]]))],
+            **FAST)),
+        BaseModelWarning, r"'f' has no class labels.*classes \[0, 1, 2\].*far better as "
+        r"\[1, 0, 2\].*classes=\[1, 0, 2\]", id="callable-columns-permuted",
+    ),
+]
+
 @pytest.mark.parametrize(
     "make, err, match",
-    EXISTING + HYPERPARAMETERS + FAILURES + PROBABILITIES,
+    EXISTING + HYPERPARAMETERS + FAILURES + PROBABILITIES + CLASS_ORDER,
 )
 def test_bad_input(make, err, match):
     if issubclass(err, Warning):

@@ -1,5 +1,6 @@
 """Tests for the frozen base-model wrappers in :mod:`base_models`."""
 
+import warnings
 from unittest.mock import Mock
 
 import numpy as np
@@ -21,6 +22,7 @@ from base_models import (
     BaseModelError,
     BaseModelTypeError,
     BaseModelValueError,
+    BaseModelWarning,
     CallableModel,
     IncompatibleBaseModelError,
     PrecomputedModel,
@@ -29,6 +31,7 @@ from base_models import (
     UnfittedBaseModelError,
     as_base_model,
     calling,
+    check_class_order,
     check_probabilities,
     class_probabilities,
     regression_outputs,
@@ -357,7 +360,7 @@ def test_disjoint_labels_is_an_error_naming_the_model(iris):
 
 def test_extra_labels_warn_and_renormalise(iris, iris_lr):
     X, _ = iris
-    with pytest.warns(UserWarning, match=r"'full' knows classes \[(np.int64\()?2\)?\]"):
+    with pytest.warns(BaseModelWarning, match=r"'full' knows classes \[(np.int64\()?2\)?\]"):
         proba = class_probabilities("full", SklearnModel(iris_lr), X, np.array([0, 1]))
     p = iris_lr.predict_proba(X)[:, :2]
     np.testing.assert_allclose(proba, p / p.sum(axis=1, keepdims=True))
@@ -839,6 +842,19 @@ def test_check_probabilities_tolerance(iris_lr, iris):
         check_probabilities("one", bad)
     with pytest.raises(IncompatibleBaseModelError, match=r"'col'.*outside \[0, 1\]"):
         check_probabilities("col", 2 * p[:, :1])
+
+
+def test_class_order_warning_only_when_another_order_is_far_better(iris_lr, iris):
+    X, y = iris
+    p = iris_lr.predict_proba(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_class_order("right", p, y, IRIS_CLASSES)
+        check_class_order("uniform", np.full((150, 3), 1 / 3), y, IRIS_CLASSES)
+        noise = np.random.default_rng(0).dirichlet(np.ones(3), 150)
+        check_class_order("noise", noise, y, IRIS_CLASSES)
+    with pytest.warns(BaseModelWarning, match=r"'swapped'.*far better as \[0, 2, 1\]"):
+        check_class_order("swapped", p[:, [0, 2, 1]], y, IRIS_CLASSES)
 
 
 @pytest.mark.parametrize(
