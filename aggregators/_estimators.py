@@ -309,7 +309,7 @@ class _BaseAggregated(BaseEstimator):
     def _collect(self, Xb, y_orig, sample_weight=None) -> np.ndarray:
         """Fit what must be fitted, and stack every base model's outputs once."""
         base_cv = check_cv(self.base_cv, y_orig, classifier=self._task == "classification")
-        models, outs = {}, []
+        models, given, outs = {}, {}, []
         self.fitted_inside_ = []
         for name, obj in self._check_estimators():
             raw = None
@@ -343,7 +343,10 @@ class _BaseAggregated(BaseEstimator):
                     raise UnfittedBaseModelError(
                         f"base model {name!r} is frozen but not fitted: {e}"
                     ) from e
-            models[name] = model
+            given[name] = model
+            # A copy that remembers these rows where its answers depend on them.
+            with calling(name, "bind"):
+                models[name] = model = model.bind(Xb)
             outs.append(self._base_outputs(name, model, Xb, raw))
             if self._task == "classification" and model.classes_ is None and (
                 model.output != "label"
@@ -353,7 +356,7 @@ class _BaseAggregated(BaseEstimator):
                 check_class_order(name, outs[-1], y_enc, self.classes_, sample_weight)
         self.base_models_ = models
         self.estimators_ = [
-            getattr(m, "estimator", getattr(m, "module", m)) for m in models.values()
+            getattr(m, "estimator", getattr(m, "module", m)) for m in given.values()
         ]
         self.named_estimators_ = Bunch(**dict(zip(models, self.estimators_)))
         return np.stack(outs, axis=1)

@@ -145,6 +145,25 @@ class BaseModel(ABC):
         out : ndarray of shape (n_samples, n_outputs)
         """
 
+    def bind(self, X) -> "BaseModel":
+        """The model as an aggregator fitted on the rows ``X`` keeps it.
+
+        ``self`` for most models. A model whose answers depend on which rows
+        it was fitted on (:class:`PrecomputedModel` with keys that are only
+        row positions) returns a copy that remembers them, never changing
+        ``self``, which other aggregators may share.
+
+        Parameters
+        ----------
+        X : array-like or DataFrame of shape (n_samples, n_features)
+            The rows the aggregator is fitted on.
+
+        Returns
+        -------
+        BaseModel
+        """
+        return self
+
     def fit(self, X=None, y=None, **fit_params):
         """No-op: a base model is frozen. Checks it is fitted and returns self."""
         self.check_fitted()

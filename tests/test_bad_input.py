@@ -388,9 +388,41 @@ CLASS_ORDER = [
     ),
 ]
 
+# -- issue 15: stored predictions whose keys are row positions ----------------------------
+# Shuffled once, so that any 100 rows hold every class.
+_PERM = np.random.default_rng(0).permutation(len(X_IRIS))
+X_SHUF, Y_SHUF = X_IRIS[_PERM], Y_IRIS[_PERM]
+
+
+def _precomputed(**kw):
+    """Stored probabilities of the first 100 shuffled rows, keys left to default."""
+    return PrecomputedModel(IRIS_LR.predict_proba(X_SHUF[:100]), **kw)
+
+
+STORED_KEYS = [
+    pytest.param(
+        _fit_then_predict(
+            AggregatedClassifier([("stored", _precomputed())] + _frozen_nb(), **FAST),
+            pd.DataFrame(X_SHUF[:100]), Y_SHUF[:100], pd.DataFrame(X_SHUF[100:]),
+        ),
+        ValueError, r"base model 'stored'.*cannot tell 50 of these 50 rows from the rows it "
+        r"was fitted on.*keys=.*key_column", id="precomputed-new-rows-same-default-index",
+    ),
+    pytest.param(
+        _fit(
+            AggregatedClassifier([("stored", _precomputed())] + _frozen_nb(), **FAST),
+            pd.concat([pd.DataFrame(X_SHUF[:50]), pd.DataFrame(X_SHUF[50:100])]),
+            Y_SHUF[:100],
+        ),
+        ValueError, r"'stored'.*cannot tell rows apart.*share the keys \[0, 1, 2, 3, 4\]",
+        id="precomputed-two-frames-concatenated",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     "make, err, match",
-    EXISTING + HYPERPARAMETERS + FAILURES + PROBABILITIES + CLASS_ORDER,
+    EXISTING + HYPERPARAMETERS + FAILURES + PROBABILITIES + CLASS_ORDER + STORED_KEYS,
 )
 def test_bad_input(make, err, match):
     if issubclass(err, Warning):

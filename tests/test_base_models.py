@@ -705,6 +705,37 @@ def test_precomputed_label_output(iris):
     )
 
 
+def test_precomputed_positional_keys_compare_rows(iris, iris_lr):
+    """Keys that are row positions: a later row under a fit row's key must be that row."""
+    X, _ = iris
+    p = iris_lr.predict_proba(X)
+    m = PrecomputedModel(p)  # keys 0..149, positions
+    fit = pd.DataFrame(X[:100])
+    bound = m.bind(fit)
+    assert bound is not m and m._fit_rows is None  # the shared model is left alone
+    # The fit rows again, in any order, and other rows of the stored frame are fine.
+    np.testing.assert_array_equal(bound.predict_raw(fit.iloc[::-1]), p[:100][::-1])
+    np.testing.assert_array_equal(bound.predict_raw(pd.DataFrame(X).iloc[100:]), p[100:])
+    # New rows under the default index 0..49 would get the fit rows' predictions.
+    with pytest.raises(ValueError, match="cannot tell 50 of these 50 rows from the rows it was"):
+        bound.predict_raw(pd.DataFrame(X[100:]))
+    with pytest.raises(ValueError, match=r"cannot tell rows apart.*share the keys \[0, 1, 2"):
+        m.predict_raw(pd.concat([pd.DataFrame(X[:50]), pd.DataFrame(X[50:100])]))
+    # Repeated rows are the same rows.
+    np.testing.assert_array_equal(bound.predict_raw(pd.concat([fit, fit])), np.vstack([p[:100]] * 2))
+    # Explicit keys, or a key column, are taken as given: nothing is compared.
+    keyed = PrecomputedModel(p, keys=np.arange(150))
+    assert keyed.bind(fit) is keyed
+    by_column = PrecomputedModel(p, key_column=0)
+    assert by_column.bind(fit) is by_column
+
+
+def test_precomputed_dataframe_with_an_index_of_its_own_is_keyed(stored):
+    p, keys, Xdf = stored
+    m = PrecomputedModel(pd.DataFrame(p, index=keys))
+    assert m.bind(Xdf) is m
+
+
 def test_from_file_npy(tmp_path, iris, stored):
     p, _, _ = stored
     X, _ = iris

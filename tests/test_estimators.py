@@ -45,6 +45,7 @@ from aggregators import (
 )
 from base_models import (
     CallableModel,
+    PrecomputedModel,
     UnfittedBaseModelError,
     as_base_model,
 )
@@ -336,6 +337,25 @@ def test_class_alignment_by_label_not_by_column_order():
         alt.fit(X, y).predict_proba(X), ref.fit(X, y).predict_proba(X), atol=1e-10
     )
     assert list(alt.classes_) == list(IRIS_NAMES)
+
+
+def test_stored_predictions_with_positional_keys(cancer_pool):
+    """Stored for a whole frame, keys left to default (positions): the fit
+    rows again and the frame's other rows are predicted; a new frame whose
+    default index repeats the fit rows' numbers is refused (tests/test_bad_input.py)."""
+    d = cancer_pool
+    X = pd.DataFrame(np.vstack([d.X_agg, d.X_test]))
+    n = len(d.X_agg)
+    stored = PrecomputedModel(d.pool["forest"].predict_proba(X.to_numpy()))
+    pool = [("stored", stored), ("nb", FrozenEstimator(d.pool["nb"]))]
+    est = AggregatedClassifier(pool, aggregator="weights", random_state=0).fit(X.iloc[:n], d.y_agg)
+    assert est.estimators_[0] is stored and stored._fit_rows is None  # the user's, untouched
+    ref = AggregatedClassifier(
+        [("forest", FrozenEstimator(d.pool["forest"])), ("nb", FrozenEstimator(d.pool["nb"]))],
+        aggregator="weights", random_state=0,
+    ).fit(d.X_agg, d.y_agg)
+    np.testing.assert_allclose(est.predict_proba(X.iloc[n:]), ref.predict_proba(d.X_test), atol=1e-10)
+    np.testing.assert_allclose(est.predict_proba(X.iloc[:n]), ref.predict_proba(d.X_agg), atol=1e-10)
 
 
 # -- scikit-learn integration ----------------------------------------------------------
