@@ -100,11 +100,15 @@ def _fit(est, X=X_IRIS, y=Y_IRIS):
     return lambda: clone(est).fit(X, y)
 
 
-def _fit_then_predict(est, X_fit, y_fit, X_new, before_predict=None):
+def _fit_then_predict(est, X_fit, y_fit, X_new, switch=None):
+    """Fit, then predict ``X_new``; a ``Switch`` goes bad in between."""
+
     def make():
+        if switch is not None:
+            switch.on = False
         fitted = clone(est).fit(X_fit, y_fit)
-        if before_predict is not None:
-            before_predict()
+        if switch is not None:
+            switch.on = True
         fitted.predict_proba(X_new)
 
     return make
@@ -312,7 +316,7 @@ FAILURES = [
     pytest.param(
         _fit_then_predict(
             AggregatedClassifier(_nb_tree() + [("switch", CallableModel(_switch_raises))], **FAST),
-            X_IRIS, Y_IRIS, X_IRIS[:5], before_predict=lambda: setattr(_switch_raises, "on", True),
+            X_IRIS, Y_IRIS, X_IRIS[:5], switch=_switch_raises,
         ),
         BaseModelError, r"base model 'switch' failed in switch\(X\): KeyError",
         id="callable-key-error-at-predict",
@@ -370,7 +374,7 @@ PROBABILITIES = [
     pytest.param(
         _fit_then_predict(
             AggregatedClassifier(_nb_tree() + [("switch", CallableModel(_switch_scaled))], **FAST),
-            X_IRIS, Y_IRIS, X_IRIS[:5], before_predict=lambda: setattr(_switch_scaled, "on", True),
+            X_IRIS, Y_IRIS, X_IRIS[:5], switch=_switch_scaled,
         ),
         IncompatibleBaseModelError, r"'switch' declares probabilities.*5 of 5 rows do not sum",
         id="proba-checked-at-predict-too",
