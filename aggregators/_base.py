@@ -50,13 +50,26 @@ class Hyperparameter:
     init : float or array-like
         Starting (or fixed) value; broadcast to ``size``.
     low, high : float
-        Bounds (inclusive); for ``log=True`` both must be positive.
+        The box it is tuned in (inclusive); for ``log=True`` both must be positive.
     log : bool, default=True
         Tune ``log(value)`` rather than the value.
     size : int, default=1
         Length of a vector hyperparameter (e.g. one L2 weight per base model).
     labels : tuple of str, default=None
         Names of the entries of a vector hyperparameter (e.g. model names).
+    limits : tuple of float, default=None
+        ``(low, high)``, inclusive, that every value given for it must lie in:
+        ``init``, a value fixed through the estimator's ``hyperparams``, and
+        the ends of a range it is tuned in. ``None``: the box ``(low, high)``.
+        Wider than the box where the box is a default rather than a limit
+        (an L2 floor that follows the number of rows). A log-scaled
+        hyperparameter must also be positive.
+
+    Notes
+    -----
+    A value outside the limits is an error (:meth:`check`), never clipped. A
+    tuned hyperparameter whose ``init`` lies within the limits but outside the
+    box starts at the nearest bound of the box (:meth:`initial`).
     """
 
     name: str
@@ -66,11 +79,90 @@ class Hyperparameter:
     log: bool = True
     size: int = 1
     labels: tuple | None = None
+    limits: tuple | None = None
 
     def initial(self) -> np.ndarray:
-        """The initial value as a float array of length ``size``, clipped to bounds."""
+        """The initial value as a float array of length ``size``, moved into the box."""
         v = np.broadcast_to(np.asarray(self.init, dtype=np.float64), (self.size,))
         return np.clip(v, self.low, self.high).copy()
+
+    def allowed(self) -> tuple[float, float]:
+        """``(low, high)`` that every value given for it must lie in (see ``limits``)."""
+        low, high = self.limits if self.limits is not None else (self.low, self.high)
+        return float(low), float(high)
+
+    def allowed_text(self) -> str:
+        """The allowed range as an interval, e.g. ``(0, 100]`` or ``[0.001, 1000]``."""
+        low, high = self.allowed()
+        left = "(" if self.log and low <= 0 else "["
+        return f"{left}{low:g}, {high:g}]"
+
+    def _inside(self, v: np.ndarray) -> np.ndarray:
+        low, high = self.allowed()
+        # A relative 1e-9 of slack: a value tuned to a bound comes back from
+        # log space (exp(log(100))) a rounding error beyond it.
+        ok = (v >= low - 1e-9 * abs(low)) & (v <= high + 1e-9 * abs(high))
+        return ok & (v > 0) if self.log else ok
+
+    def check(self, value, owner: str = "the aggregator", given: str = "") -> np.ndarray:
+        """``value`` as a float array of length ``size``, or a ``ValueError``.
+
+        Parameters
+        ----------
+        value : float or array-like
+            A scalar (broadcast) or ``size`` values.
+        owner : str, default="the aggregator"
+            Who declares the hyperparameter (the aggregation function's class name).
+        given : str, default=""
+            Where the value was given (for the message).
+
+        Returns
+        -------
+        ndarray of shape (size,)
+
+        Raises
+        ------
+        ValueError
+            If ``value`` has another size, is not a number, or lies outside
+            :meth:`allowed` (names the hyperparameter, the value and the range).
+        """
+        where = f" ({given})" if given else ""
+        try:
+            v = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"{owner}'s hyperparameter {self.name!r} must be a number; got "
+                f"{value!r}{where}."
+            ) from e
+        if v.size not in (1, self.size) or v.ndim > 1:
+            per = f" (one per {', '.join(map(str, self.labels))})" if self.labels else ""
+            raise ValueError(
+                f"{owner}'s hyperparameter {self.name!r} takes a scalar or {self.size} "
+                f"values{per}; got {value!r}{where}."
+            )
+        given_size = v.size
+        v = np.broadcast_to(v.ravel(), (self.size,)).copy()
+        ok = self._inside(v)
+        if not ok.all():
+            which = ""
+            if given_size > 1:
+                labels = self.labels or tuple(range(self.size))
+                which = f" (entries {[labels[i] for i in np.flatnonzero(~ok)][:10]})"
+            raise ValueError(
+                f"{owner}'s hyperparameter {self.name!r} must lie in "
+                f"{self.allowed_text()}; got {value!r}{which}{where}. Give a value "
+                "within that range."
+            )
+        return v
+
+    def check_range(self, low: float, high: float, owner: str = "the aggregator") -> None:
+        """Raise ``ValueError`` unless the box ``[low, high]`` to tune in lies in :meth:`allowed`."""
+        if not self._inside(np.array([low, high])).all():
+            raise ValueError(
+                f"the range ({low:g}, {high:g}) given to tune {owner}'s hyperparameter "
+                f"{self.name!r} in reaches outside its allowed range "
+                f"{self.allowed_text()}; give a range within it."
+            )
 
     def entry_names(self) -> list[str]:
         """Flat names such as ``l2[rf]`` for each entry of the vector."""
@@ -124,6 +216,15 @@ class AggregationContext:
     def full(self, shape, value) -> torch.Tensor:
         """A constant tensor on the context's device and dtype."""
         return torch.full(shape, float(value), device=self.device, dtype=self.dtype)
+
+
+def l2_limits_for(given: tuple | None) -> tuple[float, float] | None:
+    """Where a given L2 weight may lie: the ``given`` bounds, else ``(0, 100]``.
+
+    The default floor of :func:`l2_bounds_for` follows the number of rows; it
+    bounds the tuning, not the values a user may fix or start from.
+    """
+    return None if given is not None else (0.0, 1e2)
 
 
 def l2_bounds_for(ctx: "AggregationContext", given: tuple | None) -> tuple[float, float]:

@@ -92,17 +92,28 @@ class HyperSpace:
     log-scaled hyperparameters, the value itself otherwise, box-bounded.
     Fixed entries are constants.
 
+    Every value given is checked against the hyperparameter's limits
+    (:meth:`Hyperparameter.check`): the aggregator's own value, a fixed value
+    and the ends of a range alike; one outside is a ``ValueError`` naming it,
+    never clipped.
+
     Parameters
     ----------
     specs : list of Hyperparameter
     fixed : dict
         ``name -> value`` for hyperparameters that are not tuned, or
         ``name -> range`` (see :func:`parse_range`) for one tuned within
-        bounds other than the declared ones.
+        bounds other than the declared ones (inside its limits). The
+        aggregator's value is then where tuning starts, moved into the range.
     device, dtype
+    owner : str, default="the aggregator"
+        Who declares the hyperparameters (for messages): the aggregation
+        function's class name.
     """
 
-    def __init__(self, specs: list[Hyperparameter], fixed: dict, device, dtype):
+    def __init__(
+        self, specs: list[Hyperparameter], fixed: dict, device, dtype, *, owner="the aggregator"
+    ):
         known = {s.name for s in specs}
         unknown = set(fixed) - known
         if unknown:
@@ -110,7 +121,11 @@ class HyperSpace:
                 f"hyperparams names {sorted(unknown)} that the aggregator does not "
                 f"have; its hyperparameters are {sorted(known)}."
             )
+        for s in specs:
+            s.check(s.init, owner, f"given to {owner}")
         ranges = {k: r for k, v in fixed.items() if (r := parse_range(v)) is not None}
+        for k, (low, high, _) in ranges.items():
+            next(s for s in specs if s.name == k).check_range(low, high, owner)
         fixed = {k: v for k, v in fixed.items() if k not in ranges}
         specs = [self._with_range(s, ranges[s.name]) if s.name in ranges else s for s in specs]
         self.specs = specs
@@ -120,26 +135,14 @@ class HyperSpace:
         self.constants = {}
         for s in specs:
             if s.name in fixed:
-                given = np.asarray(fixed[s.name], dtype=np.float64)
-                if given.size not in (1, s.size) or given.ndim > 1:
-                    labels = f" (one per {', '.join(map(str, s.labels))})" if s.labels else ""
-                    raise ValueError(
-                        f"fixed hyperparameter {s.name!r} takes a scalar or {s.size} "
-                        f"values{labels}; got {fixed[s.name]!r}."
-                    )
-                v = np.broadcast_to(given.ravel() if given.size == s.size else given, (s.size,))
-                if not np.all(np.isfinite(v)) or (s.log and np.any(v <= 0)):
-                    raise ValueError(
-                        f"fixed hyperparameter {s.name!r} must be finite"
-                        f"{' and positive' if s.log else ''}; got {fixed[s.name]!r}."
-                    )
-                self.constants[s.name] = torch.as_tensor(v.copy(), device=device, dtype=dtype)
+                v = s.check(fixed[s.name], owner, f"given as hyperparams={{{s.name!r}: ...}}")
+                self.constants[s.name] = torch.as_tensor(v, device=device, dtype=dtype)
 
     @staticmethod
     def _with_range(s: Hyperparameter, rng: tuple[float, float, bool]) -> Hyperparameter:
         low, high, log = rng
-        # Start where the aggregator would, moved inside the new box.
-        return replace(s, init=np.clip(s.initial(), low, high), low=low, high=high, log=log)
+        # The range becomes the box; the limits stay those declared.
+        return replace(s, low=low, high=high, log=log, limits=s.allowed())
 
     def _encode(self, s: Hyperparameter, v):
         return np.log(v) if s.log else np.asarray(v, dtype=np.float64)

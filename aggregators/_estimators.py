@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager
 from numbers import Integral, Real
 
 import numpy as np
@@ -37,6 +36,8 @@ from base_models import (
     SklearnModel,
     UnfittedBaseModelError,
     as_base_model,
+    calling,
+    check_class_order,
     class_probabilities,
     is_fitted_estimator,
     regression_outputs,
@@ -76,25 +77,6 @@ def _is_frozen(obj) -> bool:
         return clone(obj) is obj
     except Exception:  # a duck-typed estimator clone cannot handle: not frozen
         return False
-
-
-@contextmanager
-def _naming(name: str, what: str):
-    """Re-raise a base model's ValueError / TypeError with the model's name in it.
-
-    Only those exact types (and our own base-model errors) are rewrapped, so
-    that callers matching a more specific exception class still see it.
-    """
-    try:
-        yield
-    except (UnfittedBaseModelError, IncompatibleBaseModelError) as e:
-        if repr(name) in str(e):
-            raise
-        raise type(e)(f"base model {name!r} {what}: {e}") from e
-    except (ValueError, TypeError) as e:
-        if type(e) not in (ValueError, TypeError):
-            raise
-        raise type(e)(f"base model {name!r} {what}: {e}") from e
 
 
 def _inner_solver(agg) -> str:
@@ -287,12 +269,11 @@ class _BaseAggregated(BaseEstimator):
 
     def _base_outputs(self, name, model, Xb, raw=None) -> np.ndarray:
         self._check_model_task(name, model.task)
+        # Both name the model in whatever they raise, the model's own errors included.
         if self._task == "classification":
-            with _naming(name, "could not predict"):
-                out = class_probabilities(name, model, Xb, self.classes_, raw=raw)
+            out = class_probabilities(name, model, Xb, self.classes_, raw=raw)
         else:
-            with _naming(name, "could not predict"):
-                out = regression_outputs(name, model, Xb, self.n_outputs_, raw=raw)
+            out = regression_outputs(name, model, Xb, self.n_outputs_, raw=raw)
         if not np.all(np.isfinite(out)):
             raise ValueError(f"base model {name!r} returned NaN or infinite predictions.")
         return out
@@ -314,7 +295,7 @@ class _BaseAggregated(BaseEstimator):
                     "yourself and pass it fitted."
                 )
             params = {"sample_weight": sample_weight}
-        with _naming(name, "could not be fitted"):
+        with calling(name, "fit"):
             # Out-of-fold outputs for the aggregator, as scikit-learn's stacking
             # does; the model kept for predict time is fitted on all rows.
             raw = np.asarray(
@@ -328,7 +309,7 @@ class _BaseAggregated(BaseEstimator):
     def _collect(self, Xb, y_orig, sample_weight=None) -> np.ndarray:
         """Fit what must be fitted, and stack every base model's outputs once."""
         base_cv = check_cv(self.base_cv, y_orig, classifier=self._task == "classification")
-        models, outs = {}, []
+        models, given, outs = {}, {}, []
         self.fitted_inside_ = []
         for name, obj in self._check_estimators():
             raw = None
@@ -362,11 +343,20 @@ class _BaseAggregated(BaseEstimator):
                     raise UnfittedBaseModelError(
                         f"base model {name!r} is frozen but not fitted: {e}"
                     ) from e
-            models[name] = model
+            given[name] = model
+            # A copy that remembers these rows where its answers depend on them.
+            with calling(name, "bind"):
+                models[name] = model = model.bind(Xb)
             outs.append(self._base_outputs(name, model, Xb, raw))
+            if self._task == "classification" and model.classes_ is None and (
+                model.output != "label"
+            ):
+                # Its columns were taken to be the classes in sorted order.
+                y_enc = np.searchsorted(self.classes_, y_orig)
+                check_class_order(name, outs[-1], y_enc, self.classes_, sample_weight)
         self.base_models_ = models
         self.estimators_ = [
-            getattr(m, "estimator", getattr(m, "module", m)) for m in models.values()
+            getattr(m, "estimator", getattr(m, "module", m)) for m in given.values()
         ]
         self.named_estimators_ = Bunch(**dict(zip(models, self.estimators_)))
         return np.stack(outs, axis=1)
@@ -450,11 +440,12 @@ class _BaseAggregated(BaseEstimator):
         agg_spec.check_task(ctx)
         specs = agg_spec.hyperparameters(ctx)
         fixed = self._resolve_hyperparams()
+        # Held at the aggregator's own values, as given (checked, never clipped).
         if fixed.pop("__all__", False):
-            fixed = {s.name: s.initial() for s in specs}
+            fixed = {s.name: s.init for s in specs}
         if fixed.pop("__others__", False):
-            fixed = {**{s.name: s.initial() for s in specs}, **fixed}
-        space = HyperSpace(specs, fixed, device, dtype)
+            fixed = {**{s.name: s.init for s in specs}, **fixed}
+        space = HyperSpace(specs, fixed, device, dtype, owner=type(agg_spec).__name__)
 
         Z = self._transform_outputs(self._collect(Xb, y_orig, sample_weight))
         # The one host-to-device copy of the data for this fit.
@@ -665,7 +656,9 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         given values) and tunes the rest. A dict value may instead be a range,
         ``(low, high, "log")``, ``(low, high, "linear")``,
         ``scipy.stats.loguniform(low, high)`` or ``scipy.stats.uniform(loc,
-        scale)``: that hyperparameter is tuned within it.
+        scale)``: that hyperparameter is tuned within it. A value (or a
+        range's end) outside the hyperparameter's declared limits, here or on
+        the aggregator, is a ``ValueError`` at ``fit``, never clipped.
     tuner : str, default="hoag"
         Hypergradient method, a key of ``aggregators.hypergrad.METHODS``
         (listed in :func:`aggregators.hypergrad.hypergradient`). The default,

@@ -15,6 +15,7 @@ from ._base import (
     Hyperparameter,
     Params,
     l2_bounds_for,
+    l2_limits_for,
     unit_interval_scale,
 )
 
@@ -186,7 +187,9 @@ class LAF(Aggregator):
         (digits 0.0754 -> 0.0735, synthetic 0.8030 -> 0.7993 on average),
         and lower or equal on all 8 sets of ``bench_unseen.py`` (2-target
         regression MSE 235 -> 208); the fits on digits and synthetic took
-        about twice as long (4.5 -> 9.1 s, 4.9 -> 10.4 s).
+        about twice as long (4.5 -> 9.1 s, 4.9 -> 10.4 s). As for
+        :class:`Stacking`, the default floor bounds the tuning only: a
+        weight given may lie anywhere in ``(0, 100]``.
     eps : float, default=1e-6
         Inputs are clamped to ``[eps, 1 - eps]``.
 
@@ -255,7 +258,12 @@ class LAF(Aggregator):
             raise TypeError(f"weighted must be True or False; got {self.weighted!r}.")
 
     def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
-        hp = [Hyperparameter("l2", self.l2, *l2_bounds_for(ctx, self.l2_bounds))]
+        hp = [
+            Hyperparameter(
+                "l2", self.l2, *l2_bounds_for(ctx, self.l2_bounds),
+                limits=l2_limits_for(self.l2_bounds),
+            )
+        ]
         if ctx.task == "classification":
             lo, hi = self.temperature_bounds
             hp.insert(0, Hyperparameter("temperature", self.temperature, lo, hi))

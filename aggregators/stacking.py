@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._base import AggregationContext, Aggregator, Hyperparameter, Params, l2_bounds_for
+from ._base import (
+    AggregationContext,
+    Aggregator,
+    Hyperparameter,
+    Params,
+    l2_bounds_for,
+    l2_limits_for,
+)
 
 __all__ = ["Stacking"]
 
@@ -62,7 +69,11 @@ class Stacking(Aggregator):
         over seeds 0-9, digits 0.0776 -> 0.0701, synthetic 0.7480 -> 0.7436,
         wine 0.0833 -> 0.0776; breast_cancer worse, 0.0895 -> 0.0917); a
         fixed floor of 1e-4 overfit wine (0.077 against 0.046 over seeds
-        0-4) and breast_cancer.
+        0-4) and breast_cancer. That floor bounds the tuning only: a weight
+        given (here, fixed through ``hyperparams``, or a range to tune in)
+        may lie anywhere in ``(0, 100]``, and a tuned one given below the
+        floor starts at the floor. Given ``l2_bounds``, every weight must lie
+        within them; a value outside is an error at ``fit``, never clipped.
     features : {"proba", "log_proba"}, default="proba"
         Meta-features of classifiers. Probabilities are bounded, so one
         confidently wrong base model cannot produce an extreme logit; on
@@ -147,18 +158,21 @@ class Stacking(Aggregator):
 
     def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
         low, high = l2_bounds_for(ctx, self.l2_bounds)
+        limits = l2_limits_for(self.l2_bounds)
         hp = [
             Hyperparameter(
                 "l2", self.l2, low, high, log=True, size=ctx.n_models,
-                labels=tuple(ctx.model_names),
+                labels=tuple(ctx.model_names), limits=limits,
             )
             if self.per_model_l2
-            else Hyperparameter("l2", self.l2, low, high, log=True)
+            else Hyperparameter("l2", self.l2, low, high, log=True, limits=limits)
         ]
         if self._pools(ctx):
-            hp.append(Hyperparameter("l2_scale", self.l2_scale, low, high))
+            hp.append(Hyperparameter("l2_scale", self.l2_scale, low, high, limits=limits))
         if self.passthrough:
-            hp.append(Hyperparameter("l2_passthrough", self.l2_passthrough, low, high))
+            hp.append(
+                Hyperparameter("l2_passthrough", self.l2_passthrough, low, high, limits=limits)
+            )
         return hp
 
     def fit_buffers(self, ctx, Z, y, X=None) -> Params:

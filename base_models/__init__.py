@@ -5,7 +5,16 @@ scikit-learn estimators, torch modules, plain callables and stored predictions;
 :func:`as_base_model` picks the right one.
 """
 
-from ._base import BaseModel, IncompatibleBaseModelError, UnfittedBaseModelError
+from ._base import (
+    BaseModel,
+    BaseModelError,
+    BaseModelTypeError,
+    BaseModelValueError,
+    BaseModelWarning,
+    IncompatibleBaseModelError,
+    UnfittedBaseModelError,
+    calling,
+)
 from ._callable import CallableModel, PrecomputedModel
 from ._device import (
     resolve_device,
@@ -14,12 +23,22 @@ from ._device import (
     to_numpy,
     to_tensor,
 )
-from ._pool import as_base_model, class_probabilities, regression_outputs
+from ._pool import (
+    as_base_model,
+    check_class_order,
+    check_probabilities,
+    class_probabilities,
+    regression_outputs,
+)
 from ._sklearn import SklearnModel, is_fitted_estimator
 from ._torch import TorchModel
 
 __all__ = [
     "BaseModel",
+    "BaseModelError",
+    "BaseModelTypeError",
+    "BaseModelValueError",
+    "BaseModelWarning",
     "CallableModel",
     "IncompatibleBaseModelError",
     "PrecomputedModel",
@@ -27,6 +46,9 @@ __all__ = [
     "TorchModel",
     "UnfittedBaseModelError",
     "as_base_model",
+    "calling",
+    "check_class_order",
+    "check_probabilities",
     "class_probabilities",
     "is_fitted_estimator",
     "regression_outputs",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from numbers import Integral
 
@@ -23,6 +24,15 @@ def _check_output(output):
 
 def _task_of(output):
     return "regression" if output == "value" else "classification"
+
+
+def _row_hashes(X) -> np.ndarray:
+    """One 64-bit hash of each row's values (numbers compared as float64)."""
+    try:
+        frame = pd.DataFrame(np.asarray(X, dtype=np.float64).reshape(len(X), -1))
+    except (TypeError, ValueError):  # columns that are not numbers
+        frame = pd.DataFrame(X).reset_index(drop=True)
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
 
 
 class CallableModel(BaseModel):
@@ -63,6 +73,11 @@ class CallableModel(BaseModel):
         out = out.astype(np.float64, copy=False)
         return out.reshape(len(out), -1) if out.ndim == 1 else out
 
+    @property
+    def method_called(self) -> str:
+        """``"<function name>(X)"``, as error messages name it."""
+        return f"{getattr(self.func, '__name__', 'callable')}(X)"
+
     def _describe(self) -> str:
         return f"{getattr(self.func, '__name__', 'callable')}, output={self.output!r}"
 
@@ -72,7 +87,8 @@ class PrecomputedModel(BaseModel):
 
     The rows the aggregator sees are matched to stored predictions by a key:
     the index of a pandas ``X`` (default), or a column of ``X`` named by
-    ``key_column``. A row whose key is not stored is an error, never a guess.
+    ``key_column``. A row whose key is not stored is an error, never a guess,
+    and so is a row it cannot tell apart from another (see Notes).
 
     Parameters
     ----------
@@ -89,6 +105,28 @@ class PrecomputedModel(BaseModel):
     classes : array-like, default=None
         Class labels of the columns.
 
+    Notes
+    -----
+    Without ``keys`` (and without a DataFrame index other than the default
+    ``0 .. n_rows-1``) the keys are only **row positions**, and looked up in
+    the index of ``X`` they tell rows apart only as long as every row keeps
+    one number. A new DataFrame gets the default index ``0 .. n-1`` again:
+    its rows would receive the stored predictions of other rows that had
+    those numbers. So, with positional keys and no ``key_column``, rows are
+    compared by their feature values (a hash of each row):
+
+    * rows of one ``X`` under the same key must be equal;
+    * once an aggregator is fitted on rows ``X_fit`` (it keeps the copy
+      :meth:`bind` returns), a row predicted later under a key that a row of
+      ``X_fit`` had must equal that row. The same rows again (``predict``
+      on the training rows) are fine, and so are keys the fit rows did not
+      have (other rows of the frame the predictions were stored for, such
+      as ``df.iloc[n:]``).
+
+    Anything else is a ``ValueError`` that asks for explicit keys: ``keys``
+    (with ``X`` indexed by them), or ``key_column``. With either, keys are
+    taken as given and never compared.
+
     Examples
     --------
     >>> import numpy as np, pandas as pd
@@ -104,10 +142,13 @@ class PrecomputedModel(BaseModel):
     ):
         self.output = _check_output(output)
         self.task = _task_of(output)
+        # Keys that are only row positions (see Notes).
+        positional = keys is None
         if isinstance(predictions, pd.Series):
             predictions = predictions.to_frame()
         if isinstance(predictions, pd.DataFrame):
             if keys is None:
+                positional = predictions.index.equals(pd.RangeIndex(len(predictions)))
                 keys = predictions.index.to_numpy()
             if classes is None and self.output in ("proba", "logits", "decision"):
                 if predictions.shape[1] > 1:
@@ -135,6 +176,8 @@ class PrecomputedModel(BaseModel):
         self._index = index
         self.key_column = key_column
         self.classes_ = None if classes is None else np.asarray(classes)
+        self._positional = positional
+        self._fit_rows = None  # (keys, row hashes) of the rows bound at fit (bind)
 
     @classmethod
     def from_file(cls, path, **kwargs) -> "PrecomputedModel":
@@ -148,7 +191,8 @@ class PrecomputedModel(BaseModel):
             For CSV and Parquet, the column that holds the row keys; all other
             columns are outputs (their header gives the class labels, as
             strings, which :func:`class_probabilities` matches to the target's
-            labels by text). Without it the keys are ``0 .. n_rows-1``.
+            labels by text). Without it the keys are ``0 .. n_rows-1``, row
+            positions (see Notes of :class:`PrecomputedModel`).
         **kwargs
             Passed to :class:`PrecomputedModel` (``output``, ``key_column``,
             ``classes``, ...).
@@ -203,8 +247,70 @@ class PrecomputedModel(BaseModel):
             "pass X as a DataFrame whose index holds the keys, or set key_column."
         )
 
+    @property
+    def method_called(self) -> str:
+        """``"the lookup of stored predictions"``, as error messages name it."""
+        return "the lookup of stored predictions"
+
+    def _compares_rows(self) -> bool:
+        return getattr(self, "_positional", False) and self.key_column is None
+
+    def bind(self, X) -> "PrecomputedModel":
+        """A copy that remembers the rows ``X`` by key, when keys are positions.
+
+        See Notes: rows predicted later under a key of ``X`` must equal that
+        row of ``X``. ``self`` when keys were given or ``key_column`` is set.
+        """
+        if not self._compares_rows() or not isinstance(X, (pd.DataFrame, pd.Series)):
+            return self  # (a numpy X without key_column is refused at predict_raw)
+        keys = self._row_keys(X)
+        hashes = _row_hashes(X)
+        self._check_same_key_same_row(keys, hashes)
+        first = ~pd.Index(keys).duplicated()
+        bound = copy.copy(self)
+        # Plain arrays (any persistence format takes them): unique keys, row hashes.
+        bound._fit_rows = (np.asarray(keys)[first], hashes[first])
+        return bound
+
+    def _check_same_key_same_row(self, keys, hashes) -> None:
+        """Raise if rows under one key differ, within ``X`` or from the fit rows."""
+        rows = pd.Series(hashes, index=keys)
+        clash = rows.index.duplicated(keep=False)
+        if clash.any():
+            clash &= rows.groupby(level=0).transform("nunique").to_numpy() > 1
+        if clash.any():
+            shown = pd.unique(keys[clash])[:5].tolist()
+            raise ValueError(
+                "PrecomputedModel cannot tell rows apart: its keys are row positions "
+                "(none were given), read from X's index, and rows of X that differ "
+                f"share the keys {shown}. Give explicit keys: PrecomputedModel(..., "
+                "keys=...) with X indexed by them, or key_column=<the column of X "
+                "holding them>."
+            )
+        fit = getattr(self, "_fit_rows", None)
+        if fit is None:
+            return
+        fit_keys, fit_hashes = fit
+        pos = pd.Index(fit_keys).get_indexer(keys)
+        other = np.zeros(len(keys), dtype=bool)
+        known = pos >= 0
+        other[known] = fit_hashes[pos[known]] != hashes[known]
+        if other.any():
+            shown = keys[other][:5].tolist()
+            raise ValueError(
+                f"PrecomputedModel cannot tell {int(other.sum())} of these {len(keys)} "
+                "rows from the rows it was fitted on: its keys are row positions (none "
+                "were given), read from X's index, and these rows carry keys the fit "
+                f"rows had (e.g. {shown}) but hold other values, as a new DataFrame's "
+                "default index 0..n-1 would. Their stored predictions would be those "
+                "of the fit rows. Give explicit keys: PrecomputedModel(..., keys=...) "
+                "with X indexed by them, or key_column=<the column of X holding them>."
+            )
+
     def predict_raw(self, X) -> np.ndarray:
         keys = self._row_keys(X)
+        if self._compares_rows():
+            self._check_same_key_same_row(keys, _row_hashes(X))
         pos = self._index.get_indexer(keys)
         if (pos < 0).any():
             missing = keys[pos < 0][:5]

@@ -6,15 +6,27 @@ import warnings
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator
 
-from ._base import BaseModel, IncompatibleBaseModelError
+from ._base import BaseModel, BaseModelWarning, IncompatibleBaseModelError, calling
 from ._callable import CallableModel, PrecomputedModel
 from ._sklearn import SklearnModel
 from ._torch import TorchModel
 
-__all__ = ["as_base_model", "class_probabilities", "regression_outputs"]
+__all__ = [
+    "as_base_model",
+    "check_class_order",
+    "check_probabilities",
+    "class_probabilities",
+    "regression_outputs",
+]
+
+# Rows of probabilities may miss [0, 1] or a sum of 1 by this much: float32
+# models miss by about 1e-7 per class; scores or logits taken for
+# probabilities miss by far more.
+PROBA_TOL = 1e-3
 
 
 def as_base_model(obj, **kwargs) -> BaseModel:
@@ -89,6 +101,122 @@ def _to_proba(raw: np.ndarray, output: str, n_cols: int) -> np.ndarray:
     raise AssertionError(output)  # labels are handled by the caller
 
 
+def check_probabilities(name: str, raw: np.ndarray) -> None:
+    """Raise unless the rows of ``raw`` are probabilities, within ``PROBA_TOL``.
+
+    Every value must lie in ``[0, 1]`` and, with more than one column, every
+    row must sum to 1 (a single column is the positive class's probability).
+    Non-finite values are left to the caller's own check.
+
+    Parameters
+    ----------
+    name : str
+        The model's name in the pool (for messages).
+    raw : ndarray of shape (n_samples, n_columns)
+        What a model that declares ``output="proba"`` returned.
+
+    Raises
+    ------
+    IncompatibleBaseModelError
+        Naming the model, how many rows are off and by how much.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from base_models import check_probabilities
+    >>> check_probabilities("ok", np.array([[0.2, 0.8]]))
+    >>> check_probabilities("scaled", np.array([[0.6, 2.4]]))
+    Traceback (most recent call last):
+    ...
+    base_models._base.IncompatibleBaseModelError: base model 'scaled' ...
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    finite = np.isfinite(raw).all(axis=1)
+    vals = raw[finite]
+    if vals.size == 0:
+        return
+    problems = []
+    out_of_range = ((vals < -PROBA_TOL) | (vals > 1 + PROBA_TOL)).any(axis=1)
+    if out_of_range.any():
+        problems.append(
+            f"{int(out_of_range.sum())} of {len(vals)} rows hold values outside [0, 1] "
+            f"(from {vals.min():.4g} to {vals.max():.4g})"
+        )
+    if vals.shape[1] > 1:
+        sums = vals.sum(axis=1)
+        off = np.abs(sums - 1.0) > PROBA_TOL
+        if off.any():
+            problems.append(
+                f"{int(off.sum())} of {len(vals)} rows do not sum to 1 (sums from "
+                f"{sums.min():.4g} to {sums.max():.4g})"
+            )
+    if problems:
+        raise IncompatibleBaseModelError(
+            f"base model {name!r} declares probabilities (output='proba') but "
+            f"{' and '.join(problems)}. If it returns scores or logits, say so: "
+            "output='logits' for a TorchModel, CallableModel or PrecomputedModel, "
+            "SklearnModel(estimator, method='decision_function') for a scikit-learn "
+            "model; otherwise fix the model's outputs."
+        )
+
+
+def check_class_order(
+    name: str, proba: np.ndarray, y: np.ndarray, classes, sample_weight=None
+) -> None:
+    """Warn when a model's columns match the target better in another order.
+
+    For a model without class labels, whose columns are taken to be the
+    target's classes in sorted order: ``M[a, b]`` is the mean probability
+    the model gives column ``b`` on the rows of class ``a``; the permutation
+    of columns with the largest ``sum_a M[a, perm(a)]`` is found by linear
+    assignment. When it is not the identity, and beats it by at least 0.1 in
+    both the mean probability of the true class and the accuracy of the
+    most probable class, a :class:`BaseModelWarning` names the model and
+    the better order.
+
+    Parameters
+    ----------
+    name : str
+        The model's name in the pool.
+    proba : ndarray of shape (n_samples, n_classes)
+        Its probabilities, columns in the order of ``classes``.
+    y : ndarray of shape (n_samples,)
+        The target, encoded as ``0 .. n_classes-1``.
+    classes : array-like of shape (n_classes,)
+        The target's class labels (for the message).
+    sample_weight : ndarray of shape (n_samples,), default=None
+        Row weights.
+    """
+    k = proba.shape[1]
+    w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, float)
+    M = np.zeros((k, k))
+    for a in range(k):
+        rows = y == a
+        if w[rows].sum() > 0:
+            M[a] = np.average(proba[rows], axis=0, weights=w[rows])
+    _, perm = linear_sum_assignment(M, maximize=True)  # perm[a]: the column for class a
+    if np.array_equal(perm, np.arange(k)):
+        return
+    as_class = np.argsort(perm)  # as_class[b]: the class column b stands for
+    top = proba.argmax(axis=1)
+    acc_id = np.average(top == y, weights=w)
+    acc_perm = np.average(as_class[top] == y, weights=w)
+    true_id = np.average(proba[np.arange(len(y)), y], weights=w)
+    true_perm = np.average(proba[np.arange(len(y)), perm[y]], weights=w)
+    if true_perm - true_id >= 0.1 and acc_perm - acc_id >= 0.1:
+        order = [np.asarray(classes)[c].item() for c in as_class]
+        warnings.warn(
+            f"base model {name!r} has no class labels, so its columns were taken as "
+            f"the classes {list(np.asarray(classes).tolist())} in that order, but they "
+            f"match the target far better as {order}: mean probability of the true "
+            f"class {true_perm:.2f} against {true_id:.2f}, accuracy {acc_perm:.2f} "
+            f"against {acc_id:.2f}. If that is its order, give its labels "
+            f"(classes={order}).",
+            BaseModelWarning,
+            stacklevel=3,
+        )
+
+
 def _class_positions(name: str, model_classes, classes) -> np.ndarray:
     """Column of ``classes`` for each of the model's labels (-1: not a target class)."""
     try:
@@ -143,7 +271,10 @@ def class_probabilities(
     ------
     IncompatibleBaseModelError
         If the model's labels share nothing with ``classes``, it predicts a
-        label outside them, or its column count cannot be matched.
+        label outside them, its column count cannot be matched, or it
+        declares probabilities that are not (:func:`check_probabilities`).
+    BaseModelError
+        If the model itself raises (chained; :func:`calling`).
 
     Notes
     -----
@@ -160,7 +291,9 @@ def class_probabilities(
     >>> class_probabilities("m", m, None, np.array(["a", "b", "c"]), raw=m.predictions)
     array([[0.7, 0. , 0.3]])
     """
-    raw = model.predict_raw(X) if raw is None else raw
+    if raw is None:
+        with calling(name, model.method_called):
+            raw = model.predict_raw(X)
     n = len(raw)
     if model.output == "label":
         labels = np.asarray(raw).ravel()
@@ -182,6 +315,8 @@ def class_probabilities(
             )
         model_classes = np.asarray(classes)
     model_classes = np.asarray(model_classes)
+    if model.output == "proba":
+        check_probabilities(name, raw)
     proba = _to_proba(raw, model.output, len(model_classes))
     if proba.shape != (n, len(model_classes)):
         raise IncompatibleBaseModelError(
@@ -200,7 +335,7 @@ def class_probabilities(
             f"base model {name!r} knows classes {list(model_classes[pos < 0])} that "
             "are absent from the target; their probability is dropped and the rest "
             "renormalised.",
-            UserWarning,
+            BaseModelWarning,
             stacklevel=3,
         )
     out = np.zeros((n, len(classes)))
@@ -220,7 +355,10 @@ def regression_outputs(
             f"base model {name!r} is a classifier; a regressor's pool needs "
             "regression models."
         )
-    raw = np.asarray(model.predict_raw(X) if raw is None else raw, dtype=np.float64)
+    if raw is None:
+        with calling(name, model.method_called):
+            raw = model.predict_raw(X)
+    raw = np.asarray(raw, dtype=np.float64)
     raw = raw.reshape(len(raw), -1)
     if raw.shape[1] != n_targets:
         raise IncompatibleBaseModelError(

@@ -138,15 +138,19 @@ class SklearnModel(BaseModel):
                 "inside with out-of-fold predictions."
             )
 
-    def predict_raw(self, X) -> np.ndarray:
-        self.check_fitted()
-        method = {
+    @property
+    def method_called(self) -> str:
+        """The estimator's method :meth:`predict_raw` calls (``"predict_proba"``, ...)."""
+        return {
             "proba": "predict_proba",
             "decision": "decision_function",
             "label": "predict",
             "value": "predict",
         }[self.output]
-        out = np.asarray(getattr(self.estimator, method)(X))
+
+    def predict_raw(self, X) -> np.ndarray:
+        self.check_fitted()
+        out = np.asarray(getattr(self.estimator, self.method_called)(X))
         if self.output == "label":
             return out  # labels; one-hot encoding happens at alignment
         out = out.astype(np.float64, copy=False)

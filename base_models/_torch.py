@@ -129,6 +129,11 @@ class TorchModel(BaseModel):
             return np.zeros((0, 1))
         return torch.cat(outs).cpu().numpy()
 
+    @property
+    def method_called(self) -> str:
+        """``"<ModuleClass>.forward"``, as error messages name it."""
+        return f"{type(self.module).__name__}.forward"
+
     def _input_dtype(self) -> torch.dtype:
         if self.dtype is not None:
             return self.dtype

@@ -1,5 +1,6 @@
 """Tests for the frozen base-model wrappers in :mod:`base_models`."""
 
+import warnings
 from unittest.mock import Mock
 
 import numpy as np
@@ -18,6 +19,10 @@ from sklearn.tree import DecisionTreeClassifier
 
 from base_models import (
     BaseModel,
+    BaseModelError,
+    BaseModelTypeError,
+    BaseModelValueError,
+    BaseModelWarning,
     CallableModel,
     IncompatibleBaseModelError,
     PrecomputedModel,
@@ -25,6 +30,9 @@ from base_models import (
     TorchModel,
     UnfittedBaseModelError,
     as_base_model,
+    calling,
+    check_class_order,
+    check_probabilities,
     class_probabilities,
     regression_outputs,
     resolve_device,
@@ -352,7 +360,7 @@ def test_disjoint_labels_is_an_error_naming_the_model(iris):
 
 def test_extra_labels_warn_and_renormalise(iris, iris_lr):
     X, _ = iris
-    with pytest.warns(UserWarning, match=r"'full' knows classes \[(np.int64\()?2\)?\]"):
+    with pytest.warns(BaseModelWarning, match=r"'full' knows classes \[(np.int64\()?2\)?\]"):
         proba = class_probabilities("full", SklearnModel(iris_lr), X, np.array([0, 1]))
     p = iris_lr.predict_proba(X)[:, :2]
     np.testing.assert_allclose(proba, p / p.sum(axis=1, keepdims=True))
@@ -697,6 +705,37 @@ def test_precomputed_label_output(iris):
     )
 
 
+def test_precomputed_positional_keys_compare_rows(iris, iris_lr):
+    """Keys that are row positions: a later row under a fit row's key must be that row."""
+    X, _ = iris
+    p = iris_lr.predict_proba(X)
+    m = PrecomputedModel(p)  # keys 0..149, positions
+    fit = pd.DataFrame(X[:100])
+    bound = m.bind(fit)
+    assert bound is not m and m._fit_rows is None  # the shared model is left alone
+    # The fit rows again, in any order, and other rows of the stored frame are fine.
+    np.testing.assert_array_equal(bound.predict_raw(fit.iloc[::-1]), p[:100][::-1])
+    np.testing.assert_array_equal(bound.predict_raw(pd.DataFrame(X).iloc[100:]), p[100:])
+    # New rows under the default index 0..49 would get the fit rows' predictions.
+    with pytest.raises(ValueError, match="cannot tell 50 of these 50 rows from the rows it was"):
+        bound.predict_raw(pd.DataFrame(X[100:]))
+    with pytest.raises(ValueError, match=r"cannot tell rows apart.*share the keys \[0, 1, 2"):
+        m.predict_raw(pd.concat([pd.DataFrame(X[:50]), pd.DataFrame(X[50:100])]))
+    # Repeated rows are the same rows.
+    np.testing.assert_array_equal(bound.predict_raw(pd.concat([fit, fit])), np.vstack([p[:100]] * 2))
+    # Explicit keys, or a key column, are taken as given: nothing is compared.
+    keyed = PrecomputedModel(p, keys=np.arange(150))
+    assert keyed.bind(fit) is keyed
+    by_column = PrecomputedModel(p, key_column=0)
+    assert by_column.bind(fit) is by_column
+
+
+def test_precomputed_dataframe_with_an_index_of_its_own_is_keyed(stored):
+    p, keys, Xdf = stored
+    m = PrecomputedModel(pd.DataFrame(p, index=keys))
+    assert m.bind(Xdf) is m
+
+
 def test_from_file_npy(tmp_path, iris, stored):
     p, _, _ = stored
     X, _ = iris
@@ -815,3 +854,63 @@ def test_to_tensor_and_back():
     assert isinstance(back, np.ndarray)
     np.testing.assert_array_equal(back, 2 * a)
     assert to_tensor(t, torch.device("cpu"), torch.float64).dtype == torch.float64
+
+
+# ------------------------------------------------- checks on what base models give
+
+
+def test_check_probabilities_tolerance(iris_lr, iris):
+    X, _ = iris
+    p = iris_lr.predict_proba(X)
+    check_probabilities("ok", p)
+    check_probabilities("float32", softmax(np.random.default_rng(0).normal(size=(50, 10)), 1)
+                        .astype(np.float32))
+    check_probabilities("binary-column", p[:, :1])
+    check_probabilities("nan-left-to-the-caller", np.array([[np.nan, np.nan], [0.3, 0.7]]))
+    with pytest.raises(IncompatibleBaseModelError, match=r"'one' declares.*1 of 150 rows do not"):
+        bad = p.copy()
+        bad[7] *= 1.01
+        check_probabilities("one", bad)
+    with pytest.raises(IncompatibleBaseModelError, match=r"'col'.*outside \[0, 1\]"):
+        check_probabilities("col", 2 * p[:, :1])
+
+
+def test_class_order_warning_only_when_another_order_is_far_better(iris_lr, iris):
+    X, y = iris
+    p = iris_lr.predict_proba(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_class_order("right", p, y, IRIS_CLASSES)
+        check_class_order("uniform", np.full((150, 3), 1 / 3), y, IRIS_CLASSES)
+        noise = np.random.default_rng(0).dirichlet(np.ones(3), 150)
+        check_class_order("noise", noise, y, IRIS_CLASSES)
+    with pytest.warns(BaseModelWarning, match=r"'swapped'.*far better as \[0, 2, 1\]"):
+        check_class_order("swapped", p[:, [0, 2, 1]], y, IRIS_CLASSES)
+
+
+@pytest.mark.parametrize(
+    "raised, caught",
+    [
+        (KeyError("k"), BaseModelError),
+        (RuntimeError("r"), BaseModelError),
+        (ValueError("v"), BaseModelValueError),
+        (TypeError("t"), BaseModelTypeError),
+        (NotFittedError("n"), UnfittedBaseModelError),
+    ],
+)
+def test_calling_names_the_model_and_keeps_the_kind(raised, caught):
+    match = rf"base model 'm' failed in predict: {type(raised).__name__}"
+    with pytest.raises(caught, match=match) as info:
+        with calling("m", "predict"):
+            raise raised
+    assert info.value.__cause__ is raised
+    if isinstance(raised, (ValueError, TypeError)):  # still one: callers may catch it so
+        assert isinstance(info.value, type(raised))
+
+
+def test_calling_leaves_our_named_errors_alone():
+    err = IncompatibleBaseModelError("base model 'm' returns 3 columns")
+    with pytest.raises(IncompatibleBaseModelError) as info:
+        with calling("m", "predict"):
+            raise err
+    assert info.value is err

@@ -5,7 +5,8 @@ End to end on bundled datasets with a pretrained pool (``cancer_pool`` in
 is the test set); the pretrained path (never refit, predictions computed once,
 class alignment by label, pickling); scikit-learn integration (nested
 parameters, Pipeline, pandas); the tuning options; user-defined aggregation
-functions; and bad input, as tables of ``(case, error, message)``.
+functions; and the order of checks on bad input (the table of bad input
+itself is ``tests/test_bad_input.py``).
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ from aggregators import (
 )
 from base_models import (
     CallableModel,
-    IncompatibleBaseModelError,
-    TorchModel,
+    PrecomputedModel,
     UnfittedBaseModelError,
     as_base_model,
 )
@@ -339,6 +339,25 @@ def test_class_alignment_by_label_not_by_column_order():
     assert list(alt.classes_) == list(IRIS_NAMES)
 
 
+def test_stored_predictions_with_positional_keys(cancer_pool):
+    """Stored for a whole frame, keys left to default (positions): the fit
+    rows again and the frame's other rows are predicted; a new frame whose
+    default index repeats the fit rows' numbers is refused (tests/test_bad_input.py)."""
+    d = cancer_pool
+    X = pd.DataFrame(np.vstack([d.X_agg, d.X_test]))
+    n = len(d.X_agg)
+    stored = PrecomputedModel(d.pool["forest"].predict_proba(X.to_numpy()))
+    pool = [("stored", stored), ("nb", FrozenEstimator(d.pool["nb"]))]
+    est = AggregatedClassifier(pool, aggregator="weights", random_state=0).fit(X.iloc[:n], d.y_agg)
+    assert est.estimators_[0] is stored and stored._fit_rows is None  # the user's, untouched
+    ref = AggregatedClassifier(
+        [("forest", FrozenEstimator(d.pool["forest"])), ("nb", FrozenEstimator(d.pool["nb"]))],
+        aggregator="weights", random_state=0,
+    ).fit(d.X_agg, d.y_agg)
+    np.testing.assert_allclose(est.predict_proba(X.iloc[n:]), ref.predict_proba(d.X_test), atol=1e-10)
+    np.testing.assert_allclose(est.predict_proba(X.iloc[:n]), ref.predict_proba(d.X_agg), atol=1e-10)
+
+
 # -- scikit-learn integration ----------------------------------------------------------
 def test_nested_params_clone_and_pipeline(cancer_pool):
     d = cancer_pool
@@ -527,170 +546,12 @@ def test_divergence_keeps_last_good_hyperparams(cancer_pool, frozen_pool):
     assert np.all(np.isfinite(est.predict_proba(d.X_test)))
 
 
-# -- bad input ---------------------------------------------------------------------------
-class LazyNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.LazyLinear(3)
-
-    def forward(self, x):
-        return self.lin(x)
-
-
-def _nb_tree():
-    return [("nb", GaussianNB()), ("tree", DecisionTreeClassifier(max_depth=2, random_state=0))]
-
-
+# -- bad input: the table is tests/test_bad_input.py; here, what a table cannot say ------
 def _reg_pool():
     return [("ridge", Ridge()), ("tree", DecisionTreeRegressor(max_depth=2, random_state=0))]
 
 
-X_NAN = X_IRIS.copy()
-X_NAN[3, 1] = np.nan
-X_INF = X_IRIS.copy()
-X_INF[0, 0] = np.inf
 X_DIAB, Y_DIAB = load_diabetes(return_X_y=True)
-Y_DIAB_NAN = Y_DIAB.copy()
-Y_DIAB_NAN[5] = np.nan
-IRIS_LR = LogisticRegression(max_iter=500).fit(X_IRIS, Y_IRIS)
-NB_2_FEATURES = GaussianNB().fit(X_IRIS[:, :2], Y_IRIS)
-NAN_NET = TorchModel(torch.nn.Linear(4, 3), output="logits")
-torch.nn.init.constant_(NAN_NET.module.weight, float("nan"))
-
-# (estimator, X, y, error, message): every message names the problem. The test
-# clones each estimator, which clones (unfits) plain fitted base estimators, so
-# pretrained ones are wrapped in FrozenEstimator.
-BAD_FITS = [
-    pytest.param(AggregatedClassifier(_nb_tree()), X_NAN, Y_IRIS, ValueError, "NaN", id="nan-in-X"),
-    pytest.param(AggregatedClassifier(_nb_tree()), X_INF, Y_IRIS, ValueError, "infinity", id="inf-in-X"),
-    pytest.param(
-        AggregatedRegressor(_reg_pool()), X_DIAB, Y_DIAB_NAN, ValueError, "NaN", id="nan-in-y"
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree()), X_IRIS, np.zeros(150), ValueError, "only one class",
-        id="one-class",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree()[:1]), X_IRIS, Y_IRIS, ValueError,
-        "at least 2 base models; got 1", id="one-base-model",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree()), X_IRIS, Y_IRIS + 0.5, ValueError,
-        "Unknown label type: continuous", id="continuous-y-to-classifier",
-    ),
-    pytest.param(
-        AggregatedRegressor(_reg_pool()), X_IRIS, IRIS_NAMES[Y_IRIS], ValueError,
-        "convert", id="string-y-to-regressor",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree()), X_IRIS, Y_IRIS[:-1], ValueError,
-        "inconsistent numbers of samples", id="mismatched-lengths",
-    ),
-    pytest.param(
-        AggregatedRegressor(_reg_pool()), X_DIAB[:1], Y_DIAB[:1], ValueError,
-        "at least 2 samples", id="one-sample",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree() + [("net", LazyNet())]), X_IRIS, Y_IRIS,
-        UnfittedBaseModelError, "'net'.*uninitialised", id="unfitted-torch-module",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree() + [("net", as_base_model(LazyNet(), output="logits"))]),
-        X_IRIS, Y_IRIS, UnfittedBaseModelError, "'net'.*uninitialised",
-        id="unfitted-torch-module-wrapped",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree() + [("bad", NAN_NET)]), X_IRIS, Y_IRIS,
-        UnfittedBaseModelError, "'bad'.*non-finite", id="torch-module-with-nan-weights",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree() + [("frozen", FrozenEstimator(GaussianNB()))]),
-        X_IRIS, Y_IRIS, UnfittedBaseModelError, "'frozen' is frozen but not fitted",
-        id="unfitted-frozen-estimator",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree(), prefit=True), X_IRIS, Y_IRIS, UnfittedBaseModelError,
-        "'nb'.*prefit=True", id="prefit-true-unfitted",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree(), aggregator="nope"), X_IRIS, Y_IRIS, ValueError,
-        "unknown aggregator 'nope'", id="unknown-aggregator",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree(), hyperparams={"l3": 1.0}), X_IRIS, Y_IRIS, ValueError,
-        r"\['l3'\].*\['l2', 'l2_scale'\]", id="unknown-hyperparameter",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree(), hyperparams={"l2": [1.0, 2.0, 3.0]}), X_IRIS, Y_IRIS,
-        ValueError, "'l2' takes a scalar or 2 values", id="hyperparameter-of-wrong-size",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree(), hyperparams={"l2": -1.0}), X_IRIS, Y_IRIS,
-        ValueError, "'l2' must be finite and positive", id="negative-log-hyperparameter",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree() + [("reg", Ridge())]), X_IRIS, Y_IRIS,
-        IncompatibleBaseModelError, "'reg' is a regressor", id="regressor-in-classifier-pool",
-    ),
-    pytest.param(
-        AggregatedRegressor(_reg_pool() + [("nb", GaussianNB())]), X_IRIS, Y_IRIS * 1.5,
-        IncompatibleBaseModelError, "'nb' is a classifier", id="classifier-in-regressor-pool",
-    ),
-    pytest.param(
-        AggregatedClassifier([("lr", FrozenEstimator(IRIS_LR)), ("nb", GaussianNB())]), X_IRIS,
-        IRIS_NAMES[Y_IRIS], IncompatibleBaseModelError, "'lr'.*incompatible",
-        id="incompatible-class-labels",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree() + [("small", FrozenEstimator(NB_2_FEATURES))]), X_IRIS, Y_IRIS,
-        ValueError, "base model 'small' could not predict.*2 features",
-        id="base-model-expects-other-features",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree(), aggregator=Fragile(r=1.0)), X_IRIS, Y_IRIS,
-        ValueError, "diverged at its initial hyperparameters", id="diverges-at-start",
-    ),
-    pytest.param(
-        AggregatedClassifier(_nb_tree(), cv=1), X_IRIS, Y_IRIS, ValueError, "'cv' parameter",
-        id="bad-cv",
-    ),
-    pytest.param(
-        AggregatedClassifier([GaussianNB(), GaussianNB()]), X_IRIS, Y_IRIS, TypeError,
-        r"\(name, model\) tuples", id="not-name-model-tuples",
-    ),
-    pytest.param(
-        AggregatedClassifier([("a", GaussianNB()), ("a", GaussianNB())]), X_IRIS, Y_IRIS,
-        ValueError, "unique", id="duplicate-names",
-    ),
-]
-
-
-@pytest.mark.parametrize("est, X, y, err, match", BAD_FITS)
-def test_bad_input_at_fit(est, X, y, err, match):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. StratifiedKFold on tiny classes
-        with pytest.raises(err, match=match):
-            clone(est).fit(X, y)
-
-
-@pytest.fixture(scope="module")
-def fitted_iris():
-    return _cheap().fit(X_IRIS, Y_IRIS)
-
-
-@pytest.mark.parametrize(
-    "X, err, match",
-    [
-        pytest.param(X_IRIS[:, :3], ValueError, "X has 3 features, but AggregatedClassifier "
-                     "is expecting 4", id="wrong-number-of-features"),
-        pytest.param(X_NAN, ValueError, "NaN", id="nan-in-X"),
-        pytest.param(X_INF, ValueError, "infinity", id="inf-in-X"),
-    ],
-)
-def test_bad_input_at_predict(fitted_iris, X, err, match):
-    for method in (fitted_iris.predict, fitted_iris.predict_proba):
-        with pytest.raises(err, match=match):
-            method(X)
 
 
 class NoFitNB(GaussianNB):

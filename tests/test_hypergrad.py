@@ -744,11 +744,12 @@ def test_hyperspace_scales_are_user_boxes():
                              model_names=["a", "b", "c"])
     specs = LearnedWeights().hyperparameters(ctx)
     names = [s.name for s in specs]
-    space = HyperSpace(specs, {"l2": (1e-4, 1e2, "log"), "entropy": (0.0, 0.5, "linear")},
+    # (a range lies within the declared limits: entropy's start at 1e-6)
+    space = HyperSpace(specs, {"l2": (1e-4, 1e2, "log"), "entropy": (1e-6, 0.5, "linear")},
                        torch.device("cpu"), DT)
     scales = dict(zip([s.name for s in space.tuned], space.scales().tolist()))
     assert scales["l2"] == pytest.approx(math.log(1e6))
-    assert scales["entropy"] == pytest.approx(0.5)
+    assert scales["entropy"] == pytest.approx(0.5 - 1e-6)
     assert all(scales[n] == 1.0 for n in names if n not in ("l2", "entropy"))
 
 

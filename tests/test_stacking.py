@@ -68,8 +68,10 @@ def test_huge_l2_leaves_the_tempered_pool_not_the_prior(cancer_pool, frozen_pool
     d = cancer_pool
     l2_scale = 1e-2
     fixed = {"l2": 1e4, "l2_scale": l2_scale}
+    # 1e4 is beyond the default limit of 100: the bounds say it is meant.
+    wide = (1e-3, 1e4)
     est = AggregatedClassifier(
-        frozen_pool, aggregator=Stacking(), hyperparams=fixed, max_outer_iter=0,
+        frozen_pool, aggregator=Stacking(l2_bounds=wide), hyperparams=fixed, max_outer_iter=0,
         random_state=0,
     ).fit(d.X_agg, d.y_agg)
     coef = est.aggregator_.params_["coef"]
@@ -89,7 +91,8 @@ def test_huge_l2_leaves_the_tempered_pool_not_the_prior(cancer_pool, frozen_pool
 
     # Shrunk towards zero instead, the same L2 leaves (nearly) the class prior.
     zero = AggregatedClassifier(
-        frozen_pool, aggregator=Stacking(shrink_towards="zero"), hyperparams={"l2": 1e4},
+        frozen_pool, aggregator=Stacking(shrink_towards="zero", l2_bounds=wide),
+        hyperparams={"l2": 1e4},
         max_outer_iter=0, random_state=0,
     ).fit(d.X_agg, d.y_agg)
     prior = np.bincount(d.y_agg) / len(d.y_agg)
