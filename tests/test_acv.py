@@ -10,6 +10,8 @@ Giordano et al. 2019, Burn 2020):
   solved by Newton to 1e-12): NS within 2e-3, IJ within 1e-2 relative;
 * central finite differences of the approximate CV loss at re-solved inner
   optima against the engine's implicit hypergradient;
+* the linear-predictor path (structured fold Hessians) against the generic
+  autograd path;
 * the closed-form Sherman-Morrison / Woodbury leave-one-out against n
   brute-force Newton steps.
 """
@@ -28,6 +30,9 @@ from aggregators.hypergrad import (
     fold_membership,
     hypergradient,
     implicit_hypergradient,
+    linear_acv_fold_params,
+    linear_acv_loss,
+    linear_acv_problem,
     linear_loo_predictions,
     ridge_loo_residuals,
     solve_inner,
@@ -208,7 +213,8 @@ def test_linear_loo_squared_loss_is_press():
     lam = 0.2
     theta = torch.linalg.solve(X.T @ X / n + lam * torch.eye(p, dtype=DT), X.T @ y / n)
     z_loo = linear_loo_predictions(
-        X, theta, lambda z: 0.5 * (z - y) ** 2, penalty=lambda t: 0.5 * lam * t @ t
+        X, theta, torch.zeros(()), lambda z, h: 0.5 * (z - y) ** 2,
+        penalty=lambda t, h: 0.5 * lam * t @ t,
     )
     assert rel(y - z_loo, ridge_loo_residuals(X, y, lam * n)) <= 1e-10
 
@@ -344,6 +350,57 @@ def test_acv_gradcheck_through_the_hessian():
     )
 
 
+@pytest.mark.parametrize("method", ["ns", "ij"])
+def test_linear_path_equals_generic(softmax, method):
+    """The structured fold Hessians of a linear predictor give the generic
+    (autograd) path's fold solutions, loss and engine hypergradient, with sample
+    weights and rows no fold holds out."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.rand(len(softmax.y), generator=g, dtype=DT) + 0.5
+    ids = softmax.ids.clone()
+    ids[:13] = -1
+    h = torch.tensor([-2.0, -1.0], dtype=DT)
+
+    def loss(z, hh):
+        return F.cross_entropy(z, softmax.y, reduction="none")
+
+    def pen(t, hh):
+        return softmax.penalty(t.reshape(-1), hh)
+
+    opts = dict(penalty=softmax.penalty, weights=w, method=method)
+    generic = acv_problem(softmax.rows, softmax.theta0(), ids, **opts)
+    linear = linear_acv_problem(softmax.X1, loss, softmax.theta0().view(softmax.shape), ids,
+                                **{**opts, "penalty": pen})
+    theta, _, _ = solve_inner(generic, h, tol=1e-12)
+    assert abs(float(linear.inner_loss(theta, h) - generic.inner_loss(theta, h))) <= 1e-14
+    t_lin = linear_acv_fold_params(softmax.X1, theta.view(softmax.shape), h, loss, ids,
+                                   penalty=pen, weights=w, method=method)
+    t_gen = acv_fold_params(softmax.rows, theta, h, ids, **opts)
+    assert rel(t_lin.reshape(t_gen.shape), t_gen) <= 1e-12
+    for reduction in ("mean", "folds"):
+        a = linear_acv_loss(softmax.X1, theta.view(softmax.shape), h, loss, ids, penalty=pen,
+                            weights=w, method=method, reduction=reduction)
+        b = acv_loss(softmax.rows, theta, h, ids, reduction=reduction, **opts)
+        assert abs(float(a / b - 1)) <= 1e-12
+    g_lin = hypergradient(linear, theta, h, "implicit-cg", tol=1e-13).grad
+    g_gen = hypergradient(generic, theta, h, "implicit-cg", tol=1e-13).grad
+    assert rel(g_lin, g_gen) <= 1e-10
+
+
+def test_linear_path_ridge_is_exact(ridge):
+    """Scalar output: the linear path's NS on squared loss is exact K-fold CV."""
+    w = torch.ones(ridge.n, dtype=DT)
+    h = torch.tensor([0.5], dtype=DT, requires_grad=True)
+    acv = linear_acv_loss(ridge.X, ridge.full_fit(h, w), h,
+                          lambda z, hh: 0.5 * (z - ridge.y) ** 2, ridge.ids,
+                          penalty=ridge.penalty)
+    exact = ridge.exact_cv(h, w, "fold", "mean")
+    assert abs(float((acv - exact).detach())) <= 1e-12 * float(exact.detach())
+    g_acv, = torch.autograd.grad(acv, h)
+    g_exact, = torch.autograd.grad(exact, h)
+    assert rel(g_acv, g_exact) <= 1e-10
+
+
 # -- closed-form leave-one-out vs brute-force Newton steps -------------------------------
 def _brute_force_loo(rows, X, theta, h, penalty, out_shape):
     """``z_tilde_i = x_i^T theta_tilde_{-i}`` from n one-row folds (NS, normalize='full')."""
@@ -374,11 +431,11 @@ def test_sherman_morrison_loo_equals_newton_step_logistic():
     w = torch.rand(n, generator=g, dtype=DT) + 0.5
     h = torch.tensor([-1.0], dtype=DT, requires_grad=True)
 
-    def loss(z):
+    def loss(z, hh):
         return F.binary_cross_entropy_with_logits(z, y, reduction="none")
 
     def rows(t, hh):
-        return loss(X @ t)
+        return loss(X @ t, hh)
 
     def pen(t, hh):
         return 0.5 * hh.exp().sum() * t @ t
@@ -386,7 +443,7 @@ def test_sherman_morrison_loo_equals_newton_step_logistic():
     problem = acv_problem(rows, torch.zeros(p + 1, dtype=DT), torch.arange(n), penalty=pen,
                           weights=w)
     theta = _differentiable_optimum(problem, h)
-    z_sm = linear_loo_predictions(X, theta, loss, penalty=lambda t: pen(t, h), weights=w)
+    z_sm = linear_loo_predictions(X, theta, h, loss, penalty=pen, weights=w)
     thetas = acv_fold_params(rows, theta, h, torch.arange(n), penalty=pen, weights=w,
                              normalize="full")
     z_bf = (X * thetas).sum(1)
@@ -409,11 +466,11 @@ def test_woodbury_loo_equals_newton_step_softmax():
     h = torch.tensor([-1.5], dtype=DT)
     shape = (d + 1, C)
 
-    def loss(z):
+    def loss(z, hh):
         return F.cross_entropy(z, y, reduction="none")
 
     def rows(t, hh):
-        return loss(X @ t.view(shape))
+        return loss(X @ t.view(shape), hh)
 
     def pen(t, hh):
         return 0.5 * hh.exp().sum() * (t * t).sum()
@@ -421,7 +478,7 @@ def test_woodbury_loo_equals_newton_step_softmax():
     problem = acv_problem(rows, torch.zeros(shape, dtype=DT).reshape(-1), torch.arange(n),
                           penalty=pen)
     theta, _, _ = solve_inner(problem, h, tol=1e-13)
-    z_wb = linear_loo_predictions(X, theta.view(shape), loss, penalty=lambda t: pen(t, h))
+    z_wb = linear_loo_predictions(X, theta.view(shape), h, loss, penalty=pen)
     z_bf = _brute_force_loo(rows, X, theta, h, pen, shape)
     assert z_wb.shape == (n, C)
     assert rel(z_wb, z_bf) <= 1e-10

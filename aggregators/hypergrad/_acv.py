@@ -3,9 +3,14 @@
 Exact K-fold cross-fitting solves K inner problems per outer step. From the
 full-data optimum ``theta_hat`` one Newton step on each fold's training loss
 (NS) gives the fold's solution to second order in the left-out share, and the
-infinitesimal jackknife (IJ) uses the full-data Hessian for every fold. For a
-linear predictor the leave-one-out Newton step has a closed form (Sherman-
-Morrison, Woodbury for vector outputs; PRESS for squared loss).
+infinitesimal jackknife (IJ) uses the full-data Hessian for every fold.
+:func:`acv_loss` takes any per-row loss and forms the fold Hessians by
+automatic differentiation (``K p`` backward passes: for a few tens of
+parameters); :func:`linear_acv_loss` does the same for a linear predictor
+(stacking, a softmax meta-learner) from the ``C x C`` Hessians of the loss in
+the predictions, in one pass over the rows. For a linear predictor the
+leave-one-out Newton step has a closed form (Sherman-Morrison, Woodbury for
+vector outputs; PRESS for squared loss).
 
 Every function here is differentiable in ``theta_hat`` and in the
 hyperparameters ``h`` (the Hessians are built with a graph, so the third
@@ -41,7 +46,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from torch.func import jacrev
+from torch.func import grad, jacrev
 
 from ._problem import BilevelProblem
 
@@ -51,6 +56,9 @@ __all__ = [
     "acv_loss",
     "acv_problem",
     "fold_membership",
+    "linear_acv_fold_params",
+    "linear_acv_loss",
+    "linear_acv_problem",
     "linear_loo_predictions",
     "ridge_loo_residuals",
 ]
@@ -61,6 +69,7 @@ ACV_METHODS = ("ns", "ij")
 
 RowLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Penalty = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LinearLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Folds = torch.Tensor | Sequence[torch.Tensor]
 
 
@@ -225,11 +234,10 @@ def acv_fold_params(
         n = row_loss(theta.detach(), h.detach()).shape[0]
     with torch.enable_grad():
         member = fold_membership(folds, n, dtype=theta.dtype, device=theta.device)
-        n_folds = member.shape[0]
         w = torch.ones(n, dtype=theta.dtype, device=theta.device) if weights is None else weights
         # Fold sums of the weighted losses, the rows held out by no fold, and
         # the penalty: one dense Hessian call yields every piece.
-        groups = torch.cat([member, (1.0 - member.sum(0, keepdim=True)).clamp_min(0.0)]) * w
+        groups = _groups(member, w)
 
         def pieces(t: torch.Tensor) -> torch.Tensor:
             sums = groups @ row_loss(t, h)
@@ -237,25 +245,57 @@ def acv_fold_params(
             return torch.cat([sums, pen.reshape(1)])
 
         grads, hess = _fold_derivatives(pieces, theta)
-    g_data, h_data = grads[:-1], hess[:-1]
-    g_pen, h_pen = grads[-1], hess[-1]
+    return _newton_fold_steps(
+        theta, grads[:-1], hess[:-1], grads[-1], hess[-1], member, w, method, normalize
+    )
+
+
+def _groups(member: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(K + 1, n)`` weights: each fold's rows, then the rows no fold holds out."""
+    return torch.cat([member, (1.0 - member.sum(0, keepdim=True)).clamp_min(0.0)]) * w
+
+
+def _newton_fold_steps(
+    theta: torch.Tensor,
+    g_groups: torch.Tensor,
+    h_groups: torch.Tensor,
+    g_pen: torch.Tensor,
+    h_pen: torch.Tensor,
+    member: torch.Tensor,
+    w: torch.Tensor,
+    method: str,
+    normalize: str,
+) -> torch.Tensor:
+    """``theta - M_k^{-1} grad L_{-k}(theta)`` for every fold, from the weighted
+    gradient and Hessian sums of the row groups of :func:`_groups` and the
+    penalty's gradient and Hessian."""
+    n_folds = member.shape[0]
     total_w = w.sum()
-    fold_w = member @ w
-    kept_w = total_w - fold_w
+    kept_w = total_w - member @ w
     if not bool((kept_w > 0).all()):
         raise ValueError(
             "a fold holds out every row with positive weight: its training loss is "
             "empty; use more folds."
         )
     scale = 1.0 / (kept_w if normalize == "fold" else total_w.expand(n_folds))
-    g_all, h_all = g_data.sum(0), h_data.sum(0)
-    grad_k = scale[:, None] * (g_all - g_data[:n_folds]) + g_pen
+    g_all, h_all = g_groups.sum(0), h_groups.sum(0)
+    grad_k = scale[:, None] * (g_all - g_groups[:n_folds]) + g_pen
     if method == "ns":
-        hess_k = scale[:, None, None] * (h_all - h_data[:n_folds]) + h_pen
+        hess_k = scale[:, None, None] * (h_all - h_groups[:n_folds]) + h_pen
     else:
         hess_k = (h_all / total_w + h_pen).expand(n_folds, -1, -1)
     step = torch.linalg.solve(hess_k, grad_k[..., None])[..., 0]
     return theta - step
+
+
+def _reduce(losses: torch.Tensor, member: torch.Tensor, weights, reduction: str) -> torch.Tensor:
+    """Validation loss of the held-out rows: ``losses`` is ``(K, n)`` (each fold's
+    parameters on every row) or ``(n,)`` (each row under its own fold's)."""
+    wm = member if weights is None else member * weights
+    fold_sums = (wm * losses).sum(1)
+    if reduction == "mean":
+        return fold_sums.sum() / wm.sum()
+    return (fold_sums / wm.sum(1)).sum()
 
 
 def acv_loss(
@@ -327,13 +367,8 @@ def acv_loss(
     # Every fold's parameters see all n rows and the fold's own rows are
     # picked out: K forward passes, the same as evaluating exact CV's folds.
     losses = torch.stack([outer(t, h) for t in thetas])  # (K, n)
-    n = losses.shape[1]
-    member = fold_membership(folds, n, dtype=losses.dtype, device=losses.device)
-    wm = member if weights is None else member * weights
-    fold_sums = (wm * losses).sum(1)
-    if reduction == "mean":
-        return fold_sums.sum() / wm.sum()
-    return (fold_sums / wm.sum(1)).sum()
+    member = fold_membership(folds, losses.shape[1], dtype=losses.dtype, device=losses.device)
+    return _reduce(losses, member, weights, reduction)
 
 
 def acv_problem(
@@ -449,12 +484,212 @@ def ridge_loo_residuals(
     return (resid / (1.0 - hat)[:, None]).reshape(y.shape)
 
 
+def _linear_derivatives(
+    X: torch.Tensor, theta: torch.Tensor, h: torch.Tensor, loss: LinearLoss
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predictions ``(n, C)``, ``dl_i/dz_i`` ``(n, C)`` and ``d2l_i/dz_i^2`` ``(n, C, C)``,
+    kept differentiable (the hypergradient backpropagates through them)."""
+    n = X.shape[0]
+    n_out = theta.shape[1] if theta.dim() == 2 else 1
+    z = (X @ theta).reshape(n, n_out)
+    shape = (X.shape[0],) + tuple(theta.shape[1:])
+
+    def total(zz: torch.Tensor) -> torch.Tensor:
+        return loss(zz.reshape(shape), h).sum()
+
+    def first(zz: torch.Tensor) -> torch.Tensor:
+        return grad(total)(zz)
+
+    # torch.func keeps the graph to theta and h only where they need one.
+    # Rows do not interact, so the gradient of the summed c-th derivative is
+    # row i's c-th Hessian row.
+    d1 = first(z)
+    d2 = torch.stack(
+        [grad(lambda zz, c=c: first(zz)[:, c].sum())(z) for c in range(n_out)], dim=1
+    )
+    return z, d1, d2
+
+
+def _penalty_derivatives(
+    theta: torch.Tensor, h: torch.Tensor, penalty: Penalty | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient and Hessian of ``penalty(theta, h)`` in the flattened ``theta``."""
+    p = theta.numel()
+    if penalty is None:
+        return theta.new_zeros(p), theta.new_zeros(p, p)
+    with torch.enable_grad():
+        grads, hess = _fold_derivatives(
+            lambda t: penalty(t.reshape(theta.shape), h).reshape(1), theta.reshape(-1)
+        )
+    return grads[0], hess[0]
+
+
+def _gauss_newton(X: torch.Tensor, d2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``sum_i a_i J_i^T B_i J_i`` for ``J_i = x_i^T (x) I_C``: the exact Hessian of a
+    loss of a linear predictor, in ``theta`` flattened row-major from ``(p, C)``."""
+    p, n_out = X.shape[1], d2.shape[1]
+    return torch.einsum("i,ij,icd,ik->jckd", a, X, d2, X).reshape(p * n_out, p * n_out)
+
+
+def linear_acv_fold_params(
+    X: torch.Tensor,
+    theta: torch.Tensor,
+    h: torch.Tensor,
+    loss: LinearLoss,
+    folds: Folds,
+    *,
+    penalty: Penalty | None = None,
+    weights: torch.Tensor | None = None,
+    method: str = "ns",
+    normalize: str = "fold",
+) -> torch.Tensor:
+    """:func:`acv_fold_params` for a linear predictor, with structured Hessians.
+
+    With ``z_i = x_i^T theta`` (``theta`` of shape ``(p,)``) or
+    ``z_i = theta^T x_i`` (``(p, C)``, a softmax meta-learner) the Hessian of
+    row ``i``'s loss is ``J_i^T B_i J_i`` with ``B_i`` the ``C x C`` Hessian
+    in ``z``: the fold Hessians cost one pass over the rows
+    (``n p^2 C^2`` products) instead of ``K p`` backward passes, which is
+    what makes approximate CV cheaper than exact cross-fitting when ``p C``
+    reaches the hundreds (stacking on many models and classes).
+
+    Parameters
+    ----------
+    X : Tensor
+        ``(n, p)`` features (append a column of ones for an intercept).
+    theta : Tensor
+        ``(p,)`` or ``(p, C)``: the full-data optimum.
+    h : Tensor
+        Hyperparameters.
+    loss : callable
+        ``(z, h) -> (n,)``: each row's loss of its prediction(s) ``z``
+        (``(n,)`` or ``(n, C)``). Rows must not interact.
+    folds, weights, method, normalize
+        See :func:`acv_fold_params`.
+    penalty : callable, default=None
+        ``(theta, h) -> scalar`` with ``theta`` shaped as given.
+
+    Returns
+    -------
+    Tensor
+        ``(K,) + theta.shape``.
+    """
+    _check_choice("method", method, ACV_METHODS)
+    _check_choice("normalize", normalize, ("fold", "full"))
+    n, p = X.shape
+    member = fold_membership(folds, n, dtype=X.dtype, device=X.device)
+    w = torch.ones(n, dtype=X.dtype, device=X.device) if weights is None else weights
+    _, d1, d2 = _linear_derivatives(X, theta, h, loss)
+    groups = _groups(member, w)
+    g_groups = torch.einsum("gi,ij,ic->gjc", groups, X, d1).reshape(groups.shape[0], -1)
+    h_groups = _group_hessians(X, d2, groups)
+    g_pen, h_pen = _penalty_derivatives(theta, h, penalty)
+    steps = _newton_fold_steps(
+        theta.reshape(-1), g_groups, h_groups, g_pen, h_pen, member, w, method, normalize
+    )
+    return steps.reshape((member.shape[0],) + tuple(theta.shape))
+
+
+def _group_hessians(X: torch.Tensor, d2: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per group of rows, ``sum_i groups[g, i] J_i^T B_i J_i``: the groups are
+    disjoint, so this is one pass over the rows, not one per group."""
+    out = []
+    for g in range(groups.shape[0]):
+        idx = torch.nonzero(groups[g] != 0)[:, 0]
+        out.append(_gauss_newton(X[idx], d2[idx], groups[g, idx]))
+    return torch.stack(out)
+
+
+def linear_acv_loss(
+    X: torch.Tensor,
+    theta: torch.Tensor,
+    h: torch.Tensor,
+    loss: LinearLoss,
+    folds: Folds,
+    *,
+    penalty: Penalty | None = None,
+    weights: torch.Tensor | None = None,
+    outer_loss: LinearLoss | None = None,
+    method: str = "ns",
+    normalize: str = "fold",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """:func:`acv_loss` for a linear predictor (see :func:`linear_acv_fold_params`).
+
+    Parameters
+    ----------
+    X, theta, h, loss, folds, penalty, weights, method, normalize
+        See :func:`linear_acv_fold_params`.
+    outer_loss : callable, default=None
+        ``(z, h) -> (n,)``: the per-row validation loss; ``loss`` when omitted.
+    reduction : {"mean", "folds"}, default="mean"
+        See :func:`acv_loss`.
+
+    Returns
+    -------
+    Tensor
+        Scalar, differentiable in ``X``, ``theta`` and ``h``.
+    """
+    _check_choice("reduction", reduction, ("mean", "folds"))
+    thetas = linear_acv_fold_params(
+        X, theta, h, loss, folds, penalty=penalty, weights=weights, method=method,
+        normalize=normalize,
+    )
+    member = fold_membership(folds, X.shape[0], dtype=X.dtype, device=X.device)
+    # Row i predicted by its own fold's parameters (rows no fold holds out
+    # get 0, and no weight below).
+    z_all = torch.einsum("ij,kj...->ki...", X, thetas)
+    mask = member.reshape(member.shape + (1,) * (z_all.dim() - 2))
+    z = (mask * z_all).sum(0)
+    losses = (outer_loss or loss)(z, h)
+    return _reduce(losses, member, weights, reduction)
+
+
+def linear_acv_problem(
+    X: torch.Tensor,
+    loss: LinearLoss,
+    theta0: torch.Tensor,
+    folds: Folds,
+    *,
+    penalty: Penalty | None = None,
+    weights: torch.Tensor | None = None,
+    outer_loss: LinearLoss | None = None,
+    method: str = "ns",
+    normalize: str = "fold",
+    reduction: str = "mean",
+) -> BilevelProblem:
+    """:func:`acv_problem` for a linear predictor (see :func:`linear_acv_loss`).
+
+    ``theta0`` has the shape ``(p,)`` or ``(p, C)``; the problem's parameters
+    are its flattening (row-major), as the engine wants.
+    """
+    _check_choice("method", method, ACV_METHODS)
+    _check_choice("normalize", normalize, ("fold", "full"))
+    _check_choice("reduction", reduction, ("mean", "folds"))
+    shape = theta0.shape
+
+    def inner(theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        t = theta.reshape(shape)
+        losses = loss(X @ t, h)
+        data = losses.mean() if weights is None else (weights * losses).sum() / weights.sum()
+        return data + penalty(t, h) if penalty is not None else data
+
+    def outer(theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return linear_acv_loss(
+            X, theta.reshape(shape), h, loss, folds, penalty=penalty, weights=weights,
+            outer_loss=outer_loss, method=method, normalize=normalize, reduction=reduction,
+        )
+
+    return BilevelProblem(inner, outer, theta0.detach().reshape(-1))
+
+
 def linear_loo_predictions(
     X: torch.Tensor,
     theta: torch.Tensor,
-    loss: Callable[[torch.Tensor], torch.Tensor],
+    h: torch.Tensor,
+    loss: LinearLoss,
     *,
-    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    penalty: Penalty | None = None,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Leave-one-out Newton-step predictions of a linear predictor in closed form.
@@ -470,7 +705,8 @@ def linear_loo_predictions(
     Sherman-Morrison, ``z_i + l'_i h_i / (1 - l''_i h_i)``, ``h_i = A_i``
     (Rad & Maleki 2020, Burn 2020). The leave-one-out problem keeps the
     full-data normalisation (``normalize="full"`` of :func:`acv_fold_params`);
-    for squared loss the step is the exact refit.
+    for squared loss the step is the exact refit. ``theta`` must be the
+    optimum: the formula uses that the full gradient vanishes.
 
     Parameters
     ----------
@@ -478,12 +714,13 @@ def linear_loo_predictions(
         ``(n, p)`` features (append a column of ones for an intercept).
     theta : Tensor
         ``(p,)`` or ``(p, C)``: the full-data optimum.
+    h : Tensor
+        Hyperparameters.
     loss : callable
-        ``z -> (n,)``: each row's loss of its prediction(s) ``z`` (shape
-        ``(n,)`` or ``(n, C)``), e.g. a closure over the targets and the
-        hyperparameters. Rows must not interact.
+        ``(z, h) -> (n,)``: each row's loss of its prediction(s) ``z``
+        (shape ``(n,)`` or ``(n, C)``). Rows must not interact.
     penalty : callable, default=None
-        ``theta -> scalar``: ``R``, e.g. a closure over the hyperparameters.
+        ``(theta, h) -> scalar`` with ``theta`` shaped as given.
     weights : Tensor, default=None
         ``(n,)`` sample weights.
 
@@ -491,39 +728,32 @@ def linear_loo_predictions(
     -------
     Tensor
         ``z_tilde``, shaped as ``X @ theta``; differentiable in ``X``,
-        ``theta`` and whatever ``loss`` and ``penalty`` capture.
+        ``theta`` and ``h``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> X = torch.randn(20, 2, generator=g, dtype=torch.float64)
+    >>> y = torch.randn(20, generator=g, dtype=torch.float64)
+    >>> h = torch.tensor(0.1, dtype=torch.float64)
+    >>> theta = torch.linalg.solve(X.T @ X / 20 + h * torch.eye(2, dtype=torch.float64),
+    ...                            X.T @ y / 20)
+    >>> z = linear_loo_predictions(X, theta, h, lambda z, h: 0.5 * (z - y) ** 2,
+    ...                            penalty=lambda t, h: 0.5 * h * t @ t)
+    >>> press = ridge_loo_residuals(X, y, 0.1 * 20)
+    >>> bool(torch.allclose(y - z, press, rtol=1e-12, atol=0))
+    True
     """
     n, p = X.shape
-    vector = theta.dim() == 2
-    n_out = theta.shape[1] if vector else 1
     w = torch.ones(n, dtype=X.dtype, device=X.device) if weights is None else weights
     a = w / w.sum()
-    with torch.enable_grad():
-        z = X @ theta
-        if not z.requires_grad:  # nothing upstream needs a graph, but dl/dz does
-            z = z.requires_grad_(True)
-        zz = z.reshape(n, n_out)
-        (d1,) = torch.autograd.grad(loss(z).sum(), z, create_graph=True)
-        d1 = d1.reshape(n, n_out)
-        # Rows do not interact, so the gradient of the summed c-th derivative
-        # is row i's c-th Hessian row.
-        d2 = torch.stack(
-            [torch.autograd.grad(d1[:, c].sum(), z, create_graph=True)[0].reshape(n, n_out)
-             for c in range(n_out)],
-            dim=1,
-        )  # (n, C, C)
-        hess = torch.einsum("i,ij,icd,ik->jckd", a, X, d2, X).reshape(p * n_out, p * n_out)
-        if penalty is not None:
-            flat = theta.reshape(-1)
-
-            def pen_flat(t: torch.Tensor) -> torch.Tensor:
-                return penalty(t.reshape(theta.shape))
-
-            _, h_pen = _fold_derivatives(lambda t: pen_flat(t).reshape(1), flat)
-            hess = hess + h_pen[0]
+    zz, d1, d2 = _linear_derivatives(X, theta, h, loss)
+    n_out = zz.shape[1]
+    hess = _gauss_newton(X, d2, a) + _penalty_derivatives(theta, h, penalty)[1]
     hess = 0.5 * (hess + hess.T)
     h_inv = torch.cholesky_inverse(torch.linalg.cholesky(hess)).reshape(p, n_out, p, n_out)
     lev = a[:, None, None] * torch.einsum("ij,jckd,ik->icd", X, h_inv, X)  # A_i, (n, C, C)
     eye = torch.eye(n_out, dtype=X.dtype, device=X.device)
     shift = lev @ torch.linalg.solve(eye - d2 @ lev, d1[..., None])
-    return (zz + shift[..., 0]).reshape(z.shape)
+    return (zz + shift[..., 0]).reshape((n,) + tuple(theta.shape[1:]))
