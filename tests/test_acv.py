@@ -159,6 +159,26 @@ def test_never_held_out_rows_train_every_fold(ridge):
     assert abs(float(by_index - by_ids)) <= 1e-14
 
 
+def test_fallback_without_vmap_gives_the_same(ridge, monkeypatch):
+    """Where a loss has no batched (vmap) derivative, the fold Hessians come from
+    one backward pass per entry, with the same value and gradient."""
+    import aggregators.hypergrad._acv as acv_module
+
+    h = torch.tensor([0.2], dtype=DT, requires_grad=True)
+    theta = ridge.full_fit(h, torch.ones(ridge.n, dtype=DT))
+    fast = acv_loss(ridge.rows, theta, h, ridge.ids, penalty=ridge.penalty)
+    (g_fast,) = torch.autograd.grad(fast, h, retain_graph=True)
+
+    def no_vmap(*args, **kwargs):
+        raise RuntimeError("no batching rule")
+
+    monkeypatch.setattr(acv_module, "jacrev", no_vmap)
+    slow = acv_loss(ridge.rows, theta, h, ridge.ids, penalty=ridge.penalty)
+    (g_slow,) = torch.autograd.grad(slow, h)
+    assert abs(float((slow - fast).detach())) <= 1e-14
+    assert rel(g_slow, g_fast) <= 1e-12
+
+
 def test_integer_weights_equal_copies(ridge):
     """A row of weight 2 is two copies of it in the same fold (NS and IJ)."""
     w = torch.ones(ridge.n, dtype=DT)

@@ -46,6 +46,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch.autograd.functional import jacobian
 from torch.func import grad, jacrev
 
 from ._problem import BilevelProblem
@@ -164,7 +165,6 @@ def _fold_derivatives(
     try:
         hess, grads = jacrev(grads_twice, has_aux=True)(theta)
     except (RuntimeError, NotImplementedError):
-        from torch.autograd.functional import jacobian
 
         def grads_fn(t: torch.Tensor) -> torch.Tensor:
             return jacobian(fn, t, create_graph=True)
