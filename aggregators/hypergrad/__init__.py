@@ -46,3 +46,6 @@ __all__ = [
     "stack_problems",
     "tune",
 ]
+from ._acv import *  # noqa: E402,F403  approximate cross-validation (issue 20)
+from ._acv import __all__ as _acv_all  # noqa: E402
+__all__ += _acv_all
