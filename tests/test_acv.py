@@ -536,3 +536,18 @@ def test_fold_membership_formats_agree():
     by_index = fold_membership([torch.tensor([1, 4]), torch.tensor([2]), torch.tensor([0, 5])], 6)
     assert torch.equal(by_ids, by_index)
     assert by_ids.sum(0).tolist() == [1, 1, 1, 0, 1, 1]
+
+
+def test_other_errors_in_the_fold_hessians_are_not_swallowed(ridge, monkeypatch):
+    """Out of memory (or any error but a missing vmap rule) surfaces as it is."""
+    import aggregators.hypergrad._acv as acv_module
+
+    h = torch.tensor([0.2], dtype=DT, requires_grad=True)
+    theta = ridge.full_fit(h, torch.ones(ridge.n, dtype=DT))
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(acv_module, "jacrev", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        acv_loss(ridge.rows, theta, h, ridge.ids, penalty=ridge.penalty)

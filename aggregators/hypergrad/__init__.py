@@ -6,6 +6,14 @@ tensors; :func:`hypergradient` differentiates ``Q(theta*(h), h)`` by the named
 method (:data:`METHODS`) and :func:`tune` runs the outer loop.
 """
 
+from ._acv import ACV_METHODS, acv_fold_params, acv_loss, acv_problem, fold_membership
+from ._acv_linear import (
+    linear_acv_fold_params,
+    linear_acv_loss,
+    linear_acv_problem,
+    linear_loo_predictions,
+    ridge_loo_residuals,
+)
 from ._forward import forward_hypergradient
 from ._greedy import darts_hypergradient, greedy_hypergradient
 from ._hoag import hoag_hypergradient, hoag_tolerance
@@ -23,10 +31,20 @@ from ._tuner import METHODS, TuningResult, hypergradient, tune
 from ._unrolled import drmad_hypergradient, reverse_hypergradient
 
 __all__ = [
+    "ACV_METHODS",
     "METHODS",
     "BilevelProblem",
     "HypergradResult",
     "InnerDivergenceError",
+    "acv_fold_params",
+    "acv_loss",
+    "acv_problem",
+    "fold_membership",
+    "linear_acv_fold_params",
+    "linear_acv_loss",
+    "linear_acv_problem",
+    "linear_loo_predictions",
+    "ridge_loo_residuals",
     "TuningResult",
     "conjugate_gradient",
     "darts_hypergradient",
@@ -46,6 +64,3 @@ __all__ = [
     "stack_problems",
     "tune",
 ]
-from ._acv import *  # noqa: E402,F403  approximate cross-validation (issue 20)
-from ._acv import __all__ as _acv_all  # noqa: E402
-__all__ += _acv_all

@@ -6,11 +6,9 @@ full-data optimum ``theta_hat`` one Newton step on each fold's training loss
 infinitesimal jackknife (IJ) uses the full-data Hessian for every fold.
 :func:`acv_loss` takes any per-row loss and forms the fold Hessians by
 automatic differentiation (``K p`` backward passes: for a few tens of
-parameters); :func:`linear_acv_loss` does the same for a linear predictor
-(stacking, a softmax meta-learner) from the ``C x C`` Hessians of the loss in
-the predictions, in one pass over the rows. For a linear predictor the
-leave-one-out Newton step has a closed form (Sherman-Morrison, Woodbury for
-vector outputs; PRESS for squared loss).
+parameters); :mod:`._acv_linear` does the same for a linear predictor
+(stacking, a softmax meta-learner) in one pass over the rows, and holds the
+closed-form leave-one-out steps.
 
 Every function here is differentiable in ``theta_hat`` and in the
 hyperparameters ``h`` (the Hessians are built with a graph, so the third
@@ -47,22 +45,11 @@ from typing import Callable, Sequence
 
 import torch
 from torch.autograd.functional import jacobian
-from torch.func import grad, jacrev
+from torch.func import jacrev
 
 from ._problem import BilevelProblem
 
-__all__ = [
-    "ACV_METHODS",
-    "acv_fold_params",
-    "acv_loss",
-    "acv_problem",
-    "fold_membership",
-    "linear_acv_fold_params",
-    "linear_acv_loss",
-    "linear_acv_problem",
-    "linear_loo_predictions",
-    "ridge_loo_residuals",
-]
+__all__ = ["ACV_METHODS", "acv_fold_params", "acv_loss", "acv_problem", "fold_membership"]
 
 #: Approximate fold solutions: a Newton step on each fold's training loss with
 #: that fold's Hessian (``"ns"``), or with the full-data Hessian (``"ij"``).
@@ -145,6 +132,12 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}.")
 
 
+def _no_vmap_rule(e: BaseException) -> bool:
+    """Whether ``e`` is torch's complaint that an operation cannot be vmapped."""
+    msg = str(e)
+    return isinstance(e, NotImplementedError) or "vmap" in msg or "atching rule" in msg
+
+
 def _fold_derivatives(
     fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +157,11 @@ def _fold_derivatives(
 
     try:
         hess, grads = jacrev(grads_twice, has_aux=True)(theta)
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError) as e:
+        # Only a missing vmap rule falls back; out of memory or a bug in
+        # ``fn`` must surface, not be retried in a slower form.
+        if isinstance(e, torch.OutOfMemoryError) or not _no_vmap_rule(e):
+            raise
 
         def grads_fn(t: torch.Tensor) -> torch.Tensor:
             return jacobian(fn, t, create_graph=True)
@@ -440,320 +437,3 @@ def acv_problem(
         )
 
     return BilevelProblem(inner, outer, theta0.detach())
-
-
-def ridge_loo_residuals(
-    X: torch.Tensor,
-    y: torch.Tensor,
-    alpha: torch.Tensor | float,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Leave-one-out residuals of ridge regression in closed form (PRESS).
-
-    For ``theta = argmin sum_i w_i (y_i - x_i^T theta)^2 + theta^T diag(alpha) theta``
-    the fit without row ``i`` leaves the residual ``r_i / (1 - h_i)``, with
-    ``r = y - X theta`` and ``h_i = w_i x_i^T (X^T W X + diag(alpha))^{-1} x_i``
-    (Allen's PRESS; scikit-learn's ``RidgeCV`` uses the same identity).
-
-    Parameters
-    ----------
-    X : Tensor
-        ``(n, p)``; append a column of ones (with ``alpha`` 0 there) for an
-        unpenalised intercept.
-    y : Tensor
-        ``(n,)`` or ``(n, m)`` (outputs share the penalty).
-    alpha : float or Tensor
-        Scalar or ``(p,)`` penalty weights.
-    weights : Tensor, default=None
-        ``(n,)`` sample weights.
-
-    Returns
-    -------
-    Tensor
-        Shape of ``y``; differentiable in ``alpha``, ``X``, ``y``, ``weights``.
-    """
-    n, p = X.shape
-    alpha = torch.as_tensor(alpha, dtype=X.dtype, device=X.device)
-    w = torch.ones(n, dtype=X.dtype, device=X.device) if weights is None else weights
-    gram = X.T @ (w[:, None] * X) + torch.diag(alpha.expand(p))
-    chol = torch.linalg.cholesky(gram)
-    yy = y.reshape(n, -1)
-    theta = torch.cholesky_solve(X.T @ (w[:, None] * yy), chol)
-    resid = yy - X @ theta
-    hat = w * (X * torch.cholesky_solve(X.T, chol).T).sum(1)
-    return (resid / (1.0 - hat)[:, None]).reshape(y.shape)
-
-
-def _linear_derivatives(
-    X: torch.Tensor, theta: torch.Tensor, h: torch.Tensor, loss: LinearLoss
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Predictions ``(n, C)``, ``dl_i/dz_i`` ``(n, C)`` and ``d2l_i/dz_i^2`` ``(n, C, C)``,
-    kept differentiable (the hypergradient backpropagates through them)."""
-    n = X.shape[0]
-    n_out = theta.shape[1] if theta.dim() == 2 else 1
-    z = (X @ theta).reshape(n, n_out)
-    shape = (X.shape[0],) + tuple(theta.shape[1:])
-
-    def total(zz: torch.Tensor) -> torch.Tensor:
-        return loss(zz.reshape(shape), h).sum()
-
-    def first(zz: torch.Tensor) -> torch.Tensor:
-        return grad(total)(zz)
-
-    # torch.func keeps the graph to theta and h only where they need one.
-    # Rows do not interact, so the gradient of the summed c-th derivative is
-    # row i's c-th Hessian row.
-    d1 = first(z)
-    d2 = torch.stack(
-        [grad(lambda zz, c=c: first(zz)[:, c].sum())(z) for c in range(n_out)], dim=1
-    )
-    return z, d1, d2
-
-
-def _penalty_derivatives(
-    theta: torch.Tensor, h: torch.Tensor, penalty: Penalty | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient and Hessian of ``penalty(theta, h)`` in the flattened ``theta``."""
-    p = theta.numel()
-    if penalty is None:
-        return theta.new_zeros(p), theta.new_zeros(p, p)
-    with torch.enable_grad():
-        grads, hess = _fold_derivatives(
-            lambda t: penalty(t.reshape(theta.shape), h).reshape(1), theta.reshape(-1)
-        )
-    return grads[0], hess[0]
-
-
-def _gauss_newton(X: torch.Tensor, d2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``sum_i a_i J_i^T B_i J_i`` for ``J_i = x_i^T (x) I_C``: the exact Hessian of a
-    loss of a linear predictor, in ``theta`` flattened row-major from ``(p, C)``."""
-    p, n_out = X.shape[1], d2.shape[1]
-    return torch.einsum("i,ij,icd,ik->jckd", a, X, d2, X).reshape(p * n_out, p * n_out)
-
-
-def linear_acv_fold_params(
-    X: torch.Tensor,
-    theta: torch.Tensor,
-    h: torch.Tensor,
-    loss: LinearLoss,
-    folds: Folds,
-    *,
-    penalty: Penalty | None = None,
-    weights: torch.Tensor | None = None,
-    method: str = "ns",
-    normalize: str = "fold",
-) -> torch.Tensor:
-    """:func:`acv_fold_params` for a linear predictor, with structured Hessians.
-
-    With ``z_i = x_i^T theta`` (``theta`` of shape ``(p,)``) or
-    ``z_i = theta^T x_i`` (``(p, C)``, a softmax meta-learner) the Hessian of
-    row ``i``'s loss is ``J_i^T B_i J_i`` with ``B_i`` the ``C x C`` Hessian
-    in ``z``: the fold Hessians cost one pass over the rows
-    (``n p^2 C^2`` products) instead of ``K p`` backward passes, which is
-    what makes approximate CV cheaper than exact cross-fitting when ``p C``
-    reaches the hundreds (stacking on many models and classes).
-
-    Parameters
-    ----------
-    X : Tensor
-        ``(n, p)`` features (append a column of ones for an intercept).
-    theta : Tensor
-        ``(p,)`` or ``(p, C)``: the full-data optimum.
-    h : Tensor
-        Hyperparameters.
-    loss : callable
-        ``(z, h) -> (n,)``: each row's loss of its prediction(s) ``z``
-        (``(n,)`` or ``(n, C)``). Rows must not interact.
-    folds, weights, method, normalize
-        See :func:`acv_fold_params`.
-    penalty : callable, default=None
-        ``(theta, h) -> scalar`` with ``theta`` shaped as given.
-
-    Returns
-    -------
-    Tensor
-        ``(K,) + theta.shape``.
-    """
-    _check_choice("method", method, ACV_METHODS)
-    _check_choice("normalize", normalize, ("fold", "full"))
-    n, p = X.shape
-    member = fold_membership(folds, n, dtype=X.dtype, device=X.device)
-    w = torch.ones(n, dtype=X.dtype, device=X.device) if weights is None else weights
-    _, d1, d2 = _linear_derivatives(X, theta, h, loss)
-    groups = _groups(member, w)
-    g_groups = torch.einsum("gi,ij,ic->gjc", groups, X, d1).reshape(groups.shape[0], -1)
-    h_groups = _group_hessians(X, d2, groups)
-    g_pen, h_pen = _penalty_derivatives(theta, h, penalty)
-    steps = _newton_fold_steps(
-        theta.reshape(-1), g_groups, h_groups, g_pen, h_pen, member, w, method, normalize
-    )
-    return steps.reshape((member.shape[0],) + tuple(theta.shape))
-
-
-def _group_hessians(X: torch.Tensor, d2: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Per group of rows, ``sum_i groups[g, i] J_i^T B_i J_i``: the groups are
-    disjoint, so this is one pass over the rows, not one per group."""
-    out = []
-    for g in range(groups.shape[0]):
-        idx = torch.nonzero(groups[g] != 0)[:, 0]
-        out.append(_gauss_newton(X[idx], d2[idx], groups[g, idx]))
-    return torch.stack(out)
-
-
-def linear_acv_loss(
-    X: torch.Tensor,
-    theta: torch.Tensor,
-    h: torch.Tensor,
-    loss: LinearLoss,
-    folds: Folds,
-    *,
-    penalty: Penalty | None = None,
-    weights: torch.Tensor | None = None,
-    outer_loss: LinearLoss | None = None,
-    method: str = "ns",
-    normalize: str = "fold",
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """:func:`acv_loss` for a linear predictor (see :func:`linear_acv_fold_params`).
-
-    Parameters
-    ----------
-    X, theta, h, loss, folds, penalty, weights, method, normalize
-        See :func:`linear_acv_fold_params`.
-    outer_loss : callable, default=None
-        ``(z, h) -> (n,)``: the per-row validation loss; ``loss`` when omitted.
-    reduction : {"mean", "folds"}, default="mean"
-        See :func:`acv_loss`.
-
-    Returns
-    -------
-    Tensor
-        Scalar, differentiable in ``X``, ``theta`` and ``h``.
-    """
-    _check_choice("reduction", reduction, ("mean", "folds"))
-    thetas = linear_acv_fold_params(
-        X, theta, h, loss, folds, penalty=penalty, weights=weights, method=method,
-        normalize=normalize,
-    )
-    member = fold_membership(folds, X.shape[0], dtype=X.dtype, device=X.device)
-    # Row i predicted by its own fold's parameters (rows no fold holds out
-    # get 0, and no weight below).
-    z_all = torch.einsum("ij,kj...->ki...", X, thetas)
-    mask = member.reshape(member.shape + (1,) * (z_all.dim() - 2))
-    z = (mask * z_all).sum(0)
-    losses = (outer_loss or loss)(z, h)
-    return _reduce(losses, member, weights, reduction)
-
-
-def linear_acv_problem(
-    X: torch.Tensor,
-    loss: LinearLoss,
-    theta0: torch.Tensor,
-    folds: Folds,
-    *,
-    penalty: Penalty | None = None,
-    weights: torch.Tensor | None = None,
-    outer_loss: LinearLoss | None = None,
-    method: str = "ns",
-    normalize: str = "fold",
-    reduction: str = "mean",
-) -> BilevelProblem:
-    """:func:`acv_problem` for a linear predictor (see :func:`linear_acv_loss`).
-
-    ``theta0`` has the shape ``(p,)`` or ``(p, C)``; the problem's parameters
-    are its flattening (row-major), as the engine wants.
-    """
-    _check_choice("method", method, ACV_METHODS)
-    _check_choice("normalize", normalize, ("fold", "full"))
-    _check_choice("reduction", reduction, ("mean", "folds"))
-    shape = theta0.shape
-
-    def inner(theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        t = theta.reshape(shape)
-        losses = loss(X @ t, h)
-        data = losses.mean() if weights is None else (weights * losses).sum() / weights.sum()
-        return data + penalty(t, h) if penalty is not None else data
-
-    def outer(theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return linear_acv_loss(
-            X, theta.reshape(shape), h, loss, folds, penalty=penalty, weights=weights,
-            outer_loss=outer_loss, method=method, normalize=normalize, reduction=reduction,
-        )
-
-    return BilevelProblem(inner, outer, theta0.detach().reshape(-1))
-
-
-def linear_loo_predictions(
-    X: torch.Tensor,
-    theta: torch.Tensor,
-    h: torch.Tensor,
-    loss: LinearLoss,
-    *,
-    penalty: Penalty | None = None,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Leave-one-out Newton-step predictions of a linear predictor in closed form.
-
-    With ``z_i = x_i^T theta`` (``theta`` of shape ``(p,)``) or
-    ``z_i = theta^T x_i`` in ``R^C`` (``theta`` of shape ``(p, C)``, a
-    softmax meta-learner), the training loss
-    ``L = sum_i w_i l_i(z_i) / sum_i w_i + R(theta)`` at its optimum
-    ``theta``, and ``a_i = w_i / sum_j w_j``, one Newton step on ``L`` without
-    row ``i`` predicts ``z_tilde_i = z_i + A_i (I - B_i A_i)^{-1} l'_i`` with
-    ``A_i = a_i J_i H^{-1} J_i^T``, ``B_i`` the Hessian of ``l_i`` in ``z``
-    and ``H`` that of ``L`` in ``theta`` (Woodbury). For ``C = 1`` this is
-    Sherman-Morrison, ``z_i + l'_i h_i / (1 - l''_i h_i)``, ``h_i = A_i``
-    (Rad & Maleki 2020, Burn 2020). The leave-one-out problem keeps the
-    full-data normalisation (``normalize="full"`` of :func:`acv_fold_params`);
-    for squared loss the step is the exact refit. ``theta`` must be the
-    optimum: the formula uses that the full gradient vanishes.
-
-    Parameters
-    ----------
-    X : Tensor
-        ``(n, p)`` features (append a column of ones for an intercept).
-    theta : Tensor
-        ``(p,)`` or ``(p, C)``: the full-data optimum.
-    h : Tensor
-        Hyperparameters.
-    loss : callable
-        ``(z, h) -> (n,)``: each row's loss of its prediction(s) ``z``
-        (shape ``(n,)`` or ``(n, C)``). Rows must not interact.
-    penalty : callable, default=None
-        ``(theta, h) -> scalar`` with ``theta`` shaped as given.
-    weights : Tensor, default=None
-        ``(n,)`` sample weights.
-
-    Returns
-    -------
-    Tensor
-        ``z_tilde``, shaped as ``X @ theta``; differentiable in ``X``,
-        ``theta`` and ``h``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> g = torch.Generator().manual_seed(0)
-    >>> X = torch.randn(20, 2, generator=g, dtype=torch.float64)
-    >>> y = torch.randn(20, generator=g, dtype=torch.float64)
-    >>> h = torch.tensor(0.1, dtype=torch.float64)
-    >>> theta = torch.linalg.solve(X.T @ X / 20 + h * torch.eye(2, dtype=torch.float64),
-    ...                            X.T @ y / 20)
-    >>> z = linear_loo_predictions(X, theta, h, lambda z, h: 0.5 * (z - y) ** 2,
-    ...                            penalty=lambda t, h: 0.5 * h * t @ t)
-    >>> press = ridge_loo_residuals(X, y, 0.1 * 20)
-    >>> bool(torch.allclose(y - z, press, rtol=1e-12, atol=0))
-    True
-    """
-    n, p = X.shape
-    w = torch.ones(n, dtype=X.dtype, device=X.device) if weights is None else weights
-    a = w / w.sum()
-    zz, d1, d2 = _linear_derivatives(X, theta, h, loss)
-    n_out = zz.shape[1]
-    hess = _gauss_newton(X, d2, a) + _penalty_derivatives(theta, h, penalty)[1]
-    hess = 0.5 * (hess + hess.T)
-    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(hess)).reshape(p, n_out, p, n_out)
-    lev = a[:, None, None] * torch.einsum("ij,jckd,ik->icd", X, h_inv, X)  # A_i, (n, C, C)
-    eye = torch.eye(n_out, dtype=X.dtype, device=X.device)
-    shift = lev @ torch.linalg.solve(eye - d2 @ lev, d1[..., None])
-    return (zz + shift[..., 0]).reshape((n,) + tuple(theta.shape[1:]))
