@@ -32,8 +32,9 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 
-__all__ = ["AggregationContext", "Aggregator", "Hyperparameter", "unit_interval_scale"]
+__all__ = ["AggregationContext", "Aggregator", "Hyperparameter"]
 
 Params = dict[str, torch.Tensor]
 
@@ -139,17 +140,6 @@ def l2_bounds_for(ctx: "AggregationContext", given: tuple | None) -> tuple[float
     if ctx.n_train:
         return 0.1 / ctx.n_train, 1e2
     return 1e-3, 1e2
-
-
-def unit_interval_scale(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output ``(low, span)`` mapping regressors' outputs on the rows of ``Z`` into [0, 1].
-
-    Shared by the aggregation functions that need inputs in [0, 1] (fuzzy
-    integrals, uninorms); a constant output gets a span of 1.
-    """
-    lo = Z.amin(dim=(0, 1))
-    hi = Z.amax(dim=(0, 1))
-    return lo, torch.where(hi > lo, hi - lo, torch.ones_like(hi))
 
 
 def readable_hyperparams(specs: list, values: dict) -> dict:
@@ -266,6 +256,15 @@ class Aggregator(BaseEstimator):
         return None
 
     # -- fitted state, set by the estimator ---------------------------------------
+    def _check_fitted(self) -> None:
+        """Raise ``NotFittedError`` unless this is a fitted copy (``estimator.aggregator_``)."""
+        if not hasattr(self, "params_"):
+            raise NotFittedError(
+                f"this {type(self).__name__} aggregator is not fitted; fit an "
+                "AggregatedClassifier / AggregatedRegressor with it and use "
+                "estimator.aggregator_."
+            )
+
     def _set_fitted(
         self, ctx, params: Params, buffers: Params, hyper: dict, specs: list
     ) -> None:

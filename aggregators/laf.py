@@ -9,22 +9,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ._base import (
-    AggregationContext,
-    Aggregator,
-    Hyperparameter,
-    Params,
-    l2_bounds_for,
-    unit_interval_scale,
-)
+from ._base import AggregationContext, Aggregator, Hyperparameter, Params, l2_bounds_for
+from ._outputs import affine_params, from_unit_interval, unit_interval_buffers
 
 __all__ = ["LAF", "laf_unit"]
 
 _EPS = 1e-6
-
-# Scales of the output map's parameters (as in choquet.py and sugeno.py): they
-# keep the inner Hessian's diagonal within a few orders of magnitude.
-_RHO_THRESHOLD, _RHO_SCALE, _RHO_OFFSET = 0.2, 0.05, 0.1
 
 
 def _log_l(logx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, logw=None) -> torch.Tensor:
@@ -262,10 +252,7 @@ class LAF(Aggregator):
         return hp
 
     def fit_buffers(self, ctx, Z, y, X=None) -> Params:
-        if ctx.task == "classification":
-            return {}
-        lo, span = unit_interval_scale(Z)
-        return {"x_low": lo, "x_span": span}
+        return unit_interval_buffers(ctx, Z)
 
     # -- the units -----------------------------------------------------------------
     def _kinds(self) -> np.ndarray:
@@ -293,8 +280,7 @@ class LAF(Aggregator):
         if ctx.task == "classification":
             params["bias"] = ctx.zeros(ctx.n_outputs)
         else:
-            params["log_scale"] = ctx.zeros(ctx.n_outputs)
-            params["offset"] = ctx.zeros(ctx.n_outputs)
+            params.update(affine_params(ctx))
         return params
 
     @staticmethod
@@ -347,10 +333,8 @@ class LAF(Aggregator):
             # guards rounding.
             s = self._mixture(params, Z).clamp_min(self.eps)
             return (torch.log(s) + _RHO_BIAS * params["bias"]) / hyper["temperature"][0]
-        lo, span = params["x_low"], params["x_span"]
-        s = self._mixture(params, (Z - lo) / span)  # clamped into (0, 1) by _units
-        scale = torch.exp(_RHO_SCALE * params["log_scale"])
-        return lo + span * (scale * s + _RHO_OFFSET * params["offset"])
+        s = self._mixture(params, (Z - params["x_low"]) / params["x_span"])  # clamped by _units
+        return from_unit_interval(params, s)
 
     def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
         # Towards the starting units (mean, soft max, soft min) and equal
@@ -366,15 +350,6 @@ class LAF(Aggregator):
         return 0.5 * hyper["l2"][0] * sq
 
     # -- fitted views --------------------------------------------------------------
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "params_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError(
-                "this LAF aggregator is not fitted; fit an AggregatedClassifier / "
-                "AggregatedRegressor with it and use estimator.aggregator_."
-            )
-
     @property
     def unit_weights_(self) -> np.ndarray:
         """Mixture weight of each unit."""
