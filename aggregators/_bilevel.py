@@ -267,6 +267,7 @@ def make_problem(
     Returns the problem, the packer of its parameters and the buffers
     computed from ``train``.
     """
+    agg.bind(ctx)
     buffers = agg.fit_buffers(ctx, train.Z, train.y, train.X)
     init = agg.init_params(ctx, train.Z, train.y, train.X)
     packer = ParamPacker(init)

@@ -384,19 +384,6 @@ class Choquet(Aggregator):
     def _uses_lattice(self, m: int) -> bool:
         return self._k(m) >= m and m >= 3
 
-    def _n_models_of(self, params: Params) -> int:
-        """Number of models from the shapes of the capacity parameters."""
-        if "singleton_raw" in params:
-            return params["singleton_raw"].shape[-1]
-        n = params["capacity_raw"].shape[-1]
-        if (n + 1) & n == 0 and self._uses_lattice(n.bit_length()):
-            return n.bit_length()  # 2**m - 1 increments: the full capacity
-        for m in range(4, MAX_FULL_MODELS + 1):
-            # For a fixed k the number of atoms grows with m: one match at most.
-            if 3 <= self._k(m) < m and k_additive_atoms(m, self._k(m))[1] == n:
-                return m
-        raise ValueError(f"cannot tell the number of models from {n} capacity parameters.")
-
     @staticmethod
     def _masses(params: Params, m: int) -> torch.Tensor:
         """Möbius masses ``(cap, P)`` of the singletons and pairs (``k <= 2``)."""
@@ -467,10 +454,9 @@ class Choquet(Aggregator):
         return state
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
-        if "threshold" in params:  # classification
-            binary = params["threshold"].shape[0] == 1
-            c = self._integral(params, class_inputs(Z, binary), Z)
-            return threshold_scores(c, params["threshold"], hyper["temperature"], binary)
+        if self._classifier:
+            c = self._integral(params, class_inputs(Z, self._binary), Z)
+            return threshold_scores(c, params["threshold"], hyper["temperature"], self._binary)
         lo, span = params["x_low"], params["x_span"]
         c_z = self._integral(params, Z.transpose(1, 2), Z)  # integral of standardised outputs
         # lo + span * (a * C(x) + b) with x = (z - lo) / span and C(x) = (C(z) - lo) / span.
@@ -478,7 +464,7 @@ class Choquet(Aggregator):
         return lo + scale * (c_z - lo) + RHO_OFFSET * span * params["offset"]
 
     def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
-        m = self._n_models_of(params)
+        m = self.n_models_
         sq = sum(params[k].pow(2).sum() for k in ("singleton_raw", "pair_raw") if k in params)
         if "capacity_raw" in params:
             raw = params["capacity_raw"]
@@ -487,8 +473,7 @@ class Choquet(Aggregator):
                 if self._uses_lattice(m) else 0.0
             )
             sq = sq + (raw - ref).pow(2).sum()
-        # The log of the regression output scale.
-        if "log_scale" in params:
+        if not self._classifier:  # the log of the regression output scale
             sq = sq + (RHO_SCALE * params["log_scale"]).pow(2).sum()
         pen = 0.5 * hyper["l2"][0] * sq
         if "interaction" in hyper:

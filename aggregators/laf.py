@@ -328,7 +328,7 @@ class LAF(Aggregator):
         return self._units(params, x) @ torch.softmax(params["mix"], 0)  # (n, c)
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
-        if "bias" in params:  # classification
+        if self._classifier:
             # The units are averaging, so s >= min_i x_i >= eps; the clamp only
             # guards rounding.
             s = self._mixture(params, Z).clamp_min(self.eps)

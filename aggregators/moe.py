@@ -264,8 +264,6 @@ class SparseMoE(Aggregator):
 
     def fit_buffers(self, ctx, Z, y, X=None) -> Params:
         buf = {"x_mean": X.mean(0), "x_scale": _safe_std(X)}
-        if ctx.task == "classification":  # mixture of probabilities -> log-scores
-            buf["is_classifier"] = ctx.full((1,), 1.0)
         if self.gate_inputs == "X+outputs":
             s = self._summary(Z)
             buf.update(s_mean=s.mean(0), s_scale=_safe_std(s))
@@ -290,10 +288,9 @@ class SparseMoE(Aggregator):
         return params
 
     # -- the gate -----------------------------------------------------------------
-    @staticmethod
-    def _summary(Z: torch.Tensor) -> torch.Tensor:
-        # Classifiers: each model's confidence; regressors: its (mean) prediction.
-        return Z.amax(2) if Z.shape[2] > 1 else Z[:, :, 0]
+    def _summary(self, Z: torch.Tensor) -> torch.Tensor:
+        # Classifiers: each model's confidence; regressors: its mean prediction.
+        return Z.amax(2) if self._classifier else Z.mean(2)
 
     def _features(self, params: Params, Z, X) -> torch.Tensor:
         f = (X - params["x_mean"]) / params["x_scale"]
@@ -345,7 +342,7 @@ class SparseMoE(Aggregator):
         G = self.gates(params, hyper, Z, X)
         # Unrouted entries of Z hold placeholders and have G == 0 exactly.
         mix = (Z * G[:, :, None]).sum(1)
-        if "is_classifier" in params:
+        if self._classifier:  # a mixture of probabilities -> log-scores
             return torch.log(mix.clamp_min(self.eps))
         return mix
 

@@ -159,10 +159,22 @@ class ModelSelection(Aggregator):
 
     # -- the wrapped function -----------------------------------------------------
     def _inner(self) -> Aggregator:
-        if isinstance(self.aggregator, ModelSelection):
+        spec = self.aggregator
+        if isinstance(spec, ModelSelection):
             raise ValueError("ModelSelection cannot wrap another ModelSelection.")
-        return resolve_aggregator(self.aggregator) if isinstance(self.aggregator, str) \
-            else self.aggregator
+        if not isinstance(spec, str):
+            return spec
+        # A short name resolves to a fresh instance: the one resolved for this
+        # name is kept, so that what bind() told it holds in later calls.
+        resolved = self.__dict__.get("_resolved")
+        if resolved is None or resolved[0] != spec:
+            resolved = self._resolved = (spec, resolve_aggregator(spec))
+        return resolved[1]
+
+    def bind(self, ctx: AggregationContext) -> "ModelSelection":
+        super().bind(ctx)
+        self._inner().bind(ctx)
+        return self
 
     @property
     def uses_X(self) -> bool:  # type: ignore[override]

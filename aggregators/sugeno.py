@@ -358,13 +358,10 @@ class Sugeno(Aggregator):
         params.update(threshold_params(ctx) if ctx.task == "classification" else affine_params(ctx))
         return params
 
-    @staticmethod
-    def _capacity_tensor(params: Params) -> torch.Tensor:
+    def _capacity_tensor(self, params: Params) -> torch.Tensor:
         """Dense capacity ``(cap, 2**m)`` or symmetric levels ``(cap, m + 1)``."""
         if "capacity_raw" in params:
-            raw = params["capacity_raw"]
-            m = int(round(math.log2(raw.shape[-1] + 1)))
-            return full_capacity(raw, m)
+            return full_capacity(params["capacity_raw"], self.n_models_)
         return symmetric_levels(params["levels_raw"])
 
     def _integral(self, params: Params, hyper: Params, x: torch.Tensor) -> torch.Tensor:
@@ -376,10 +373,9 @@ class Sugeno(Aggregator):
         return _soft_max(_soft_min2(d, lv, t), t)
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
-        if "threshold" in params:  # classification
-            binary = params["threshold"].shape[0] == 1
-            s = self._integral(params, hyper, class_inputs(Z, binary))
-            return threshold_scores(s, params["threshold"], hyper["temperature"], binary)
+        if self._classifier:
+            s = self._integral(params, hyper, class_inputs(Z, self._binary))
+            return threshold_scores(s, params["threshold"], hyper["temperature"], self._binary)
         lo, span = params["x_low"], params["x_span"]
         x = ((Z - lo) / span).clamp(0.0, 1.0).transpose(1, 2)  # (n, targets, m)
         return from_unit_interval(params, self._integral(params, hyper, x))

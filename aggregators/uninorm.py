@@ -309,10 +309,9 @@ class Uninorm(Aggregator):
         return c + torch.einsum("nmc,m->nc", g, w)
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
-        if "x_low" not in params:  # classification
-            binary = Z.shape[2] == 2
-            x = Z[:, :, 1:2] if binary else Z
-            return logistic_log_scores(self._logit_u(params, hyper, x), binary)
+        if self._classifier:
+            x = Z[:, :, 1:2] if self._binary else Z
+            return logistic_log_scores(self._logit_u(params, hyper, x), self._binary)
         lo, span = params["x_low"], params["x_span"]
         u = torch.sigmoid(self._logit_u(params, hyper, (Z - lo) / span))
         return from_unit_interval(params, u)
@@ -321,7 +320,7 @@ class Uninorm(Aggregator):
         ref = -math.log(params["log_weight"].shape[0])  # equal weights summing to 1
         pen = 0.5 * hyper["l2"][0] * (params["log_weight"] - ref).pow(2).sum()
         pen = pen + 0.5 * hyper["neutral"][0] * params["neutral_logit"].pow(2).sum()
-        if "log_scale" in params:
+        if not self._classifier:
             pen = pen + 0.5 * hyper["l2"][0] * (
                 params["log_scale"].pow(2).sum() + params["offset"].pow(2).sum()
             )

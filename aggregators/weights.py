@@ -121,7 +121,7 @@ class LearnedWeights(Aggregator):
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
         w = self._weights(params)
-        if "temperature" not in hyper:  # regression
+        if not self._classifier:
             return self._mix(Z, w)
         if self.pool == "linear":
             p = self._mix(Z, w)

@@ -387,6 +387,7 @@ def test_invalid_parameters(params, match):
 def test_pair_features_cached_per_tensor_and_equal_without_grad():
     agg = Choquet(2)
     ctx = _ctx(6, c=2)
+    agg.bind(ctx)
     g = torch.Generator().manual_seed(1)
     Z = torch.rand(50, 6, 2, generator=g, dtype=torch.float64)
     params = {

@@ -228,6 +228,7 @@ def test_full_capacity_start_is_near_cardinality_over_m():
 def test_forward_is_exact_without_autograd_and_soft_with_it():
     agg = Sugeno(share="per_class")
     ctx = AggregationContext("classification", 3, 3, 2, list("abc"))
+    agg.bind(ctx)
     params = agg.init_params(ctx, None, None)
     params["capacity_raw"] = params["capacity_raw"] + torch.randn(
         params["capacity_raw"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64
@@ -393,6 +394,7 @@ def test_weighted_uninorm_conventions_and_errors():
 def test_uninorm_forward_is_the_weighted_uninorm_of_shrunk_inputs():
     agg = Uninorm(min_weight=0.5)
     ctx = AggregationContext("classification", 3, 3, 2, list("abc"))
+    agg.bind(ctx)
     Z = torch.softmax(torch.randn(10, 3, 3, generator=torch.Generator().manual_seed(0),
                                   dtype=torch.float64), -1)
     params = {**agg.init_params(ctx, Z, None), **agg.fit_buffers(ctx, Z, None)}
