@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
-from .hypergrad import BilevelProblem, stack_problems
+from .hypergrad import BilevelProblem, is_out_of_memory, stack_problems
 
 __all__ = [
     "HyperSpace", "ParamPacker", "Split", "data_loss", "make_fold_problems", "make_problem",
@@ -429,21 +429,27 @@ def _batched_problem(agg, ctx, folds, space, parts, joint) -> BilevelProblem | N
         inner, outer, joint.theta0, blocks=joint.blocks,
         hessian_loss=joint.inner_loss if large else None,
     )
-    # Same values and gradients as the fold-by-fold sum at the start, or no batching.
+    # Same values and gradients as the fold-by-fold sum at the start, or no
+    # batching. The fold-by-fold values come first, outside the try: their
+    # errors are the aggregation function's own and propagate; what fails
+    # only under vmap (a forward pass that does not batch) means no batching.
     u0 = space.initial()
-    try:
-        with torch.enable_grad():
-            th = joint.theta0.detach().clone().requires_grad_(True)
-            ref = [joint.inner_loss(th, u0), joint.outer_loss(th, u0)]
+    with torch.enable_grad():
+        th = joint.theta0.detach().clone().requires_grad_(True)
+        ref = [joint.inner_loss(th, u0), joint.outer_loss(th, u0)]
+        ref_grads = [torch.autograd.grad(a, th)[0] for a in ref]
+        try:
             got = [problem.inner_loss(th, u0), problem.outer_loss(th, u0)]
-            for a, b in zip(ref, got):
-                ga, gb = torch.autograd.grad(a, th)[0], torch.autograd.grad(b, th)[0]
-                scale = 1e-8 if a.dtype == torch.float64 else 1e-4
-                if not (
-                    torch.allclose(a, b, rtol=scale, atol=scale)
-                    and torch.allclose(ga, gb, rtol=scale, atol=scale * (1 + ga.abs().max()))
-                ):
-                    return None
-    except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError):
-        return None
+            got_grads = [torch.autograd.grad(b, th)[0] for b in got]
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            if is_out_of_memory(e):
+                raise
+            return None
+    for a, b, ga, gb in zip(ref, got, ref_grads, got_grads):
+        scale = 1e-8 if a.dtype == torch.float64 else 1e-4
+        if not (
+            torch.allclose(a, b, rtol=scale, atol=scale)
+            and torch.allclose(ga, gb, rtol=scale, atol=scale * (1 + ga.abs().max()))
+        ):
+            return None
     return problem

@@ -49,7 +49,7 @@ from base_models import (
 from ._base import AggregationContext
 from ._bilevel import HyperSpace, Split, make_fold_problems, make_problem, parse_range
 from ._registry import resolve_aggregator
-from .hypergrad import METHODS, InnerDivergenceError, solve_inner, tune
+from .hypergrad import METHODS, HessianDecision, InnerDivergenceError, solve_inner, tune
 
 __all__ = ["AggregatedClassifier", "AggregatedRegressor", "HypergradientWarning"]
 
@@ -97,13 +97,32 @@ def _naming(name: str, what: str):
         raise type(e)(f"base model {name!r} {what}: {e}") from e
 
 
+def _first_order_reason(agg) -> str | None:
+    """Why the engine keeps to first-order methods for ``agg``, as it declares, or ``None``.
+
+    Newton steps and exact Hessian blocks need second derivatives that cost
+    little more than a gradient (``second_order``) and a loss without kinks
+    (``smooth``): a quadratic model is wrong at a kink, where Newton's line
+    search stalls.
+    """
+    name = type(agg).__name__
+    if not getattr(agg, "second_order", True):
+        return f"{name} declares second_order = False (its second derivatives are dear)"
+    if not getattr(agg, "smooth", True):
+        return f"{name} declares smooth = False (its training loss has kinks)"
+    return None
+
+
 def _inner_solver(agg) -> str:
-    """The engine's inner solver for an aggregation function: Newton is allowed
-    where second derivatives are cheap and the loss has no kinks (a quadratic
-    model is wrong at a kink: on SparseMoE's top-k load Newton's line search
-    stalled and a fit took 10x longer)."""
-    ok = getattr(agg, "second_order", True) and getattr(agg, "smooth", True)
-    return "auto" if ok else "lbfgs"
+    """The engine's inner solver for an aggregation function (see :func:`_first_order_reason`)."""
+    return "auto" if _first_order_reason(agg) is None else "lbfgs"
+
+
+def _declare_first_order(agg, problem) -> None:
+    """Record on ``problem`` that it keeps to first-order methods, when ``agg`` declares it."""
+    reason = _first_order_reason(agg)
+    if reason is not None:
+        problem.hessian = HessianDecision(False, reason)
 
 
 class _Progress:
@@ -478,6 +497,7 @@ class _BaseAggregated(BaseEstimator):
                   full.take(torch.as_tensor(va, device=device))) for tr, va in splits],
                 space,
             )
+            _declare_first_order(agg_spec, joint)
             lower, upper = space.bounds()
             callback = _Progress(len(splits)) if self.verbose else None
             t0 = time.perf_counter()
@@ -503,6 +523,7 @@ class _BaseAggregated(BaseEstimator):
                 )
             self.tuning_time_ = time.perf_counter() - t0
             self.tuning_history_ = self._history_frame(result.history, space, len(splits))
+            self._record_hessian(joint.hessian)
             fold_thetas = split_theta(result.thetas[0])
 
             # Refit the parameters on all rows with the tuned hyperparameters.
@@ -532,9 +553,31 @@ class _BaseAggregated(BaseEstimator):
         self.n_iter_ = 0
         self.fold_aggregators_ = []
         self._finish(agg_spec, ctx, final, packer, buffers, space, specs, h, final.theta0)
+        self._record_hessian(final.hessian)
         return self
 
+    def _record_hessian(self, decision) -> None:
+        """Say in ``tuning_history_.attrs`` whether the engine formed exact Hessian blocks, and why.
+
+        Warns when they were wanted (small blocks, nothing declared against
+        them) but the loss lacks the second derivatives they need.
+        """
+        if decision is None:
+            return
+        self.tuning_history_.attrs["exact_hessian"] = decision.exact
+        self.tuning_history_.attrs["exact_hessian_reason"] = decision.reason
+        if decision.unavailable:
+            warnings.warn(
+                f"the aggregator is fitted with first-order methods (L-BFGS, conjugate "
+                f"gradient) instead of Newton steps: {decision.reason}. Declare "
+                "second_order = False on the aggregation function to choose them "
+                "without this warning.",
+                HypergradientWarning,
+                stacklevel=4,
+            )
+
     def _finish(self, agg_spec, ctx, final, packer, buffers, space, specs, h, theta0):
+        _declare_first_order(agg_spec, final)
         try:
             theta, n_iter, converged = solve_inner(
                 final, h, theta0, max_iter=10 * self.max_inner_iter,

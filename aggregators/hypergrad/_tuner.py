@@ -16,7 +16,8 @@ from ._greedy import darts_hypergradient, greedy_hypergradient
 from ._hoag import SCHEDULE_OPTIONS, hoag_hypergradient, hoag_tolerance
 from ._implicit import implicit_hypergradient
 from ._inner import solve_inner
-from ._problem import BilevelProblem, HypergradResult, InnerDivergenceError
+from ._newton import decide_exact_hessian
+from ._problem import BilevelProblem, HessianDecision, HypergradResult, InnerDivergenceError
 from ._unrolled import drmad_hypergradient, reverse_hypergradient
 
 __all__ = ["METHODS", "TuningResult", "hypergradient", "tune"]
@@ -142,6 +143,9 @@ class TuningResult:
         Whether an inner solve diverged (the last good point is returned).
     message : str
         Why the loop stopped.
+    hessian : list of HessianDecision or None
+        Per problem: whether its exact Hessian blocks were formed, and why
+        (``None`` where no solve could use them).
     """
 
     h: torch.Tensor
@@ -150,6 +154,7 @@ class TuningResult:
     history: list = field(default_factory=list)
     diverged: bool = False
     message: str = ""
+    hessian: list[HessianDecision | None] = field(default_factory=list)
 
 
 class _Stop(Exception):
@@ -286,6 +291,11 @@ def tune(
     # systems of nearby h differ little (HOAG's warm start).
     warm_cg = method in ("implicit-cg", "hoag") and "v0" not in method_options
     cg_starts: list = [None] * len(problems)
+    if needs_optimum and inner_solver == "auto":
+        # Exact Hessian blocks or first-order methods: decided once per
+        # problem, at the start, for a reason kept in problem.hessian.
+        for prob in problems:
+            decide_exact_hessian(prob, prob.theta0, h0)
 
     def evaluate(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
@@ -363,6 +373,7 @@ def tune(
         history=history,
         diverged=state["diverged"],
         message=state["message"],
+        hessian=[p.hessian for p in problems],
     )
 
 
