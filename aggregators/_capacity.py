@@ -466,8 +466,7 @@ def n_capacities(share: str, ctx) -> int:
     A binary classifier always has one: its integral is taken over the
     positive class's probabilities.
     """
-    binary = ctx.task == "classification" and ctx.n_outputs == 2
-    return ctx.n_outputs if (share == "per_class" and not binary) else 1
+    return ctx.n_outputs if (share == "per_class" and not ctx.is_binary) else 1
 
 
 # ======================================================================================

@@ -321,9 +321,7 @@ class _BaseAggregated(BaseEstimator):
     ) -> tuple[BaseModel, np.ndarray]:
         """Fit a clone of ``obj`` on all rows; return it and out-of-fold outputs."""
         est = clone(obj)
-        method = {"proba": "predict_proba", "decision": "decision_function"}.get(
-            SklearnModel(est).output, "predict"
-        )
+        method = SklearnModel(est).output_method
         params = {}
         if sample_weight is not None:
             if not has_fit_parameter(est, "sample_weight"):

@@ -66,7 +66,7 @@ def unit_interval_scale(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def unit_interval_buffers(ctx, Z: torch.Tensor) -> dict[str, torch.Tensor]:
     """``x_low`` and ``x_span`` of :func:`unit_interval_scale` for regressors; none for classifiers."""
-    if ctx.task == "classification":
+    if ctx.is_classifier:
         return {}
     lo, span = unit_interval_scale(Z)
     return {"x_low": lo, "x_span": span}
@@ -74,7 +74,7 @@ def unit_interval_buffers(ctx, Z: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def threshold_params(ctx) -> dict[str, torch.Tensor]:
     """Thresholds of the choquistic map at their start: one per class, one when binary."""
-    return {"threshold": ctx.zeros(1 if ctx.n_outputs == 2 else ctx.n_outputs)}
+    return {"threshold": ctx.zeros(1 if ctx.is_binary else ctx.n_outputs)}
 
 
 def affine_params(ctx) -> dict[str, torch.Tensor]:

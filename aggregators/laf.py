@@ -90,8 +90,6 @@ _MIN_GAP = 1e-2
 #: Scale of the class biases (keeps their curvature on the units' scale).
 _RHO_BIAS = 0.1
 
-_EXPONENTS = "abcdefgh"
-
 
 def _inv_softplus(v: float) -> float:
     v = max(v, 1e-4)  # softplus never reaches 0; 1e-4 is 0 for every practical input

@@ -8,7 +8,7 @@ from numbers import Integral
 import numpy as np
 import pandas as pd
 
-from ._base import BaseModel
+from ._base import BaseModel, task_of_output
 
 __all__ = ["CallableModel", "PrecomputedModel"]
 
@@ -19,10 +19,6 @@ def _check_output(output):
     if output not in _OUTPUTS:
         raise ValueError(f"output must be one of {_OUTPUTS}; got {output!r}.")
     return output
-
-
-def _task_of(output):
-    return "regression" if output == "value" else "classification"
 
 
 class CallableModel(BaseModel):
@@ -53,7 +49,7 @@ class CallableModel(BaseModel):
             raise TypeError(f"CallableModel needs a callable; got {type(func)}.")
         self.func = func
         self.output = _check_output(output)
-        self.task = _task_of(output)
+        self.task = task_of_output(output)
         self.classes_ = None if classes is None else np.asarray(classes)
 
     def predict_raw(self, X) -> np.ndarray:
@@ -103,7 +99,7 @@ class PrecomputedModel(BaseModel):
         self, predictions, *, keys=None, key_column=None, output="proba", classes=None
     ):
         self.output = _check_output(output)
-        self.task = _task_of(output)
+        self.task = task_of_output(output)
         if isinstance(predictions, pd.Series):
             predictions = predictions.to_frame()
         if isinstance(predictions, pd.DataFrame):
