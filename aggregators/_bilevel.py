@@ -420,10 +420,9 @@ def _batched_problem(agg, ctx, folds, space, parts, joint) -> BilevelProblem | N
 
     # Hessian blocks come from a vmap (probes) over the backward of this vmap
     # (folds), which turns the folds' matmuls into copies of their rows: on
-    # CPU that halved the time of a block Hessian where a fold has a few
-    # hundred (row, output) entries (breast_cancer, wine) and doubled it from
-    # a few thousand (digits, 5-class synthetic). Above the bound the blocks
-    # come from the fold-by-fold sum.
+    # the CPU that pays while a fold has a few hundred (row, output) entries
+    # (less overhead per fold) and costs from a few thousand (the copies
+    # dominate). Above the bound the blocks come from the fold-by-fold sum.
     large = train.y.shape[1] * ctx.n_outputs > BATCHED_HESSIAN_MAX_ENTRIES
     problem = BilevelProblem(
         inner, outer, joint.theta0, blocks=joint.blocks,

@@ -386,12 +386,9 @@ def full_capacity(raw: torch.Tensor, m: int) -> torch.Tensor:
     so ``mu`` is monotone, and dividing by ``nu(N) > 0`` normalises it.
 
     A hard max has a kink wherever two predecessors tie -- at the uniform
-    start, every subset -- and L-BFGS stalls there: measured on the
-    benchmark's breast_cancer pool (6 models, 136 rows), the inner solve
-    stopped after 50 iterations with a gradient of 5e-4 at ``T = 0.1`` (167
-    iterations, 2.5e-3 at ``T = 0.03``), never reaching its tolerance 1e-7,
-    so the implicit hypergradients were taken at a non-optimum; with the
-    smooth maximum it converges in 78 (90) iterations.
+    start, every subset -- and L-BFGS stalls there, short of its tolerance,
+    so the implicit hypergradients would be taken away from the inner
+    optimum; the smooth maximum has no kinks and the inner solves converge.
 
     Every strictly monotone capacity is still reached exactly: scale it by
     ``c`` so large that every gap ``c (mu(A) - max_i mu(A - {i}))`` exceeds

@@ -8,7 +8,7 @@ for one class) with respect to a capacity ``mu`` (a set function with
 
 with ``x_(0) = 0`` and ``A_(i) = {(i), ..., (m)}``; in Möbius form
 ``C(x) = sum_{T != empty} m(T) min_{i in T} x_i`` with ``mu(A) = sum_{B
-subset A} m(B)`` (Grabisch; ``../shared/FORMULAS.md``). A capacity can
+subset A} m(B)`` (Grabisch 1997). A capacity can
 express that two models are redundant (``m({i, j}) < 0``: the pair is worth
 less than its parts) or complementary (``m({i, j}) > 0``: trust them when
 they agree), which a weighted mean cannot.
@@ -16,6 +16,13 @@ they agree), which a weighted mean cannot.
 Capacities, their Möbius masses, Shapley values and interaction indices live
 in :mod:`aggregators._capacity` (binary subset order; shared with
 :mod:`aggregators.sugeno`); the functions on them are re-exported here.
+
+References
+----------
+M. Grabisch, "The application of fuzzy integrals in multicriteria decision
+making", European Journal of Operational Research 89 (1996).
+M. Grabisch, "k-order additive discrete fuzzy measures and their
+representation", Fuzzy Sets and Systems 92 (1997).
 """
 
 from __future__ import annotations
@@ -101,7 +108,8 @@ def choquet_integral(x, capacity=None, *, mobius=None) -> np.ndarray:
 
     Examples
     --------
-    The worked example of Grabisch (``../shared/FORMULAS.md``):
+    Grabisch's (1996) students, rated in mathematics, physics and
+    literature, with a capacity that makes the two sciences redundant:
 
     >>> import numpy as np
     >>> mu = [0, .45, .45, .5, .3, .9, .9, 1]   # {}, M, P, MP, L, ML, PL, MPL
@@ -190,11 +198,10 @@ class Choquet(Aggregator):
     sample. So the choquistic map has both a learned threshold and a learned
     scale, as specified; the scale is learned at the outer level, and it *is*
     the output temperature among the tuned hyperparameters (interaction
-    penalty, output temperature, L2). (A gain learned with the capacity as well would make a
-    temperature redundant: the two enter only through their product. Such a
-    variant, with the L2 pulling ``log gamma`` towards ``-log temperature``,
-    drove the temperature to its bound and fitted 3 to 6 times slower for the
-    same test log-loss on the bundled datasets.)
+    penalty, output temperature, L2). (A gain learned with the capacity as
+    well would make a temperature redundant: the two enter only through
+    their product, so the outer and inner problems would pull on the same
+    direction, and the inner problem would gain a flat one.)
 
     **Monotonicity and normalisation are guaranteed by the parametrisation**
     (no projection):
@@ -240,7 +247,7 @@ class Choquet(Aggregator):
     Hyperparameters tuned by hypergradient: ``temperature`` (classifiers),
     ``interaction`` (weight of ``P * sum_{|T| >= 2} m(T)**2``, ``P`` the
     number of such subsets: pulls towards an additive capacity, i.e. a
-    weighted mean) and ``l2`` (on the raw parameters, measured from the start
+    weighted mean) and ``l2`` (on the raw parameters, taken from the start
     point, which is the uniform average for ``k <= 2`` and ``k >= m``; also
     pulls the regression output scale's logarithm towards 0).
 

@@ -24,7 +24,7 @@ def _log_l(logx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, logw=None) -> t
 
 
 def laf_unit(x, params: dict, eps: float = _EPS, weights=None) -> torch.Tensor:
-    """One LAF unit over the last axis of ``x`` (FORMULAS.md).
+    """One LAF unit over the last axis of ``x`` (Pellegrini et al. 2021, eq. 1).
 
     ``LAF(x) = [alpha L_ab(x) + beta L_cd(1-x)] / [gamma L_ef(x) + delta L_gh(1-x)]``
     with ``L_{a,b}(x) = (sum_i x_i^b)^a`` and inputs clamped to ``[eps, 1-eps]``.
@@ -127,19 +127,15 @@ class LAF(Aggregator):
     Why only averaging units, not the paper's free unit
     ``[alpha L_ab(x) + beta L_cd(1-x)] / [gamma L_ef(x) + delta L_gh(1-x)]``
     with 12 free parameters: with a fixed number of models there is nothing to
-    count, and the free unit's scale is unbounded. Measured on breast_cancer
-    (benchmark split, 171 aggregation rows): with ``log(s)`` as log-scores,
-    the fit learned a constant offset ``beta L_{c,d} = beta < 0`` (``c = 0``)
-    that made ``s <= 0`` on 2 of 171 test rows, 22 nats each: test log-loss
-    0.333 against the uniform average's 0.112. With a logistic output
-    instead (as Choquet's), 0.132, and 0.168 on the split of
-    ``examples/quickstart.py`` (uniform: 0.125), where the mean unit grew to
-    ``s = 95`` on test rows (``a = 3.1, e = 0.48``). With averaging units and
-    the log output: 0.096 and 0.097. (On those splits
-    the test rows hold 2 rows where every model gives the true class less
-    than 0.15, the aggregation rows none; sharpening the ensemble, which the
-    validation folds reward, costs most there. Hence ``T >= 0.5``, as for
-    :class:`LearnedWeights`: ``T >= 0.25`` gave 0.130 and 0.138.)
+    count, and the free unit's scale is unbounded. With ``log(s)`` as
+    log-scores a free unit can learn a constant offset (``beta L_{c,d}`` with
+    ``c = 0``) that makes ``s <= 0`` on rows unlike the training ones, each
+    costing tens of nats; behind a logistic output (as Choquet's) it can
+    instead grow far outside ``[0, 1]``. An averaging unit stays between the
+    smallest and the largest input, so its logarithm is a probability-like
+    score on any row. The temperature floor ``T >= 0.5`` is
+    :class:`LearnedWeights`': the validation folds reward sharpening the
+    ensemble, which costs most on test rows where every model is wrong.
 
     Regressors: the standardised predictions are mapped to ``[0, 1]`` by one
     affine map per target learned on the training rows (shared by the
@@ -168,13 +164,8 @@ class LAF(Aggregator):
     l2_bounds : tuple of float or None, default=None
         Range the L2 weight is tuned in (log scale). ``None``: :class:`Stacking`'s
         rule, ``(0.1 / n_train, 100)`` with ``n_train`` the rows each inner
-        problem is fitted on. Measured against the former fixed ``(1e-3,
-        100)`` with ``bench_vs_sklearn.py``'s protocol (split seeds 0-4, four
-        datasets): lower test log-loss in 12 of 20 cells and higher in 1
-        (digits 0.0754 -> 0.0735, synthetic 0.8030 -> 0.7993 on average),
-        and lower or equal on all 8 sets of ``bench_unseen.py`` (2-target
-        regression MSE 235 -> 208); the fits on digits and synthetic took
-        about twice as long (4.5 -> 9.1 s, 4.9 -> 10.4 s).
+        problem is fitted on: the floor follows the amount of data, so large
+        sets may be regularised weakly (at the price of slower tuning there).
     eps : float, default=1e-6
         Inputs are clamped to ``[eps, 1 - eps]``.
 
@@ -207,10 +198,9 @@ class LAF(Aggregator):
     """
 
     short_name = "laf"
-    # Its units' powers and logarithms make second derivatives dear: on
-    # digits (6 models, 10 classes) the 24 x 24 Hessian blocks of the five
-    # folds took 0.6 s, 38 gradients' worth, while L-BFGS needs about 10
-    # iterations per solve. Newton made the fit 4x slower there.
+    # Its units' powers and logarithms make second derivatives dear: a
+    # Hessian block costs tens of gradients, while L-BFGS needs about ten
+    # iterations per solve, so Newton steps would slow the fit down.
     second_order = False
 
     def __init__(
@@ -310,7 +300,7 @@ class LAF(Aggregator):
         # sum_i w_i x_i^b = e^{b top} sum_i w_i e^{b (log x_i - top)}, top = max_i log x_i:
         # every exponential is at most 1 and the largest input's is 1, so nothing
         # overflows or underflows to 0 (a log-sum-exp whose shift does not depend
-        # on the parameters: 2.5x cheaper than torch.logsumexp here).
+        # on the parameters, so its backward is cheaper than torch.logsumexp's).
         top = logs.amax(-1)  # (n, c, U)
         powers = torch.exp(ex[..., None] * (logs - top[..., None]).unsqueeze(-2))  # (n,c,U,2,m)
         if "model_logits" in params:

@@ -6,7 +6,7 @@ The Sugeno integral of ``x in [0, 1]^m`` with respect to a capacity ``mu``
     S_mu(x) = max_i min(x_(i), mu(A_(i))),   x_(1) <= ... <= x_(m),
 
 with ``A_(i) = {(i), ..., (m)}`` the models whose output is at least
-``x_(i)`` (``../shared/FORMULAS.md``). It is the max-min ("qualitative")
+``x_(i)`` (Sugeno 1974). It is the max-min ("qualitative")
 counterpart of the Choquet integral: the output is either one of the inputs or
 one capacity value, so it only compares numbers and never adds them. It
 lies between the minimum and the maximum of the inputs.
@@ -222,7 +222,7 @@ class Sugeno(Aggregator):
     temperature ``T`` is a hyperparameter.
 
     Hyperparameters tuned by hypergradient: ``temperature`` (classifiers),
-    ``softness`` and ``l2`` (on the raw capacity parameters, measured from
+    ``softness`` and ``l2`` (on the raw capacity parameters, taken from
     their start, and on the output map's parameters).
 
     Parameters
@@ -279,9 +279,8 @@ class Sugeno(Aggregator):
 
     short_name = "sugeno"
     # The soft max-min over all 2**m subsets makes second derivatives dear:
-    # on digits (6 models) the 73 x 73 Hessian blocks of the five folds took
-    # 0.48 s, 72 gradients' worth, and on breast_cancer Newton made the fit
-    # 1.7x slower than L-BFGS.
+    # a Hessian block costs about as many gradients as it has rows, more
+    # than L-BFGS spends on a whole solve.
     second_order = False
 
     def __init__(

@@ -4,7 +4,7 @@ A uninorm ``U: [0, 1]^2 -> [0, 1]`` is associative, commutative, monotone and
 has a neutral element ``e`` (``U(x, e) = x``); it is conjunctive on
 ``[0, e]^2`` (``U <= min``: two weak supports weaken each other) and
 disjunctive on ``[e, 1]^2`` (``U >= max``: two strong supports reinforce each
-other), and lies between min and max elsewhere (``../shared/FORMULAS.md``).
+other), and lies between min and max elsewhere (Yager & Rybalov 1996).
 *Representable* uninorms are ``U(x, y) = g^{-1}(g(x) + g(y))`` with an
 increasing additive generator ``g``, ``g(e) = 0``. Here
 

@@ -40,9 +40,9 @@ def solve_inner(
     tolerance_change : float, default=1e-20
         L-BFGS also stops when the loss or the step changes by less than
         this. The default stops only once float64 no longer registers
-        progress, so ``tol`` is what decides; 1e-14 stopped flat
-        (softmax-weight) problems short of it, e.g. at a gradient of 9e-9
-        after 10 iterations where 1e-20 reaches 4e-12 in 12.
+        progress, so ``tol`` is what decides: on flat (softmax-weight)
+        problems the loss changes by less than 1e-14 per step well before
+        the gradient meets ``tol``, and a larger threshold would stop there.
     solver : {"auto", "newton", "lbfgs"}, default="auto"
         ``"newton"``: damped Newton with exact Hessian blocks
         (:func:`newton_solve`), finished by L-BFGS if its line search stalls

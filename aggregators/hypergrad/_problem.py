@@ -89,9 +89,10 @@ class BilevelProblem:
         ``create_graph`` built, where an ``L`` that is itself vmapped over
         folds costs copies); ``inner_loss`` when omitted.
     hessian : HessianDecision, default=None
-        Whether it does, decided once, before the first solve that could use
-        the blocks (:func:`~aggregators.hypergrad._newton.decide_exact_hessian`);
-        a caller that knows may set it beforehand.
+        Whether the engine forms the blocks, and why: decided once, before
+        the first solve that could use them
+        (:func:`~aggregators.hypergrad._newton.decide_exact_hessian`); a
+        caller that knows may set it beforehand.
     """
 
     inner_loss: Loss
