@@ -319,6 +319,17 @@ def two_additive_masses(a: torch.Tensor, q: torch.Tensor | None, m: int) -> torc
     keeps the slack spent at ``p = 0`` to ``log 2`` per model, so that
     ``a`` and ``p`` move the masses on similar scales.) Without pairs
     (``q = None``, or one model) the masses are ``softmax(a)``: a weighted mean.
+
+    Pair masses of either sign are allowed (a softmax over nonnegative
+    masses would give only belief functions, without redundancy). **Every**
+    2-additive capacity whose monotonicity slacks ``m({i}) + sum_j min(0,
+    m({i,j}))`` are all positive is reached exactly (take ``p = c
+    m({i,j})``, ``s_i = c m({i}) - sum_j phi(-c m({i,j}))`` for a large
+    enough ``c``; then ``Z = c``); those with a zero slack (e.g. exactly the
+    minimum of two models) are limits. Unlike a softmax over the ``m**2``
+    extreme 2-additive capacities (dictators, pairwise minima and maxima),
+    this has one parameter per Möbius mass, so the inner problem has no flat
+    directions of size ``m**2 / 2`` for L-BFGS to crawl along.
     """
     shift = a.amax(-1, keepdim=True)  # every term is scaled by exp(-shift); Z cancels it
     s = torch.exp(a - shift)
@@ -338,7 +349,13 @@ def atom_mixture_masses(raw: torch.Tensor, m: int, k: int) -> torch.Tensor:
     """Möbius masses ``(cap, P)`` of a softmax mixture of the extreme k-additive capacities.
 
     ``raw (cap, n_atoms)`` weighs the atoms of :func:`k_additive_atoms`; the
-    masses are over its subsets (``1 <= |T| <= k``, in its order).
+    masses are over its subsets (``1 <= |T| <= k``, in its order). Every
+    mixture is a valid k-additive capacity; the set reached is the convex
+    hull of the atoms, which holds every k-additive belief function, every
+    k-additive plausibility function and every 2-additive capacity, but
+    **not** every k-additive capacity for ``k >= 3`` (their polytope has
+    other vertices; for ``k = 2`` the dictators, minima and maxima are all
+    its vertices).
     """
     sets, _, atom_idx, set_idx, coef, _ = k_additive_atoms(m, k)
     dev = raw.device

@@ -206,40 +206,21 @@ class Choquet(Aggregator):
     **Monotonicity and normalisation are guaranteed by the parametrisation**
     (no projection):
 
-    * ``k = 2`` (any number of models): singleton parameters ``a_i`` and
-      free pair parameters ``p_ij``; with ``s_i = exp(a_i)`` and the smooth
-      ``phi(t) = tau softplus(t / tau) >= max(0, t)``, ``tau = 1 / (m - 1)``:
-      ``m({i,j}) = p_ij / Z`` and ``m({i}) = (s_i + sum_j phi(-p_ij)) / Z``,
-      ``Z = sum_i s_i + sum_{i<j} (p_ij + 2 phi(-p_ij))`` (> 0).
-      Because ``phi(-p) >= max(0, -p)``, the exact 2-additive
-      monotonicity condition ``m({i}) + sum_j min(0, m({i,j})) >= s_i / Z >
-      0`` holds, and the ``phi`` terms cancel in the total, so ``sum_T
-      m(T) = 1`` exactly. Pair masses of either sign are allowed (a softmax
-      over nonnegative masses would give only belief functions, without
-      redundancy). **Every** 2-additive capacity whose monotonicity slacks
-      ``m({i}) + sum_j min(0, m({i,j}))`` are all positive is reached
-      exactly (take ``p = c m({i,j})``, ``s_i = c m({i}) - sum_j
-      phi(-c m({i,j}))`` for a large enough ``c``; then ``Z = c``); those
-      with a zero slack (e.g. exactly the minimum of two models) are limits.
-      Unlike a softmax over the ``m**2`` extreme 2-additive capacities
-      (dictators, pairwise minima and maxima), this has one parameter per
-      Möbius mass, so the inner problem has no flat directions of size
-      ``m**2 / 2`` for L-BFGS to crawl along. ``k = 1`` keeps the
-      singletons only: ``softmax(a)``, a weighted mean.
-    * ``3 <= k < m`` (``m <= 12``): a softmax mixture of extreme
-      k-additive capacities: the dictators ``x_i`` and the minimum and the
-      maximum over every ``S`` with ``2 <= |S| <= k``. Every mixture is a
-      valid k-additive capacity; the set reached is the convex hull of those
-      atoms, which holds every k-additive belief function, every k-additive
-      plausibility function and every 2-additive capacity, but **not** every
-      k-additive capacity for ``k >= 3`` (their polytope has other vertices;
-      for ``k = 2`` the dictators, minima and maxima are all its vertices).
+    * ``k <= 2`` (any number of models): one free parameter per singleton
+      and per pair, mapped to Möbius masses that meet the exact 2-additive
+      monotonicity condition and sum to 1
+      (:func:`~aggregators._capacity.two_additive_masses`). Pair masses of
+      either sign are allowed, and every 2-additive capacity with positive
+      monotonicity slacks is reached exactly (the others as limits). ``k =
+      1`` keeps the singletons only: ``softmax(a)``, a weighted mean.
+    * ``3 <= k < m`` (``m <= 12``): a softmax mixture of extreme k-additive
+      capacities (:func:`~aggregators._capacity.atom_mixture_masses`): every
+      k-additive belief and plausibility function and every 2-additive
+      capacity, but not every k-additive capacity.
     * ``k >= m`` (full capacity, ``m <= 12``): unconstrained increments on
-      the lattice, ``nu(A) = smax_{i in A} nu(A - {i}) + softplus(r_A)``
-      with a smooth maximum ``smax >= max`` (log-sum-exp, temperature 0.1;
-      a hard max stalls L-BFGS at its kinks), ``mu = nu / nu(N)``. Every
-      monotone capacity is reached (strictly monotone ones exactly, the rest
-      as limits).
+      the lattice through a smooth maximum
+      (:func:`~aggregators._capacity.full_capacity`); every monotone capacity
+      is reached (strictly monotone ones exactly, the rest as limits).
 
     Full or ``k >= 3`` capacities over ``m > 12`` models (``2**m`` subsets)
     are refused with a ``UserWarning`` and fall back to ``k = 2``.
