@@ -17,9 +17,16 @@ object whose ``__init__`` only stores arguments) that tells the estimator
   (``softmax`` gives probabilities); for regressors, predictions in the
   standardised target space.
 
+It is told the problem it serves by an :class:`AggregationContext`: the
+methods that build it (``hyperparameters``, ``fit_buffers``, ``init_params``,
+``check_task``) receive the context, and :meth:`Aggregator.bind` records
+what :meth:`~Aggregator.forward` and :meth:`~Aggregator.route` need of it
+(``task_``, ``n_outputs_``, ``n_models_``) before the first forward pass, so
+that they never guess the task from the shapes of the parameters.
+
 It never touches the estimator or the hypergradient engine. After fitting,
-the estimator stores a copy with ``params_``, ``buffers_``, ``hyperparams_``
-and ``context_`` set as ``aggregator_``; subclasses add readable views
+the estimator stores a copy with ``params_``, ``buffers_`` and
+``hyperparams_`` set as ``aggregator_``; subclasses add readable views
 (weights, Shapley values, ...) on top of those.
 """
 
@@ -32,8 +39,9 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 
-__all__ = ["AggregationContext", "Aggregator", "Hyperparameter", "unit_interval_scale"]
+__all__ = ["AggregationContext", "Aggregator", "Hyperparameter"]
 
 Params = dict[str, torch.Tensor]
 
@@ -209,6 +217,16 @@ class AggregationContext:
     generator: torch.Generator | None = None
     n_train: int | None = None
 
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the task is classification (``n_outputs`` then counts classes)."""
+        return self.task == "classification"
+
+    @property
+    def is_binary(self) -> bool:
+        """Whether the task is classification with two classes."""
+        return self.is_classifier and self.n_outputs == 2
+
     def zeros(self, *shape) -> torch.Tensor:
         """A zero tensor on the context's device and dtype."""
         return torch.zeros(*shape, device=self.device, dtype=self.dtype)
@@ -242,17 +260,6 @@ def l2_bounds_for(ctx: "AggregationContext", given: tuple | None) -> tuple[float
     return 1e-3, 1e2
 
 
-def unit_interval_scale(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output ``(low, span)`` mapping regressors' outputs on the rows of ``Z`` into [0, 1].
-
-    Shared by the aggregation functions that need inputs in [0, 1] (fuzzy
-    integrals, uninorms); a constant output gets a span of 1.
-    """
-    lo = Z.amin(dim=(0, 1))
-    hi = Z.amax(dim=(0, 1))
-    return lo, torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-
-
 def readable_hyperparams(specs: list, values: dict) -> dict:
     """``name -> float`` for scalars, ``name -> Series`` (by label) for vectors."""
     out = {}
@@ -272,7 +279,9 @@ class Aggregator(BaseEstimator):
     :meth:`forward`, and may override :meth:`penalty`, :meth:`data_penalty`,
     :meth:`fit_buffers`, :meth:`check_task` and :meth:`route` (sparse
     inference). Set the class attribute ``uses_X = True`` when the
-    forward pass reads the input features.
+    forward pass reads the input features. :meth:`forward` and
+    :meth:`route` get no context: they read ``task_``, ``n_outputs_`` and
+    ``n_models_``, which :meth:`bind` sets before the first forward pass.
     """
 
     #: Whether :meth:`forward` reads ``X`` (the estimator then moves it to the device).
@@ -295,6 +304,41 @@ class Aggregator(BaseEstimator):
     #: (:class:`~aggregators.ModelSelection`) then has a training loss with
     #: kinks although the function is smooth in its own parameters.
     smooth_in_outputs: bool = True
+
+    # -- what the estimator tells it ---------------------------------------------
+    def bind(self, ctx: AggregationContext) -> "Aggregator":
+        """Record what :meth:`forward` and :meth:`route` need to know of the problem.
+
+        Sets ``task_``, ``n_outputs_`` and ``n_models_`` from ``ctx``. The
+        estimator (and :func:`~aggregators._bilevel.make_problem`) calls it
+        before the first forward pass; call it yourself to use
+        :meth:`forward` outside an estimator. A subclass that wraps another
+        aggregation function binds that one too.
+
+        Returns
+        -------
+        self
+        """
+        self.task_ = ctx.task
+        self.n_outputs_ = ctx.n_outputs
+        self.n_models_ = ctx.n_models
+        return self
+
+    @property
+    def _classifier(self) -> bool:
+        """Whether the bound task (:meth:`bind`) is classification."""
+        task = getattr(self, "task_", None)
+        if task is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has not been told its task: call bind(ctx) "
+                "before forward (the estimator does)."
+            )
+        return task == "classification"
+
+    @property
+    def _binary(self) -> bool:
+        """Whether the bound task (:meth:`bind`) is classification with two classes."""
+        return self._classifier and self.n_outputs_ == 2
 
     # -- what a subclass declares -------------------------------------------------
     def check_task(self, ctx: AggregationContext) -> None:
@@ -367,6 +411,15 @@ class Aggregator(BaseEstimator):
         return None
 
     # -- fitted state, set by the estimator ---------------------------------------
+    def _check_fitted(self) -> None:
+        """Raise ``NotFittedError`` unless this is a fitted copy (``estimator.aggregator_``)."""
+        if not hasattr(self, "params_"):
+            raise NotFittedError(
+                f"this {type(self).__name__} aggregator is not fitted; fit an "
+                "AggregatedClassifier / AggregatedRegressor with it and use "
+                "estimator.aggregator_."
+            )
+
     def _set_fitted(
         self, ctx, params: Params, buffers: Params, hyper: dict, specs: list
     ) -> None:
@@ -376,10 +429,8 @@ class Aggregator(BaseEstimator):
         self._hyper_vectors_ = {k: np.asarray(v, dtype=np.float64) for k, v in hyper.items()}
         self.hyperparams_ = readable_hyperparams(specs, self._hyper_vectors_)
         self.model_names_ = list(ctx.model_names)
-        self.n_models_ = ctx.n_models
-        self.n_outputs_ = ctx.n_outputs
-        self.task_ = ctx.task
         self.classes_ = ctx.classes
+        self.bind(ctx)
 
     def _fitted_tensors(self, device, dtype) -> tuple[Params, Params]:
         """Fitted parameters and hyperparameters as tensors on ``device``."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
-from .hypergrad import BilevelProblem, stack_problems
+from .hypergrad import BilevelProblem, is_out_of_memory, stack_problems
 
 __all__ = [
     "HyperSpace", "ParamPacker", "Split", "data_loss", "make_fold_problems", "make_problem",
@@ -270,6 +270,7 @@ def make_problem(
     Returns the problem, the packer of its parameters and the buffers
     computed from ``train``.
     """
+    agg.bind(ctx)
     buffers = agg.fit_buffers(ctx, train.Z, train.y, train.X)
     init = agg.init_params(ctx, train.Z, train.y, train.X)
     packer = ParamPacker(init)
@@ -422,30 +423,35 @@ def _batched_problem(agg, ctx, folds, space, parts, joint) -> BilevelProblem | N
 
     # Hessian blocks come from a vmap (probes) over the backward of this vmap
     # (folds), which turns the folds' matmuls into copies of their rows: on
-    # CPU that halved the time of a block Hessian where a fold has a few
-    # hundred (row, output) entries (breast_cancer, wine) and doubled it from
-    # a few thousand (digits, 5-class synthetic). Above the bound the blocks
-    # come from the fold-by-fold sum.
+    # the CPU that pays while a fold has a few hundred (row, output) entries
+    # (less overhead per fold) and costs from a few thousand (the copies
+    # dominate). Above the bound the blocks come from the fold-by-fold sum.
     large = train.y.shape[1] * ctx.n_outputs > BATCHED_HESSIAN_MAX_ENTRIES
     problem = BilevelProblem(
         inner, outer, joint.theta0, blocks=joint.blocks,
         hessian_loss=joint.inner_loss if large else None,
     )
-    # Same values and gradients as the fold-by-fold sum at the start, or no batching.
+    # Same values and gradients as the fold-by-fold sum at the start, or no
+    # batching. The fold-by-fold values come first, outside the try: their
+    # errors are the aggregation function's own and propagate; what fails
+    # only under vmap (a forward pass that does not batch) means no batching.
     u0 = space.initial()
-    try:
-        with torch.enable_grad():
-            th = joint.theta0.detach().clone().requires_grad_(True)
-            ref = [joint.inner_loss(th, u0), joint.outer_loss(th, u0)]
+    with torch.enable_grad():
+        th = joint.theta0.detach().clone().requires_grad_(True)
+        ref = [joint.inner_loss(th, u0), joint.outer_loss(th, u0)]
+        ref_grads = [torch.autograd.grad(a, th)[0] for a in ref]
+        try:
             got = [problem.inner_loss(th, u0), problem.outer_loss(th, u0)]
-            for a, b in zip(ref, got):
-                ga, gb = torch.autograd.grad(a, th)[0], torch.autograd.grad(b, th)[0]
-                scale = 1e-8 if a.dtype == torch.float64 else 1e-4
-                if not (
-                    torch.allclose(a, b, rtol=scale, atol=scale)
-                    and torch.allclose(ga, gb, rtol=scale, atol=scale * (1 + ga.abs().max()))
-                ):
-                    return None
-    except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError):
-        return None
+            got_grads = [torch.autograd.grad(b, th)[0] for b in got]
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            if is_out_of_memory(e):
+                raise
+            return None
+    for a, b, ga, gb in zip(ref, got, ref_grads, got_grads):
+        scale = 1e-8 if a.dtype == torch.float64 else 1e-4
+        if not (
+            torch.allclose(a, b, rtol=scale, atol=scale)
+            and torch.allclose(ga, gb, rtol=scale, atol=scale * (1 + ga.abs().max()))
+        ):
+            return None
     return problem

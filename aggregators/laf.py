@@ -16,16 +16,12 @@ from ._base import (
     Params,
     l2_bounds_for,
     l2_limits_for,
-    unit_interval_scale,
 )
+from ._outputs import affine_params, from_unit_interval, unit_interval_buffers
 
 __all__ = ["LAF", "laf_unit"]
 
 _EPS = 1e-6
-
-# Scales of the output map's parameters (as in choquet.py and sugeno.py): they
-# keep the inner Hessian's diagonal within a few orders of magnitude.
-_RHO_THRESHOLD, _RHO_SCALE, _RHO_OFFSET = 0.2, 0.05, 0.1
 
 
 def _log_l(logx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, logw=None) -> torch.Tensor:
@@ -35,7 +31,7 @@ def _log_l(logx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, logw=None) -> t
 
 
 def laf_unit(x, params: dict, eps: float = _EPS, weights=None) -> torch.Tensor:
-    """One LAF unit over the last axis of ``x`` (FORMULAS.md).
+    """One LAF unit over the last axis of ``x`` (Pellegrini et al. 2021, eq. 1).
 
     ``LAF(x) = [alpha L_ab(x) + beta L_cd(1-x)] / [gamma L_ef(x) + delta L_gh(1-x)]``
     with ``L_{a,b}(x) = (sum_i x_i^b)^a`` and inputs clamped to ``[eps, 1-eps]``.
@@ -101,8 +97,6 @@ _MIN_GAP = 1e-2
 #: Scale of the class biases (keeps their curvature on the units' scale).
 _RHO_BIAS = 0.1
 
-_EXPONENTS = "abcdefgh"
-
 
 def _inv_softplus(v: float) -> float:
     v = max(v, 1e-4)  # softplus never reaches 0; 1e-4 is 0 for every practical input
@@ -140,19 +134,15 @@ class LAF(Aggregator):
     Why only averaging units, not the paper's free unit
     ``[alpha L_ab(x) + beta L_cd(1-x)] / [gamma L_ef(x) + delta L_gh(1-x)]``
     with 12 free parameters: with a fixed number of models there is nothing to
-    count, and the free unit's scale is unbounded. Measured on breast_cancer
-    (benchmark split, 171 aggregation rows): with ``log(s)`` as log-scores,
-    the fit learned a constant offset ``beta L_{c,d} = beta < 0`` (``c = 0``)
-    that made ``s <= 0`` on 2 of 171 test rows, 22 nats each: test log-loss
-    0.333 against the uniform average's 0.112. With a logistic output
-    instead (as Choquet's), 0.132, and 0.168 on the split of
-    ``examples/quickstart.py`` (uniform: 0.125), where the mean unit grew to
-    ``s = 95`` on test rows (``a = 3.1, e = 0.48``). With averaging units and
-    the log output: 0.096 and 0.097. (On those splits
-    the test rows hold 2 rows where every model gives the true class less
-    than 0.15, the aggregation rows none; sharpening the ensemble, which the
-    validation folds reward, costs most there. Hence ``T >= 0.5``, as for
-    :class:`LearnedWeights`: ``T >= 0.25`` gave 0.130 and 0.138.)
+    count, and the free unit's scale is unbounded. With ``log(s)`` as
+    log-scores a free unit can learn a constant offset (``beta L_{c,d}`` with
+    ``c = 0``) that makes ``s <= 0`` on rows unlike the training ones, each
+    costing tens of nats; behind a logistic output (as Choquet's) it can
+    instead grow far outside ``[0, 1]``. An averaging unit stays between the
+    smallest and the largest input, so its logarithm is a probability-like
+    score on any row. The temperature floor ``T >= 0.5`` is
+    :class:`LearnedWeights`': the validation folds reward sharpening the
+    ensemble, which costs most on test rows where every model is wrong.
 
     Regressors: the standardised predictions are mapped to ``[0, 1]`` by one
     affine map per target learned on the training rows (shared by the
@@ -181,14 +171,9 @@ class LAF(Aggregator):
     l2_bounds : tuple of float or None, default=None
         Range the L2 weight is tuned in (log scale). ``None``: :class:`Stacking`'s
         rule, ``(0.1 / n_train, 100)`` with ``n_train`` the rows each inner
-        problem is fitted on. Measured against the former fixed ``(1e-3,
-        100)`` with ``bench_vs_sklearn.py``'s protocol (split seeds 0-4, four
-        datasets): lower test log-loss in 12 of 20 cells and higher in 1
-        (digits 0.0754 -> 0.0735, synthetic 0.8030 -> 0.7993 on average),
-        and lower or equal on all 8 sets of ``bench_unseen.py`` (2-target
-        regression MSE 235 -> 208); the fits on digits and synthetic took
-        about twice as long (4.5 -> 9.1 s, 4.9 -> 10.4 s). As for
-        :class:`Stacking`, the default floor bounds the tuning only: a
+        problem is fitted on: the floor follows the amount of data, so large
+        sets may be regularised weakly (at the price of slower tuning there).
+        As for :class:`Stacking`, the default floor bounds the tuning only: a
         weight given may lie anywhere in ``(0, 100]``.
     eps : float, default=1e-6
         Inputs are clamped to ``[eps, 1 - eps]``.
@@ -222,10 +207,9 @@ class LAF(Aggregator):
     """
 
     short_name = "laf"
-    # Its units' powers and logarithms make second derivatives dear: on
-    # digits (6 models, 10 classes) the 24 x 24 Hessian blocks of the five
-    # folds took 0.6 s, 38 gradients' worth, while L-BFGS needs about 10
-    # iterations per solve. Newton made the fit 4x slower there.
+    # Its units' powers and logarithms make second derivatives dear: a
+    # Hessian block costs tens of gradients, while L-BFGS needs about ten
+    # iterations per solve, so Newton steps would slow the fit down.
     second_order = False
 
     def __init__(
@@ -270,10 +254,7 @@ class LAF(Aggregator):
         return hp
 
     def fit_buffers(self, ctx, Z, y, X=None) -> Params:
-        if ctx.task == "classification":
-            return {}
-        lo, span = unit_interval_scale(Z)
-        return {"x_low": lo, "x_span": span}
+        return unit_interval_buffers(ctx, Z)
 
     # -- the units -----------------------------------------------------------------
     def _kinds(self) -> np.ndarray:
@@ -301,8 +282,7 @@ class LAF(Aggregator):
         if ctx.task == "classification":
             params["bias"] = ctx.zeros(ctx.n_outputs)
         else:
-            params["log_scale"] = ctx.zeros(ctx.n_outputs)
-            params["offset"] = ctx.zeros(ctx.n_outputs)
+            params.update(affine_params(ctx))
         return params
 
     @staticmethod
@@ -334,7 +314,7 @@ class LAF(Aggregator):
         # sum_i w_i x_i^b = e^{b top} sum_i w_i e^{b (log x_i - top)}, top = max_i log x_i:
         # every exponential is at most 1 and the largest input's is 1, so nothing
         # overflows or underflows to 0 (a log-sum-exp whose shift does not depend
-        # on the parameters: 2.5x cheaper than torch.logsumexp here).
+        # on the parameters, so its backward is cheaper than torch.logsumexp's).
         top = logs.amax(-1)  # (n, c, U)
         powers = torch.exp(ex[..., None] * (logs - top[..., None]).unsqueeze(-2))  # (n,c,U,2,m)
         if "model_logits" in params:
@@ -350,15 +330,13 @@ class LAF(Aggregator):
         return self._units(params, x) @ torch.softmax(params["mix"], 0)  # (n, c)
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
-        if "bias" in params:  # classification
+        if self._classifier:
             # The units are averaging, so s >= min_i x_i >= eps; the clamp only
             # guards rounding.
             s = self._mixture(params, Z).clamp_min(self.eps)
             return (torch.log(s) + _RHO_BIAS * params["bias"]) / hyper["temperature"][0]
-        lo, span = params["x_low"], params["x_span"]
-        s = self._mixture(params, (Z - lo) / span)  # clamped into (0, 1) by _units
-        scale = torch.exp(_RHO_SCALE * params["log_scale"])
-        return lo + span * (scale * s + _RHO_OFFSET * params["offset"])
+        s = self._mixture(params, (Z - params["x_low"]) / params["x_span"])  # clamped by _units
+        return from_unit_interval(params, s)
 
     def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
         # Towards the starting units (mean, soft max, soft min) and equal
@@ -374,15 +352,6 @@ class LAF(Aggregator):
         return 0.5 * hyper["l2"][0] * sq
 
     # -- fitted views --------------------------------------------------------------
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "params_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError(
-                "this LAF aggregator is not fitted; fit an AggregatedClassifier / "
-                "AggregatedRegressor with it and use estimator.aggregator_."
-            )
-
     @property
     def unit_weights_(self) -> np.ndarray:
         """Mixture weight of each unit."""

@@ -5,10 +5,10 @@ at predict time each row keeps only its ``k`` best experts, so with the
 estimator's sparse inference each base model is called only on the rows
 routed to it.
 
-The functions at the top of the module are the formulas of
-``FORMULAS.md`` ("Sparse mixture-of-experts gating") as written: noisy
-logits ``H``, ``KeepTopK`` + softmax, ``CV^2`` with the population variance,
-and the smooth load estimator ``P(x, i)`` with ``kth_excluding``.
+The functions at the top of the module are the formulas of Shazeer et al.
+(2017) as written (section 2.1 and appendix A): noisy logits ``H``,
+``KeepTopK`` + softmax, ``CV^2`` with the population variance, and the
+smooth load estimator ``P(x, i)`` with ``kth_excluding``.
 """
 
 from __future__ import annotations
@@ -154,16 +154,14 @@ class SparseMoE(Aggregator):
         Ranges the hyperparameters are tuned in (log scale). The noise scale
         is capped at 1 so that the relaxation the gate is trained with stays
         close to the exact top-k it predicts with; its floor of 0.05 and the
-        L2 floor of 1e-4 keep the training loss smooth enough for L-BFGS (on
-        the specialist-regions benchmark, a floor of 0.02 and 1e-5 made the
-        inner solves hit their iteration bound without a better test loss).
+        L2 floor of 1e-4 keep the training loss smooth enough for L-BFGS:
+        below them the relaxed top-k sharpens into kinks, and the inner
+        solves run into their iteration bound.
     learn_noise : bool, default=False
         Train ``W_noise`` with the gate. Off by default: in the deterministic
-        relaxation ``W_noise`` only sets a per-row softness, which the inner
-        solver finds ill-conditioned (on the specialist-regions benchmark the
-        final fit missed its tolerance after 1000 L-BFGS iterations, with a
-        test log-loss of 0.164 against 0.161 with ``W_noise`` held at zero);
-        ``noise_scale`` is tuned either way.
+        relaxation ``W_noise`` only sets a per-row softness, which makes the
+        inner problem ill-conditioned (L-BFGS may not reach its tolerance)
+        without helping the gate; ``noise_scale`` is tuned either way.
     eps : float, default=1e-6
         Mixture probabilities are clipped to ``[eps, 1]`` before the logarithm.
 
@@ -200,7 +198,8 @@ class SparseMoE(Aggregator):
 
     short_name = "moe"
     uses_X = True
-    # The load estimator's kth_excluding (FORMULAS.md) is piecewise linear in the logits.
+    # The load estimator's kth_excluding (Shazeer et al. 2017, appendix A) is
+    # piecewise linear in the logits.
     smooth = False
 
     def __init__(
@@ -264,8 +263,6 @@ class SparseMoE(Aggregator):
 
     def fit_buffers(self, ctx, Z, y, X=None) -> Params:
         buf = {"x_mean": X.mean(0), "x_scale": _safe_std(X)}
-        if ctx.task == "classification":  # mixture of probabilities -> log-scores
-            buf["is_classifier"] = ctx.full((1,), 1.0)
         if self.gate_inputs == "X+outputs":
             s = self._summary(Z)
             buf.update(s_mean=s.mean(0), s_scale=_safe_std(s))
@@ -286,14 +283,13 @@ class SparseMoE(Aggregator):
         params["w_gate"] = ctx.zeros(d, m)  # W_g = 0: uniform gate at the start
         params["b_gate"] = ctx.zeros(m)
         if self.learn_noise:
-            params["w_noise"] = ctx.zeros(d, m)  # W_noise = 0 (FORMULAS.md)
+            params["w_noise"] = ctx.zeros(d, m)  # W_noise = 0, as Shazeer et al. start it
         return params
 
     # -- the gate -----------------------------------------------------------------
-    @staticmethod
-    def _summary(Z: torch.Tensor) -> torch.Tensor:
-        # Classifiers: each model's confidence; regressors: its (mean) prediction.
-        return Z.amax(2) if Z.shape[2] > 1 else Z[:, :, 0]
+    def _summary(self, Z: torch.Tensor) -> torch.Tensor:
+        # Classifiers: each model's confidence; regressors: its mean prediction.
+        return Z.amax(2) if self._classifier else Z.mean(2)
 
     def _features(self, params: Params, Z, X) -> torch.Tensor:
         f = (X - params["x_mean"]) / params["x_scale"]
@@ -345,7 +341,7 @@ class SparseMoE(Aggregator):
         G = self.gates(params, hyper, Z, X)
         # Unrouted entries of Z hold placeholders and have G == 0 exactly.
         mix = (Z * G[:, :, None]).sum(1)
-        if "is_classifier" in params:
+        if self._classifier:  # a mixture of probabilities -> log-scores
             return torch.log(mix.clamp_min(self.eps))
         return mix
 

@@ -43,8 +43,8 @@ def redundancy(Z: torch.Tensor, power: float = 8.0) -> torch.Tensor:
     """``R_ij = max(0, corr(Z_i, Z_j))^power`` between models, zero diagonal.
 
     Correlation of the centred outputs over rows (and outputs); a high power
-    leaves only near-duplicates with a sizeable entry (0.9 -> 0.43, 0.99 ->
-    0.92 at the default 8).
+    leaves only near-duplicates with a sizeable entry (at the default 8,
+    ``0.9**8 = 0.43`` and ``0.99**8 = 0.92``).
     """
     C = Z - Z.mean(0, keepdim=True)
     C = C.transpose(0, 1).reshape(Z.shape[1], -1)  # (n_models, rows * outputs)
@@ -61,8 +61,8 @@ class ModelSelection(Aggregator):
     Each base model ``j`` gets a keep logit ``a_j``, trained with the wrapped
     aggregation function's parameters; its relaxed keep mask is
     ``s_j = sigmoid(a_j / temperature)`` (a point inside the cube whose
-    vertices are the subsets, as the lecture relaxes a discrete choice to
-    the interior of the simplex with a temperature). The wrapped function
+    vertices are the subsets, as DARTS relaxes a discrete choice to the
+    interior of the simplex with a softmax; Liu et al. 2019). The wrapped function
     sees ``neutralise(Z, s, b)``: model ``j``'s column is blended with its
     average output ``b_j`` on the training rows, so that a dropped model
     (``s_j = 0``) gives the same constant on every row and carries no
@@ -71,16 +71,16 @@ class ModelSelection(Aggregator):
     kept models' mean: with the mean, shrinking every ``s_j`` together
     costs almost nothing in training loss (the columns tend to the uniform
     average), and the relaxed optimum no longer says which hard subset is
-    good (measured: every keep probability fell below 1/2 on a pool of three
-    complementary models). The training loss adds
+    good (on a pool of complementary models every keep probability can fall
+    below 1/2). The training loss adds
     ``sparsity * sum_j sqrt(s_j)``, a concave count of kept models that
     prefers dropping one of two exact duplicates to keeping both halfway;
     ``sparsity`` is tuned by hypergradient on the validation loss. A fixed
     redundancy term ``redundancy / 2 * s^T R s``, with ``R`` the (high power
     of the) correlation between models' outputs on the training rows, makes
-    near-duplicates compete: without it the wrapped function's own L2
-    (which prefers sharing weight between duplicates) kept both copies of a
-    duplicated model on every seed we tried.
+    near-duplicates compete: without it the wrapped function's own L2,
+    which prefers sharing weight between duplicates, keeps both copies of a
+    duplicated model.
 
     At predict time (no autograd) the mask is hard: ``selected_`` keeps the
     models with ``s_j > 1/2`` (at least the most kept one), and
@@ -118,6 +118,11 @@ class ModelSelection(Aggregator):
     aggregator_ : Aggregator
         The fitted wrapped aggregation function (its readable views, e.g.
         ``weights_``, refer to the neutralised columns).
+
+    References
+    ----------
+    H. Liu, K. Simonyan, Y. Yang, "DARTS: Differentiable architecture
+    search", ICLR 2019.
 
     Examples
     --------
@@ -159,10 +164,22 @@ class ModelSelection(Aggregator):
 
     # -- the wrapped function -----------------------------------------------------
     def _inner(self) -> Aggregator:
-        if isinstance(self.aggregator, ModelSelection):
+        spec = self.aggregator
+        if isinstance(spec, ModelSelection):
             raise ValueError("ModelSelection cannot wrap another ModelSelection.")
-        return resolve_aggregator(self.aggregator) if isinstance(self.aggregator, str) \
-            else self.aggregator
+        if not isinstance(spec, str):
+            return spec
+        # A short name resolves to a fresh instance: the one resolved for this
+        # name is kept, so that what bind() told it holds in later calls.
+        resolved = self.__dict__.get("_resolved")
+        if resolved is None or resolved[0] != spec:
+            resolved = self._resolved = (spec, resolve_aggregator(spec))
+        return resolved[1]
+
+    def bind(self, ctx: AggregationContext) -> "ModelSelection":
+        super().bind(ctx)
+        self._inner().bind(ctx)
+        return self
 
     @property
     def uses_X(self) -> bool:  # type: ignore[override]

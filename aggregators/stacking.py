@@ -60,26 +60,19 @@ class Stacking(Aggregator):
         The weights act on the mean training loss, so weight ``l2`` is
         ``LogisticRegression``'s ``C = 1 / (l2 * n_train)`` (which acts on
         the summed loss): this floor allows ``C <= 10`` whether there are 50
-        rows or 50 000; a fixed
-        floor of 1e-3 bound digits' tuned weights (431 training rows) and
-        would forbid weak regularisation on large sets altogether. Measured
-        with ``bench_vs_sklearn.py``'s protocol on its four datasets, split
-        seeds 0-9 (40 cells): ``0.1 / n_train`` gave a lower test log-loss
-        than the fixed ``1e-3`` in 26 cells, 2.5 % lower on average (mean
-        over seeds 0-9, digits 0.0776 -> 0.0701, synthetic 0.7480 -> 0.7436,
-        wine 0.0833 -> 0.0776; breast_cancer worse, 0.0895 -> 0.0917); a
-        fixed floor of 1e-4 overfit wine (0.077 against 0.046 over seeds
-        0-4) and breast_cancer. That floor bounds the tuning only: a weight
-        given (here, fixed through ``hyperparams``, or a range to tune in)
-        may lie anywhere in ``(0, 100]``, and a tuned one given below the
-        floor starts at the floor. Given ``l2_bounds``, every weight must lie
-        within them; a value outside is an error at ``fit``, never clipped.
+        rows or 50 000. A fixed floor cannot serve both: one low enough for
+        weak regularisation on large sets lets the tuner overfit small ones,
+        and one safe for small sets binds the tuned weights on large ones.
+        That floor bounds the tuning only: a weight given (here, fixed through
+        ``hyperparams``, or a range to tune in) may lie anywhere in ``(0, 100]``,
+        and a tuned one given below the floor starts at the floor. Given
+        ``l2_bounds``, every weight must lie within them; a value outside is an
+        error at ``fit``, never clipped.
     features : {"proba", "log_proba"}, default="proba"
         Meta-features of classifiers. Probabilities are bounded, so one
         confidently wrong base model cannot produce an extreme logit; on
         small aggregation sets (tens of rows) log-probabilities let the tuned
-        meta-learner overfit badly (measured on wine, 53 rows: test log-loss
-        0.48 with log-probabilities against 0.03 with probabilities).
+        meta-learner overfit badly.
     per_model_l2 : bool, default=True
         One L2 weight per base model (a hyperparameter vector); ``False``
         shares one weight across all models, as ``LogisticRegression(C)`` does
@@ -87,16 +80,12 @@ class Stacking(Aggregator):
     shrink_towards : {"pool", "zero"}, default="pool"
         Target of the classifiers' L2 penalty: the scaled identity
         ``s_m I`` described above, or zero (the class prior, as
-        ``LogisticRegression`` does). Measured with ``bench_vs_sklearn.py``'s
-        protocol (its pool, 40 / 30 / 30 splits) on breast_cancer, wine,
-        digits and synthetic: over split seeds 0-4 ``"pool"`` gave the lower
-        test log-loss in 15 of the 20 cells (2.3 % lower on average; lower in
-        all 10 digits and synthetic cells, within 0.003 on breast_cancer;
-        worst cell wine seed 3, 0.068 against 0.056), over seeds 5-9 in 16 of
-        20 (1.5 % lower; worst cell 0.0027 higher). Tuning takes up to about
-        twice as long (the identity direction is less regularised). Scales
-        left unpenalised overfit: on breast_cancer they grew into the
-        thousands (test log-loss 1.05). Regressors' coefficients are always
+        ``LogisticRegression`` does). Shrinking towards a weighted pool of
+        the models rather than towards the prior keeps what the base models
+        already agree on, which a strong L2 would otherwise erase; the price
+        is a slower tuning (the identity direction is less regularised). The
+        scales are penalised too (``l2_scale``): left free they can grow
+        without bound and overfit. Regressors' coefficients are always
         shrunk towards zero.
     l2_scale : float, default=1e-2
         Initial L2 weight of the pool's scales ``s`` (tuned in
@@ -212,10 +201,10 @@ class Stacking(Aggregator):
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
         coef = params["coef"]
-        if coef.dim() == 3:  # classification: (n, m, c_in) x (m, c_in, c_out)
+        if self._classifier:  # (n, m, c_in) x (m, c_in, c_out)
             # One matrix product over the (model, class) columns: what the
-            # einsum "nmi,mio->no" computes, with a fifth less time per
-            # gradient on digits' shapes (5 folds of 431 x 6 x 10: 1.2 -> 1.0 ms).
+            # einsum "nmi,mio->no" computes, without the einsum's reshuffling
+            # of its operands on every call.
             m, ci, co = coef.shape
             out = self._features(Z).reshape(Z.shape[0], m * ci) @ coef.reshape(m * ci, co)
         else:  # regression: each target from the models' predictions of it
@@ -252,7 +241,7 @@ class Stacking(Aggregator):
         """Fitted coefficients, one row per (base model, input column)."""
         coef = np.asarray(self.params_["coef"])
         names = self.model_names_
-        if coef.ndim == 3:
+        if self.task_ == "classification":
             m, ci, co = coef.shape
             cls = list(self.classes_) if self.classes_ is not None else list(range(ci))
             index = pd.MultiIndex.from_product([names, cls], names=["model", "input"])

@@ -6,13 +6,15 @@ The Sugeno integral of ``x in [0, 1]^m`` with respect to a capacity ``mu``
     S_mu(x) = max_i min(x_(i), mu(A_(i))),   x_(1) <= ... <= x_(m),
 
 with ``A_(i) = {(i), ..., (m)}`` the models whose output is at least
-``x_(i)`` (``../shared/FORMULAS.md``). It is the max-min ("qualitative")
+``x_(i)`` (Sugeno 1974). It is the max-min ("qualitative")
 counterpart of the Choquet integral: the output is either one of the inputs or
 one capacity value, so it only compares numbers and never adds them. It
 lies between the minimum and the maximum of the inputs.
 
 Capacities are arrays over the ``2**m`` subsets in *binary order* (entry
-``mask`` is the subset ``{i : mask >> i & 1}``), as in :mod:`aggregators.choquet`.
+``mask`` is the subset ``{i : mask >> i & 1}``); their parametrisations and
+tables live in :mod:`aggregators._capacity`, shared with
+:mod:`aggregators.choquet`.
 """
 
 from __future__ import annotations
@@ -25,20 +27,34 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ._base import AggregationContext, Aggregator, Hyperparameter, Params, unit_interval_scale
-# The full capacity's lattice parametrisation is Choquet's (one home for it).
-from .choquet import _full_capacity
+from ._base import AggregationContext, Aggregator, Hyperparameter, Params
+from ._capacity import (
+    MAX_FULL_MODELS,
+    capacity_columns,
+    capacity_frame,
+    chain_values,
+    coalition_index,
+    coalition_members,
+    full_capacity,
+    n_capacities,
+    symmetric_capacity,
+    symmetric_levels,
+    top_sets,
+)
+from ._outputs import (
+    affine_params,
+    class_inputs,
+    from_unit_interval,
+    threshold_params,
+    threshold_scores,
+    unit_interval_buffers,
+)
 
 __all__ = ["Sugeno", "soft_sugeno_integral", "sugeno_integral", "symmetric_capacity"]
 
-#: Largest number of models for which a full capacity (``2**m`` subsets) is learned.
-MAX_FULL_MODELS = 12
-
+# softplus^{-1}(1): the full capacity's increments at the start (every subset
+# one above its predecessors).
 _SOFTPLUS_INV_1 = math.log(math.e - 1.0)
-
-# Scales of the output map's parameters (as in choquet.py): they keep the inner
-# Hessian's diagonal within a few orders of magnitude, so L-BFGS converges fast.
-_RHO_THRESHOLD, _RHO_SCALE, _RHO_OFFSET = 0.2, 0.05, 0.1
 
 
 # ======================================================================================
@@ -81,32 +97,8 @@ def sugeno_integral(x, capacity) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     capacity = np.asarray(capacity, dtype=np.float64)
     _check_capacity_length(x, capacity)
-    order = np.argsort(-x, axis=-1, kind="stable")  # descending
-    d = np.take_along_axis(x, order, -1)
-    # top[..., k] = mask of the k+1 largest inputs = A_(m-k).
-    top = np.cumsum(np.left_shift(1, order), axis=-1)
+    d, top = top_sets(x)  # top[..., k] = mask of the k+1 largest inputs = A_(m-k)
     return np.max(np.minimum(d, capacity[top]), axis=-1)
-
-
-def symmetric_capacity(levels) -> np.ndarray:
-    """Dense symmetric capacity ``mu(A) = q_{|A|}`` from ``q = (q_0, ..., q_m)``.
-
-    With a symmetric capacity the Sugeno integral is the ordered weighted
-    maximum ``max_k min(x_[k], q_k)`` (``x_[k]`` the k-th largest input).
-
-    Parameters
-    ----------
-    levels : array-like of shape (m + 1,)
-        Nondecreasing, ``q_0 = 0``, ``q_m = 1`` for a normalised capacity.
-
-    Returns
-    -------
-    ndarray of shape (2**m,)
-    """
-    q = np.asarray(levels, dtype=np.float64)
-    m = q.shape[-1] - 1
-    sizes = np.array([bin(mask).count("1") for mask in range(2**m)])
-    return q[..., sizes]
 
 
 def _soft_min2(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -137,16 +129,12 @@ def _chain_levels(x: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torc
         capacity of the set of the k+1 largest.
     """
     m = x.shape[-1]
-    d, order = torch.sort(x, dim=-1, descending=True)
     cap, size = mu.shape
     if size == m + 1 and m != 1:  # symmetric: the level only depends on |A| (m=1: both)
+        d = torch.sort(x, dim=-1, descending=True).values
         lv = mu[:, 1:]  # (cap, m)
         return d, lv.expand(*d.shape[:-2], cap, m) if cap > 1 else lv[0].expand_as(d)
-    top = torch.cumsum(torch.bitwise_left_shift(torch.ones_like(order), order), -1)
-    if cap == 1:
-        return d, mu[0][top]
-    offs = torch.arange(cap, device=x.device).mul_(size)[:, None]
-    return d, mu.reshape(-1)[top + offs]
+    return chain_values(x, mu)
 
 
 def soft_sugeno_integral(x, capacity, softness=None) -> torch.Tensor:
@@ -181,13 +169,6 @@ def soft_sugeno_integral(x, capacity, softness=None) -> torch.Tensor:
         return torch.minimum(d, lv).amax(-1)
     t = torch.as_tensor(softness, dtype=x.dtype, device=x.device)
     return _soft_max(_soft_min2(d, lv, t), t)
-
-
-def _symmetric_levels(raw: torch.Tensor) -> torch.Tensor:
-    """Levels ``q_0 = 0 <= q_1 <= ... <= q_m = 1``: cumulative softmax of ``raw (cap, m)``."""
-    q = torch.cumsum(torch.softmax(raw, -1), -1)
-    q = torch.cat([torch.zeros_like(q[:, :1]), q[:, :-1], torch.ones_like(q[:, :1])], -1)
-    return q
 
 
 # ======================================================================================
@@ -241,7 +222,7 @@ class Sugeno(Aggregator):
     temperature ``T`` is a hyperparameter.
 
     Hyperparameters tuned by hypergradient: ``temperature`` (classifiers),
-    ``softness`` and ``l2`` (on the raw capacity parameters, measured from
+    ``softness`` and ``l2`` (on the raw capacity parameters, taken from
     their start, and on the output map's parameters).
 
     Parameters
@@ -298,9 +279,8 @@ class Sugeno(Aggregator):
 
     short_name = "sugeno"
     # The soft max-min over all 2**m subsets makes second derivatives dear:
-    # on digits (6 models) the 73 x 73 Hessian blocks of the five folds took
-    # 0.48 s, 72 gradients' worth, and on breast_cancer Newton made the fit
-    # 1.7x slower than L-BFGS.
+    # a Hessian block costs about as many gradients as it has rows, more
+    # than L-BFGS spends on a whole solve.
     second_order = False
 
     def __init__(
@@ -325,10 +305,6 @@ class Sugeno(Aggregator):
     # -- structure -----------------------------------------------------------------
     def _kind(self, m: int) -> str:
         return "symmetric" if (self.capacity_type == "symmetric" or m > MAX_FULL_MODELS) else "full"
-
-    def _n_capacities(self, task: str, n_outputs: int) -> int:
-        binary = task == "classification" and n_outputs == 2
-        return n_outputs if (self.share == "per_class" and not binary) else 1
 
     def check_task(self, ctx: AggregationContext) -> None:
         if self.capacity_type not in ("full", "symmetric"):
@@ -364,10 +340,7 @@ class Sugeno(Aggregator):
         return hp
 
     def fit_buffers(self, ctx, Z, y, X=None) -> Params:
-        if ctx.task == "classification":
-            return {}
-        lo, span = unit_interval_scale(Z)
-        return {"x_low": lo, "x_span": span}
+        return unit_interval_buffers(ctx, Z)
 
     def _start(self, kind: str, cap: int, m: int, device, dtype) -> torch.Tensor:
         if kind == "full":
@@ -376,26 +349,19 @@ class Sugeno(Aggregator):
         return torch.zeros(cap, m, device=device, dtype=dtype)  # q_k = k / m
 
     def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:
-        m, c = ctx.n_models, ctx.n_outputs
-        cap = self._n_capacities(ctx.task, c)
+        m = ctx.n_models
+        cap = n_capacities(self.share, ctx)
         kind = self._kind(m)
         key = "capacity_raw" if kind == "full" else "levels_raw"
         params = {key: self._start(kind, cap, m, ctx.device, ctx.dtype)}
-        if ctx.task == "classification":
-            params["threshold"] = ctx.zeros(1 if c == 2 else c)
-        else:
-            params["log_scale"] = ctx.zeros(c)
-            params["offset"] = ctx.zeros(c)
+        params.update(threshold_params(ctx) if ctx.task == "classification" else affine_params(ctx))
         return params
 
-    @staticmethod
-    def _capacity_tensor(params: Params) -> torch.Tensor:
+    def _capacity_tensor(self, params: Params) -> torch.Tensor:
         """Dense capacity ``(cap, 2**m)`` or symmetric levels ``(cap, m + 1)``."""
         if "capacity_raw" in params:
-            raw = params["capacity_raw"]
-            m = int(round(math.log2(raw.shape[-1] + 1)))
-            return _full_capacity(raw, m)
-        return _symmetric_levels(params["levels_raw"])
+            return full_capacity(params["capacity_raw"], self.n_models_)
+        return symmetric_levels(params["levels_raw"])
 
     def _integral(self, params: Params, hyper: Params, x: torch.Tensor) -> torch.Tensor:
         """Sugeno integral of ``x (n, c, m)`` -> ``(n, c)``, exact or relaxed."""
@@ -406,21 +372,12 @@ class Sugeno(Aggregator):
         return _soft_max(_soft_min2(d, lv, t), t)
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
-        if "threshold" in params:  # classification
-            binary = params["threshold"].shape[0] == 1
-            x = (Z[:, :, 1:2] if binary else Z).transpose(1, 2)  # (n, c', m)
-            T = hyper["temperature"][0]
-            # beta = 1/2 + rho T b: the threshold's curvature on the capacity's scale.
-            beta = 0.5 + _RHO_THRESHOLD * T * params["threshold"]
-            s = (self._integral(params, hyper, x) - beta) / T
-            if binary:
-                return torch.cat([torch.zeros_like(s), s], 1)
-            return F.logsigmoid(s)
+        if self._classifier:
+            s = self._integral(params, hyper, class_inputs(Z, self._binary))
+            return threshold_scores(s, params["threshold"], hyper["temperature"], self._binary)
         lo, span = params["x_low"], params["x_span"]
         x = ((Z - lo) / span).clamp(0.0, 1.0).transpose(1, 2)  # (n, targets, m)
-        s = self._integral(params, hyper, x)
-        scale = torch.exp(_RHO_SCALE * params["log_scale"])
-        return lo + span * (scale * s + _RHO_OFFSET * params["offset"])
+        return from_unit_interval(params, self._integral(params, hyper, x))
 
     def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
         if "capacity_raw" in params:
@@ -434,13 +391,7 @@ class Sugeno(Aggregator):
 
     # -- readable views of the fitted state ---------------------------------------
     def _fitted_capacity(self) -> np.ndarray:
-        if not hasattr(self, "params_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError(
-                "this Sugeno aggregator is not fitted; fit an AggregatedClassifier / "
-                "AggregatedRegressor with it and use estimator.aggregator_."
-            )
+        self._check_fitted()
         params = {
             k: torch.as_tensor(v, dtype=torch.float64)
             for k, v in self.params_.items()
@@ -448,11 +399,6 @@ class Sugeno(Aggregator):
         }
         with torch.no_grad():
             return self._capacity_tensor(params).numpy()
-
-    def _columns(self, n_cap: int):
-        if n_cap == 1:
-            return None
-        return list(self.classes_) if self.classes_ is not None else list(range(n_cap))
 
     def capacity(self, coalition=None):
         """The fitted capacity ``mu`` (monotone, ``mu(N) = 1``).
@@ -479,23 +425,12 @@ class Sugeno(Aggregator):
                     f"the capacity of all 2**{m} coalitions is too large to list; use "
                     "capacity_levels() (symmetric capacity) or capacity(coalition=[...])."
                 )
-        cols = self._columns(mu.shape[0])
+        cols = capacity_columns(mu.shape[0], self.classes_)
         if coalition is not None:
-            if isinstance(coalition, str):
-                coalition = [coalition]
-            unknown = set(coalition) - set(names)
-            if unknown:
-                raise ValueError(f"unknown base models {sorted(unknown)}; known: {names}.")
-            mask = sum(1 << names.index(n) for n in set(coalition))
+            mask = sum(1 << i for i in coalition_members(names, coalition))
             vals = mu[:, mask]
             return float(vals[0]) if cols is None else pd.Series(vals, index=cols, name="capacity")
-        index = pd.Index(
-            [tuple(names[i] for i in range(m) if mask >> i & 1) for mask in range(2**m)],
-            tupleize_cols=False,
-        )
-        if cols is None:
-            return pd.Series(mu[0], index=index, name="capacity")
-        return pd.DataFrame(mu.T, index=index, columns=cols)
+        return capacity_frame(mu, coalition_index(names, range(2**m)), "capacity", cols)
 
     def capacity_levels(self) -> pd.Series | pd.DataFrame:
         """``mu`` as a function of the coalition size (symmetric capacities only).
@@ -512,8 +447,5 @@ class Sugeno(Aggregator):
                 "capacity_levels() describes symmetric capacities; this one is full: "
                 "use capacity()."
             )
-        cols = self._columns(q.shape[0])
-        idx = pd.RangeIndex(m + 1, name="size")
-        if cols is None:
-            return pd.Series(q[0], index=idx, name="capacity")
-        return pd.DataFrame(q.T, index=idx, columns=cols)
+        cols = capacity_columns(q.shape[0], self.classes_)
+        return capacity_frame(q, pd.RangeIndex(m + 1, name="size"), "capacity", cols)

@@ -4,7 +4,7 @@ A uninorm ``U: [0, 1]^2 -> [0, 1]`` is associative, commutative, monotone and
 has a neutral element ``e`` (``U(x, e) = x``); it is conjunctive on
 ``[0, e]^2`` (``U <= min``: two weak supports weaken each other) and
 disjunctive on ``[e, 1]^2`` (``U >= max``: two strong supports reinforce each
-other), and lies between min and max elsewhere (``../shared/FORMULAS.md``).
+other), and lies between min and max elsewhere (Yager & Rybalov 1996).
 *Representable* uninorms are ``U(x, y) = g^{-1}(g(x) + g(y))`` with an
 increasing additive generator ``g``, ``g(e) = 0``. Here
 
@@ -31,14 +31,16 @@ import math
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from ._base import AggregationContext, Aggregator, Hyperparameter, Params, unit_interval_scale
+from ._base import AggregationContext, Aggregator, Hyperparameter, Params
+from ._outputs import (
+    affine_params,
+    from_unit_interval,
+    logistic_log_scores,
+    unit_interval_scale,
+)
 
 __all__ = ["Uninorm", "uninorm", "weighted_uninorm"]
-
-# Scales of the regression output map's parameters (as in choquet.py).
-_RHO_SCALE, _RHO_OFFSET = 0.05, 0.1
 
 
 def _check_e(e) -> np.ndarray:
@@ -294,11 +296,7 @@ class Uninorm(Aggregator):
         return {
             "log_weight": ctx.full((ctx.n_models,), -math.log(ctx.n_models)),
             "neutral_logit": ctx.zeros(1),  # logit(e) - logit(e_0)
-            **(
-                {"log_scale": ctx.zeros(ctx.n_outputs), "offset": ctx.zeros(ctx.n_outputs)}
-                if ctx.task == "regression"
-                else {}
-            ),
+            **(affine_params(ctx) if ctx.task == "regression" else {}),
         }
 
     def _logit_u(self, params: Params, hyper: Params, x: torch.Tensor) -> torch.Tensor:
@@ -311,36 +309,24 @@ class Uninorm(Aggregator):
         return c + torch.einsum("nmc,m->nc", g, w)
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
-        if "x_low" not in params:  # classification
-            if Z.shape[2] == 2:
-                s = self._logit_u(params, hyper, Z[:, :, 1:2])
-                return torch.cat([torch.zeros_like(s), s], 1)
-            return F.logsigmoid(self._logit_u(params, hyper, Z))
+        if self._classifier:
+            x = Z[:, :, 1:2] if self._binary else Z
+            return logistic_log_scores(self._logit_u(params, hyper, x), self._binary)
         lo, span = params["x_low"], params["x_span"]
         u = torch.sigmoid(self._logit_u(params, hyper, (Z - lo) / span))
-        scale = torch.exp(_RHO_SCALE * params["log_scale"])
-        return lo + span * (scale * u + _RHO_OFFSET * params["offset"])
+        return from_unit_interval(params, u)
 
     def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
         ref = -math.log(params["log_weight"].shape[0])  # equal weights summing to 1
         pen = 0.5 * hyper["l2"][0] * (params["log_weight"] - ref).pow(2).sum()
         pen = pen + 0.5 * hyper["neutral"][0] * params["neutral_logit"].pow(2).sum()
-        if "log_scale" in params:
+        if not self._classifier:
             pen = pen + 0.5 * hyper["l2"][0] * (
                 params["log_scale"].pow(2).sum() + params["offset"].pow(2).sum()
             )
         return pen
 
     # -- readable views of the fitted state ---------------------------------------
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "params_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError(
-                "this Uninorm aggregator is not fitted; fit an AggregatedClassifier / "
-                "AggregatedRegressor with it and use estimator.aggregator_."
-            )
-
     @property
     def neutral_element_(self) -> float:
         """The learned neutral element ``e``."""

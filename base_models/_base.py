@@ -20,6 +20,20 @@ __all__ = [
 ]
 
 
+#: The scikit-learn method that gives each kind of output.
+OUTPUT_METHODS = {
+    "proba": "predict_proba",
+    "decision": "decision_function",
+    "label": "predict",
+    "value": "predict",
+}
+
+
+def task_of_output(output: str) -> str:
+    """The task a model's output serves: regression for values, else classification."""
+    return "regression" if output == "value" else "classification"
+
+
 class UnfittedBaseModelError(NotFittedError):
     """A base model was used for prediction before it was trained."""
 

@@ -9,7 +9,7 @@ from numbers import Integral
 import numpy as np
 import pandas as pd
 
-from ._base import BaseModel
+from ._base import BaseModel, task_of_output
 
 __all__ = ["CallableModel", "PrecomputedModel"]
 
@@ -20,10 +20,6 @@ def _check_output(output):
     if output not in _OUTPUTS:
         raise ValueError(f"output must be one of {_OUTPUTS}; got {output!r}.")
     return output
-
-
-def _task_of(output):
-    return "regression" if output == "value" else "classification"
 
 
 def _row_hashes(X) -> np.ndarray:
@@ -63,7 +59,7 @@ class CallableModel(BaseModel):
             raise TypeError(f"CallableModel needs a callable; got {type(func)}.")
         self.func = func
         self.output = _check_output(output)
-        self.task = _task_of(output)
+        self.task = task_of_output(output)
         self.classes_ = None if classes is None else np.asarray(classes)
 
     def predict_raw(self, X) -> np.ndarray:
@@ -141,7 +137,7 @@ class PrecomputedModel(BaseModel):
         self, predictions, *, keys=None, key_column=None, output="proba", classes=None
     ):
         self.output = _check_output(output)
-        self.task = _task_of(output)
+        self.task = task_of_output(output)
         # Keys that are only row positions (see Notes).
         positional = keys is None
         if isinstance(predictions, pd.Series):

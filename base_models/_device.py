@@ -116,7 +116,7 @@ def small_problem_threads(numel: int, device: torch.device):
 
     On tensors of a few thousand elements, torch's intra-op thread pool only
     adds synchronisation; when another process holds a core (a parallel grid
-    search, a second job) it can make each op a thousand times slower. Large
+    search, a second job) it can make each op orders of magnitude slower. Large
     problems and GPU work keep the user's setting.
     """
     if device.type != "cpu" or numel >= SMALL_PROBLEM:

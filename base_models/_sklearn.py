@@ -7,7 +7,7 @@ from sklearn.base import is_classifier, is_regressor
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import BaseModel, UnfittedBaseModelError
+from ._base import OUTPUT_METHODS, BaseModel, UnfittedBaseModelError
 
 __all__ = ["SklearnModel", "is_fitted_estimator"]
 
@@ -33,7 +33,7 @@ def is_fitted_estimator(estimator) -> bool:
     return True
 
 
-def _task_of(estimator) -> str | None:
+def _estimator_task(estimator) -> str | None:
     """"classification", "regression" or None, also for duck-typed estimators."""
     try:
         if is_classifier(estimator):
@@ -99,7 +99,7 @@ class SklearnModel(BaseModel):
             raise ValueError(f"method must be one of {_METHODS}; got {method!r}.")
         self.estimator = estimator
         self.method = method
-        self.task = _task_of(estimator)
+        self.task = _estimator_task(estimator)
         self.output = self._resolve_method()
         if method != "auto" and not hasattr(estimator, method):
             raise ValueError(
@@ -110,20 +110,20 @@ class SklearnModel(BaseModel):
     def _resolve_method(self) -> str:
         if self.task == "regression":
             return "value"
-        if self.method == "auto":
-            for name, out in (
-                ("predict_proba", "proba"),
-                ("decision_function", "decision"),
-            ):
-                # hasattr honours available_if (e.g. SVC(probability=False)).
-                if hasattr(self.estimator, name):
-                    return out
-            return "label" if self.task == "classification" else "value"
-        return {
-            "predict_proba": "proba",
-            "decision_function": "decision",
-            "predict": "label" if self.task == "classification" else "value",
-        }[self.method]
+        predict = "label" if self.task == "classification" else "value"
+        if self.method == "predict":
+            return predict
+        for out in ("proba", "decision"):
+            name = OUTPUT_METHODS[out]
+            # hasattr honours available_if (e.g. SVC(probability=False)).
+            if self.method == name or (self.method == "auto" and hasattr(self.estimator, name)):
+                return out
+        return predict
+
+    @property
+    def output_method(self) -> str:
+        """The estimator's method :meth:`predict_raw` calls (``predict_proba``, ...)."""
+        return OUTPUT_METHODS[self.output]
 
     @property
     def classes_(self):  # type: ignore[override]
@@ -141,16 +141,11 @@ class SklearnModel(BaseModel):
     @property
     def method_called(self) -> str:
         """The estimator's method :meth:`predict_raw` calls (``"predict_proba"``, ...)."""
-        return {
-            "proba": "predict_proba",
-            "decision": "decision_function",
-            "label": "predict",
-            "value": "predict",
-        }[self.output]
+        return self.output_method
 
     def predict_raw(self, X) -> np.ndarray:
         self.check_fitted()
-        out = np.asarray(getattr(self.estimator, self.method_called)(X))
+        out = np.asarray(getattr(self.estimator, self.output_method)(X))
         if self.output == "label":
             return out  # labels; one-hot encoding happens at alignment
         out = out.astype(np.float64, copy=False)

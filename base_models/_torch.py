@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.nn.parameter import is_lazy
 
-from ._base import BaseModel, UnfittedBaseModelError
+from ._base import BaseModel, UnfittedBaseModelError, task_of_output
 from ._device import resolve_device, resolve_dtype
 
 __all__ = ["TorchModel"]
@@ -70,7 +70,7 @@ class TorchModel(BaseModel):
             raise ValueError(f"output must be one of {_OUTPUTS}; got {output!r}.")
         self.module = module
         self.output = output
-        self.task = "regression" if output == "value" else "classification"
+        self.task = task_of_output(output)
         self.classes_ = None if classes is None else np.asarray(classes)
         if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or (
             batch_size < 1

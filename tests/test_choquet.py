@@ -210,9 +210,9 @@ def _dense_capacities(agg, params, m):
     cp = {k: v for k, v in params.items() if k.endswith("_raw")}
     if "capacity_raw" in cp:
         return agg._capacity_lattice(cp, m).detach().numpy()
-    from aggregators.choquet import _atoms
+    from aggregators._capacity import k_additive_atoms
 
-    sets = _atoms(m, agg._k(m))[0]
+    sets = k_additive_atoms(m, agg._k(m))[0]
     masses = agg._sparse_masses(cp, m).detach().numpy()
     dense = np.zeros((masses.shape[0], 2**m))
     dense[:, [sum(1 << i for i in s) for s in sets]] = masses
@@ -300,8 +300,8 @@ def test_start_point_is_the_uniform_average():
 @SETTINGS
 @given(m=st.integers(2, 6), seed=st.integers(0, 2**31 - 1))
 def test_full_parametrisation_reaches_a_strictly_monotone_capacity(m, seed):
-    """The construction in ``_full_capacity``'s docstring: scale by c, take the rest of each gap."""
-    from aggregators.choquet import _LATTICE_T, _full_capacity, _lattice
+    """The construction in ``full_capacity``'s docstring: scale by c, take the rest of each gap."""
+    from aggregators._capacity import LATTICE_T, full_capacity, lattice_levels
 
     rng = np.random.default_rng(seed)
     mu = np.zeros(2**m)
@@ -313,18 +313,18 @@ def test_full_parametrisation_reaches_a_strictly_monotone_capacity(m, seed):
         mu[mask] - max(mu[mask ^ (1 << i)] for i in range(m) if mask >> i & 1)
         for mask in range(1, 2**m)
     ]
-    c = 20 * _LATTICE_T * np.log(m) / min(gaps) + 1.0
-    levels, pos = _lattice(m)
+    c = 20 * LATTICE_T * np.log(m) / min(gaps) + 1.0
+    levels, pos = lattice_levels(m)
     order = np.argsort(pos)  # masks in level order, the empty set first
     nu = c * mu
     raw = []
     for preds, masks in zip(levels, np.split(order[1:], np.cumsum([len(p) for p in levels])[:-1])):
         for mask, pr in zip(masks, preds):
-            smax = _LATTICE_T * np.logaddexp.reduce(nu[order[pr]] / _LATTICE_T)
+            smax = LATTICE_T * np.logaddexp.reduce(nu[order[pr]] / LATTICE_T)
             gap = nu[mask] - smax
             assert gap > 0
             raw.append(gap + np.log(-np.expm1(-gap)))  # softplus^-1
-    got = _full_capacity(torch.tensor(raw)[None], m)[0].numpy()
+    got = full_capacity(torch.tensor(raw)[None], m)[0].numpy()
     np.testing.assert_allclose(got, mu, atol=1e-9)
 
 
@@ -387,6 +387,7 @@ def test_invalid_parameters(params, match):
 def test_pair_features_cached_per_tensor_and_equal_without_grad():
     agg = Choquet(2)
     ctx = _ctx(6, c=2)
+    agg.bind(ctx)
     g = torch.Generator().manual_seed(1)
     Z = torch.rand(50, 6, 2, generator=g, dtype=torch.float64)
     params = {

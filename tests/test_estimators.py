@@ -37,6 +37,7 @@ from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 from aggregators import (
     AggregatedClassifier,
     AggregatedRegressor,
+    AggregationContext,
     Aggregator,
     Hyperparameter,
     HypergradientWarning,
@@ -304,6 +305,8 @@ def test_weights_forward_is_the_written_out_weighted_sum(per, pool):
     n, m, c = 7, 4, 3
     Z = torch.softmax(torch.randn(n, m, c, generator=gen, dtype=torch.float64), 2)
     agg = LearnedWeights(per=per, pool="linear" if pool == "regression" else pool)
+    task = "regression" if pool == "regression" else "classification"
+    agg.bind(AggregationContext(task, m, c, 1, [f"m{j}" for j in range(m)]))
     shape = (m,) if per == "global" else (m, c)
     params = {"logits": torch.randn(*shape, generator=gen, dtype=torch.float64)}
     w = torch.softmax(params["logits"], 0)
@@ -515,6 +518,44 @@ def test_user_defined_aggregator_end_to_end(cancer_pool, frozen_pool):
     est = AggregatedClassifier(frozen_pool, aggregator=PowerMean())
     assert est.get_params()["aggregator__r"] == 1.0
     assert est.set_params(aggregator__r=2.0).aggregator.r == 2.0
+
+
+@pytest.mark.parametrize(
+    "name", ["stacking", "weights", "choquet", "sugeno", "uninorm", "laf", "moe", "select"]
+)
+@pytest.mark.parametrize("task, n_outputs", [("classification", 2), ("classification", 3),
+                                             ("regression", 1), ("regression", 2)])
+def test_forward_is_told_the_task_through_bind(name, task, n_outputs):
+    """forward gets no context: it reads what bind(ctx) recorded, never the shapes."""
+    from aggregators._registry import resolve_aggregator
+
+    gen = torch.Generator().manual_seed(0)
+    n, m = 12, 3
+    ctx = AggregationContext(task, m, n_outputs, 2, ["a", "b", "c"], generator=gen)
+    Z = torch.rand(n, m, n_outputs, generator=gen, dtype=torch.float64)
+    if task == "classification":
+        Z = Z / Z.sum(2, keepdim=True)
+    X = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    agg = resolve_aggregator(name)
+    agg.check_task(ctx)
+    hyper = {h.name: torch.as_tensor(h.initial()) for h in agg.hyperparameters(ctx)}
+    params = {**agg.init_params(ctx, Z, None, X)}
+    with pytest.raises(RuntimeError, match="told its task"):
+        agg.forward({**params, **agg.fit_buffers(ctx, Z, None, X)}, hyper, Z, X)
+    assert agg.bind(ctx) is agg and (agg.task_, agg.n_outputs_, agg.n_models_) == (task, n_outputs, m)
+    params.update(agg.fit_buffers(ctx, Z, None, X))
+    out = agg.forward(params, hyper, Z, X)
+    assert out.shape == (n, n_outputs) and torch.isfinite(out).all()
+
+
+def test_moe_gate_summarises_a_regressor_by_its_mean_prediction():
+    from aggregators import SparseMoE
+
+    agg = SparseMoE(gate_inputs="X+outputs").bind(
+        AggregationContext("regression", 3, 2, 2, ["a", "b", "c"])
+    )
+    Z = torch.arange(12, dtype=torch.float64).reshape(2, 3, 2)
+    torch.testing.assert_close(agg._summary(Z), Z.mean(2))
 
 
 class Fragile(PowerMean):

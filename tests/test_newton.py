@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.naive_bayes import GaussianNB
 from sklearn.tree import DecisionTreeClassifier
 
-from aggregators import AggregatedClassifier, Stacking
+from aggregators import AggregatedClassifier, HypergradientWarning, Stacking
 from aggregators.hypergrad import (
     BilevelProblem,
     hoag_hypergradient,
@@ -145,24 +147,114 @@ def test_large_blocks_stay_with_lbfgs_and_cg():
     assert n_iter > 3  # L-BFGS iterations, not a few Newton steps
 
 
+def test_large_blocks_decision_is_recorded():
+    problem = logistic_problem(0, p=30, c=3)  # 90 parameters, one block
+    solve_inner(problem, H, tol=1e-9)
+    assert problem.hessian.exact is False and not problem.hessian.unavailable
+    assert "NEWTON_MAX_BLOCK" in problem.hessian.reason and "90" in problem.hessian.reason
+
+
 def test_auto_falls_back_to_lbfgs_without_batched_second_derivatives(joint, monkeypatch):
     problem, _ = joint
     assert max(problem.blocks) <= NEWTON_MAX_BLOCK  # "auto" would take Newton here
+    calls = []
 
     def no_vmap(*args, **kwargs):
-        raise RuntimeError("Batching rule not implemented")
+        calls.append(1)
+        raise RuntimeError("Batching rule not implemented for aten::something")
 
     monkeypatch.setattr("aggregators.hypergrad._newton.hessian_blocks", no_vmap)
     theta, _, converged = solve_inner(problem, H, tol=1e-9)
-    assert converged and not problem.exact_hessian
-    reference, _, _ = solve_inner(problem, H, tol=1e-9, solver="lbfgs")
+    decision = problem.hessian
+    assert converged and decision.exact is False and decision.unavailable
+    assert "no batched (vmap) second derivative" in decision.reason
+    assert "Batching rule not implemented" in decision.reason
+    reference, _, _ = solve_inner(logistic_joint(), H, tol=1e-9, solver="lbfgs")
     torch.testing.assert_close(theta, reference)
-    monkeypatch.setattr("aggregators.hypergrad._implicit.hessian_blocks", no_vmap)
-    problem.exact_hessian = True  # the hypergradient finds out on its own too
+    # Decided once: later solves and hypergradients neither try again nor ask.
+    solve_inner(problem, H, theta, tol=1e-9)
     res = implicit_hypergradient(problem, theta, H, solver="auto")
-    assert res.info["solver"] == "cg" and not problem.exact_hessian
-    with pytest.raises(RuntimeError):
+    assert res.info["solver"] == "cg" and len(calls) == 1 and problem.hessian is decision
+    monkeypatch.setattr("aggregators.hypergrad._implicit.hessian_blocks", no_vmap)
+    with pytest.raises(RuntimeError, match="Batching rule"):
         implicit_hypergradient(problem, theta, H, solver="direct")
+
+
+def logistic_joint() -> BilevelProblem:
+    return stack_problems([logistic_problem(k) for k in range(3)])[0]
+
+
+def test_a_loss_without_second_derivatives_is_solved_by_lbfgs():
+    """torch.cdist has a gradient but no second derivative."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(20, 3, generator=g, dtype=DT)
+
+    def inner(theta, h):
+        d = torch.cdist(A[None], theta.reshape(1, 1, 3))[0, :, 0]
+        return d.sum() + 0.5 * torch.exp(h[0]) * theta.pow(2).sum()
+
+    problem = BilevelProblem(inner, inner, torch.zeros(3, dtype=DT))
+    theta, _, converged = solve_inner(problem, H, tol=1e-8)
+    assert converged and problem.hessian.exact is False and problem.hessian.unavailable
+    assert "no second derivative" in problem.hessian.reason
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)("CUDA out of memory."),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB"),
+        RuntimeError("shape '[3, 4]' is invalid for input of size 7"),
+    ],
+    ids=["cuda-oom", "cpu-oom", "unrelated"],
+)
+def test_out_of_memory_and_unrelated_errors_are_not_swallowed(joint, monkeypatch, error):
+    problem, _ = joint
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("aggregators.hypergrad._newton.hessian_blocks", fail)
+    if "invalid for input" in str(error):
+        # Fails without batching too: not a missing batched derivative.
+        monkeypatch.setattr("torch.autograd.grad", _failing_after(1, error))
+    with pytest.raises(type(error), match=re.escape(str(error)[:12])):
+        solve_inner(problem, H, tol=1e-9)
+    assert problem.hessian is None  # nothing decided on an error's account
+
+
+def _failing_after(n_ok: int, error: BaseException):
+    """``torch.autograd.grad`` that works ``n_ok`` times, then raises ``error``."""
+    real = torch.autograd.grad
+    count = [0]
+
+    def grad(*args, **kwargs):
+        count[0] += 1
+        if count[0] > n_ok:
+            raise error
+        return real(*args, **kwargs)
+
+    return grad
+
+
+def test_errors_inside_newton_steps_propagate(joint, monkeypatch):
+    """Once the exact Hessian is chosen, a failing step is an error, not a switch to L-BFGS."""
+    problem, _ = joint
+    from aggregators.hypergrad import _newton
+
+    real = _newton.hessian_blocks
+    calls = []
+
+    def second_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_newton, "hessian_blocks", second_call_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        solve_inner(problem, H, tol=1e-9)
+    assert problem.hessian.exact is True
 
 
 class FirstOrderStacking(Stacking):
@@ -171,7 +263,7 @@ class FirstOrderStacking(Stacking):
     second_order = False
 
 
-def test_estimator_same_fit_with_and_without_newton():
+def _cancer_pool():
     X, y = load_breast_cancer(return_X_y=True)
     X_pool, y_pool, X_agg, y_agg = X[:250], y[:250], X[250:], y[250:]
     pool = [
@@ -179,6 +271,11 @@ def test_estimator_same_fit_with_and_without_newton():
         ("nb", FrozenEstimator(GaussianNB().fit(X_pool, y_pool))),
         ("tree", FrozenEstimator(DecisionTreeClassifier(max_depth=3, random_state=0).fit(X_pool, y_pool))),
     ]
+    return pool, X_agg, y_agg
+
+
+def test_estimator_same_fit_with_and_without_newton():
+    pool, X_agg, y_agg = _cancer_pool()
     fits = [
         AggregatedClassifier(
             pool, aggregator=agg, random_state=0, max_outer_iter=5, tuner="implicit-cg"
@@ -193,6 +290,24 @@ def test_estimator_same_fit_with_and_without_newton():
     )
     # Newton needs a handful of iterations per solve.
     assert fits[0].tuning_history_.inner_iter.max() <= 10
+    attrs = [f.tuning_history_.attrs for f in fits]
+    assert attrs[0]["exact_hessian"] is True and "NEWTON_MAX_BLOCK" in attrs[0]["exact_hessian_reason"]
+    assert attrs[1]["exact_hessian"] is False
+    assert "FirstOrderStacking declares second_order = False" in attrs[1]["exact_hessian_reason"]
+
+
+@pytest.mark.parametrize("max_outer_iter", [0, 3])
+def test_estimator_warns_when_second_derivatives_do_not_batch(monkeypatch, max_outer_iter):
+    pool, X_agg, y_agg = _cancer_pool()
+
+    def no_vmap(*args, **kwargs):
+        raise RuntimeError("Batching rule not implemented for aten::something")
+
+    monkeypatch.setattr("aggregators.hypergrad._newton.hessian_blocks", no_vmap)
+    est = AggregatedClassifier(pool, random_state=0, max_outer_iter=max_outer_iter)
+    with pytest.warns(HypergradientWarning, match="no batched .vmap. second derivative"):
+        est.fit(X_agg, y_agg)
+    assert est.tuning_history_.attrs["exact_hessian"] is False
 
 
 # -- the engine's own L-BFGS -----------------------------------------------------------

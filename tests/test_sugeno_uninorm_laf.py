@@ -34,10 +34,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
 from aggregators import AggregatedClassifier, AggregatedRegressor, AggregationContext
+from aggregators._capacity import full_capacity, symmetric_levels
 from aggregators.sugeno import (
     Sugeno,
-    _full_capacity,
-    _symmetric_levels,
     soft_sugeno_integral,
     sugeno_integral,
     symmetric_capacity,
@@ -207,11 +206,11 @@ def test_soft_sugeno_converges_and_is_differentiable():
 def test_full_capacity_parametrisation_is_monotone_and_normalised(m, spread):
     gen = torch.Generator().manual_seed(m)
     raw = spread * torch.randn(3, 2**m - 1, generator=gen, dtype=torch.float64)
-    mu = _full_capacity(raw, m).numpy()
+    mu = full_capacity(raw, m).numpy()
     assert mu.shape == (3, 2**m)
     for row in mu:
         assert _is_capacity(row, atol=1e-12)
-    levels = _symmetric_levels(raw[:, :m]).numpy()
+    levels = symmetric_levels(raw[:, :m]).numpy()
     assert np.all(np.diff(levels, axis=1) >= 0)
     np.testing.assert_allclose(levels[:, [0, -1]], [[0.0, 1.0]] * 3)
 
@@ -219,16 +218,17 @@ def test_full_capacity_parametrisation_is_monotone_and_normalised(m, spread):
 def test_full_capacity_start_is_near_cardinality_over_m():
     agg = Sugeno()
     ctx = AggregationContext("classification", 4, 2, 3, list("abcd"))
-    mu = _full_capacity(agg.init_params(ctx, None, None)["capacity_raw"], 4)[0].numpy()
+    mu = full_capacity(agg.init_params(ctx, None, None)["capacity_raw"], 4)[0].numpy()
     size = np.array([bin(v).count("1") for v in range(16)])
     np.testing.assert_allclose(mu, size / 4, atol=0.05)
     sym = Sugeno(capacity_type="symmetric").init_params(ctx, None, None)["levels_raw"]
-    np.testing.assert_allclose(_symmetric_levels(sym)[0].numpy(), np.arange(5) / 4)
+    np.testing.assert_allclose(symmetric_levels(sym)[0].numpy(), np.arange(5) / 4)
 
 
 def test_forward_is_exact_without_autograd_and_soft_with_it():
     agg = Sugeno(share="per_class")
     ctx = AggregationContext("classification", 3, 3, 2, list("abc"))
+    agg.bind(ctx)
     params = agg.init_params(ctx, None, None)
     params["capacity_raw"] = params["capacity_raw"] + torch.randn(
         params["capacity_raw"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64
@@ -237,7 +237,7 @@ def test_forward_is_exact_without_autograd_and_soft_with_it():
              dict(temperature=0.2, softness=0.05, l2=1e-3).items()}
     Z = torch.softmax(torch.randn(20, 3, 3, generator=torch.Generator().manual_seed(1),
                                   dtype=torch.float64), -1)
-    mu = _full_capacity(params["capacity_raw"], 3).numpy()  # (3 classes, 8)
+    mu = full_capacity(params["capacity_raw"], 3).numpy()  # (3 classes, 8)
     exact = np.stack([sugeno_integral(Z[:, :, c].numpy(), mu[c]) for c in range(3)], 1)
     with torch.no_grad():
         out = agg.forward(params, hyper, Z)
@@ -394,6 +394,7 @@ def test_weighted_uninorm_conventions_and_errors():
 def test_uninorm_forward_is_the_weighted_uninorm_of_shrunk_inputs():
     agg = Uninorm(min_weight=0.5)
     ctx = AggregationContext("classification", 3, 3, 2, list("abc"))
+    agg.bind(ctx)
     Z = torch.softmax(torch.randn(10, 3, 3, generator=torch.Generator().manual_seed(0),
                                   dtype=torch.float64), -1)
     params = {**agg.init_params(ctx, Z, None), **agg.fit_buffers(ctx, Z, None)}

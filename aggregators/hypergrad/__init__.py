@@ -22,9 +22,11 @@ from ._inner import lipschitz_estimate, solve_inner
 from ._joint import stack_problems
 from ._problem import (
     BilevelProblem,
+    HessianDecision,
     HypergradResult,
     InnerDivergenceError,
     fd_mixed_product,
+    is_out_of_memory,
 )
 from ._projections import project_capped_simplex
 from ._tuner import METHODS, TuningResult, hypergradient, tune
@@ -34,6 +36,7 @@ __all__ = [
     "ACV_METHODS",
     "METHODS",
     "BilevelProblem",
+    "HessianDecision",
     "HypergradResult",
     "InnerDivergenceError",
     "acv_fold_params",
@@ -56,6 +59,7 @@ __all__ = [
     "hoag_tolerance",
     "hypergradient",
     "implicit_hypergradient",
+    "is_out_of_memory",
     "lipschitz_estimate",
     "neumann_series",
     "project_capped_simplex",

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ._inner import lipschitz_estimate
-from ._newton import block_sizes, block_solve, hessian_blocks, uses_exact_hessian
+from ._newton import block_sizes, block_solve, decide_exact_hessian, hessian_blocks
 from ._problem import BilevelProblem, HypergradResult, fd_mixed_product, outer_grads
 
 __all__ = ["conjugate_gradient", "implicit_hypergradient", "neumann_series"]
@@ -168,7 +168,8 @@ def implicit_hypergradient(
         series, or Cholesky factors of the exact Hessian blocks
         (``problem.blocks``; as many Hessian-vector products as the largest
         block has entries, in one vectorised pass). ``"auto"``: direct when
-        the largest block has at most ``NEWTON_MAX_BLOCK`` entries, else
+        the engine forms the problem's Hessian blocks
+        (:func:`~aggregators.hypergrad._newton.decide_exact_hessian`), else
         conjugate gradient.
     max_iter, tol : int, float
         Conjugate-gradient bounds.
@@ -210,25 +211,16 @@ def implicit_hypergradient(
     with torch.enable_grad():
         th = theta.detach().requires_grad_(True)
         hh = h.detach().requires_grad_(True)
-        auto = solver == "auto"
-        if auto:
-            solver = "direct" if uses_exact_hessian(problem, theta) else "cg"
+        if solver == "auto":
+            solver = "direct" if decide_exact_hessian(problem, theta, h) else "cg"
         blocks = None
         if solver == "direct":
             sizes = block_sizes(problem, theta)
             g_inner = torch.autograd.grad(
                 problem.second_order_loss(th, hh), th, create_graph=True
             )[0]
-            try:
-                blocks = hessian_blocks(g_inner, th, sizes)
-            except RuntimeError:
-                if not auto:
-                    raise
-                # An operation without a batched second derivative: CG, now
-                # and for the rest of this problem's solves.
-                problem.exact_hessian = False
-                solver = "cg"
-        if blocks is None:
+            blocks = hessian_blocks(g_inner, th, sizes)
+        else:
             g_inner = torch.autograd.grad(problem.inner_loss(th, hh), th, create_graph=True)[0]
 
         def hvp(v: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._lbfgs import lbfgs
-from ._newton import newton_solve, uses_exact_hessian
+from ._newton import decide_exact_hessian, newton_solve
 from ._problem import BilevelProblem, InnerDivergenceError
 
 __all__ = ["solve_inner", "lipschitz_estimate"]
@@ -40,17 +40,18 @@ def solve_inner(
     tolerance_change : float, default=1e-20
         L-BFGS also stops when the loss or the step changes by less than
         this. The default stops only once float64 no longer registers
-        progress, so ``tol`` is what decides; 1e-14 stopped flat
-        (softmax-weight) problems short of it, e.g. at a gradient of 9e-9
-        after 10 iterations where 1e-20 reaches 4e-12 in 12.
+        progress, so ``tol`` is what decides: on flat (softmax-weight)
+        problems the loss changes by less than 1e-14 per step well before
+        the gradient meets ``tol``, and a larger threshold would stop there.
     solver : {"auto", "newton", "lbfgs"}, default="auto"
         ``"newton"``: damped Newton with exact Hessian blocks
         (:func:`newton_solve`), finished by L-BFGS if its line search stalls
         or it has not converged in ``NEWTON_MAX_ITER`` steps;
         ``"lbfgs"``: L-BFGS with a strong-Wolfe line search (:func:`lbfgs`);
-        ``"auto"``: Newton when the largest independent block of parameters
-        (``problem.blocks``) has at most ``NEWTON_MAX_BLOCK`` entries and
-        the Hessian can be formed by vectorised backward passes, else L-BFGS.
+        ``"auto"``: Newton when the engine forms the problem's exact Hessian
+        blocks (:func:`decide_exact_hessian`: at most ``NEWTON_MAX_BLOCK``
+        parameters per block, batched second derivatives available), else
+        L-BFGS.
 
     Returns
     -------
@@ -73,24 +74,16 @@ def solve_inner(
     if start.numel() == 0:
         return start.detach().clone(), 0, True
     newton_iter = 0
-    if solver == "newton" or (solver == "auto" and uses_exact_hessian(problem, start)):
-        try:
-            # Newton converges in a handful of steps or not at all (an
-            # optimum at infinity, as softmax weights have once their L2
-            # vanishes: 100 damped steps crawled where L-BFGS took 10).
-            theta, newton_iter, converged = newton_solve(
-                problem, h, start, max_iter=min(max_iter, NEWTON_MAX_ITER), tol=tol
-            )
-        except RuntimeError as e:
-            if isinstance(e, InnerDivergenceError) or solver == "newton":
-                raise
-            # Some operation has no batched (vmap) second derivative: L-BFGS
-            # needs first derivatives only; do not try Newton again.
-            problem.exact_hessian = False
-        else:
-            if converged:
-                return theta, newton_iter, True
-            start = theta  # a stalled line search: L-BFGS finishes from here
+    if solver == "newton" or (solver == "auto" and decide_exact_hessian(problem, start, h)):
+        # Newton converges in a handful of steps or not at all (an optimum at
+        # infinity, as softmax weights have once their L2 vanishes, where
+        # damped steps crawl): a few steps, then L-BFGS finishes.
+        theta, newton_iter, converged = newton_solve(
+            problem, h, start, max_iter=min(max_iter, NEWTON_MAX_ITER), tol=tol
+        )
+        if converged:
+            return theta, newton_iter, True
+        start = theta  # a stalled line search: L-BFGS finishes from here
 
     def fun_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():

@@ -1,10 +1,10 @@
 """L-BFGS with a strong-Wolfe line search, on one flat tensor.
 
 The engine's own, rather than ``torch.optim.LBFGS``: constructing any
-``torch.optim`` optimizer imports ``torch._dynamo`` on first use, which took
-1.2 s here (a cost every fresh process paid on its first fit), and an inner
-solve needs no parameter groups or optimizer state. The algorithm is the
-textbook one (Nocedal & Wright 2006, Algorithms 7.4, 3.5 and 3.6).
+``torch.optim`` optimizer imports ``torch._dynamo`` on first use, a cost of
+a second or so that every fresh process would pay on its first fit, and an
+inner solve needs no parameter groups or optimizer state. The algorithm is
+the textbook one (Nocedal & Wright 2006, Algorithms 7.4, 3.5 and 3.6).
 """
 
 from __future__ import annotations

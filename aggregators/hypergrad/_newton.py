@@ -7,27 +7,29 @@ Hessian costs as many Hessian-vector products as the *largest block* has
 parameters, batched into one vectorised backward pass: probe ``j`` carries
 the ``j``-th unit vector in every block at once, so its product is column
 ``j`` of every block. Newton then converges in a handful of iterations where
-L-BFGS needs tens to hundreds on the ill-conditioned problems a tuned L2
-produces. Measured on breast_cancer stacking (6 models, L2 weights tuned to
-between 1e-3 and 36): the final refit took 787 iterations of
-``torch.optim.LBFGS``, 81 of the engine's L-BFGS and 2 Newton steps; the
-whole tuning, 651 iterations of ``torch.optim.LBFGS`` against 24 Newton steps.
+L-BFGS needs tens to hundreds: a tuned L2 spreads over orders of magnitude
+(one weight per base model), and the inner problems it produces are
+ill-conditioned, which costs a quasi-Newton method iterations and Newton
+nothing.
+
+Whether a problem's blocks are formed is decided once
+(:func:`decide_exact_hessian`) and recorded with its reason.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._problem import BilevelProblem, InnerDivergenceError
+from ._problem import BilevelProblem, HessianDecision, InnerDivergenceError, is_out_of_memory
 
 __all__ = [
     "NEWTON_MAX_BLOCK",
     "block_hessian",
     "block_sizes",
     "block_solve",
+    "decide_exact_hessian",
     "hessian_blocks",
     "newton_solve",
-    "uses_exact_hessian",
 ]
 
 #: Largest block (parameters) for which ``solver="auto"`` picks Newton: the
@@ -83,10 +85,74 @@ def _loss_and_grad_graph(problem: BilevelProblem, theta: torch.Tensor, h: torch.
     return loss, g, th
 
 
-def uses_exact_hessian(problem: BilevelProblem, theta: torch.Tensor) -> bool:
-    """Whether the engine forms this problem's Hessian blocks: they are small
-    (:data:`NEWTON_MAX_BLOCK`) and batched second derivatives have not failed."""
-    return problem.exact_hessian and max(block_sizes(problem, theta)) <= NEWTON_MAX_BLOCK
+def decide_exact_hessian(problem: BilevelProblem, theta: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether the engine forms this problem's Hessian blocks: decided once, recorded.
+
+    The first call sets ``problem.hessian`` (a :class:`HessianDecision`) and
+    later calls return it. The blocks are formed when the caller allows it
+    (``problem.exact_hessian``), the largest block has at most
+    :data:`NEWTON_MAX_BLOCK` parameters (the blocks cost that many
+    Hessian-vector products, batched), and forming them at ``(theta, h)``
+    works. When the batched products fail but one plain Hessian-vector
+    product works, an operation of the loss has no batched (vmap) second
+    derivative: conjugate gradient and L-BFGS still run. When the plain
+    product fails for want of a derivative (``NotImplementedError``), the
+    loss has no second derivative: L-BFGS still runs, and a method that
+    needs Hessian-vector products raises that error itself. Any other error,
+    an out-of-memory error included, propagates.
+    """
+    if problem.hessian is not None:
+        return problem.hessian.exact
+    sizes = block_sizes(problem, theta)
+    if not problem.exact_hessian:
+        decision = HessianDecision(False, "the problem asks for first-order methods only")
+    elif max(sizes) > NEWTON_MAX_BLOCK:
+        decision = HessianDecision(
+            False,
+            f"its largest block has {max(sizes)} parameters, more than NEWTON_MAX_BLOCK = "
+            f"{NEWTON_MAX_BLOCK}",
+        )
+    else:
+        missing = _missing_second_derivative(problem, theta, h, sizes)
+        decision = (
+            HessianDecision(False, missing, unavailable=True) if missing else HessianDecision(
+                True, f"its largest block has {max(sizes)} parameters, at most "
+                f"NEWTON_MAX_BLOCK = {NEWTON_MAX_BLOCK}",
+            )
+        )
+    problem.hessian = decision
+    return decision.exact
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _missing_second_derivative(
+    problem: BilevelProblem, theta: torch.Tensor, h: torch.Tensor, sizes: tuple[int, ...]
+) -> str | None:
+    """``None`` when the Hessian blocks form at ``(theta, h)``, else which derivative is missing."""
+    with torch.enable_grad():
+        _, g, th = _loss_and_grad_graph(problem, theta, h)
+        if not g.requires_grad:  # a loss linear in theta: nothing to solve with
+            return "the inner loss is linear in the parameters (its Hessian is zero)"
+        try:
+            hessian_blocks(g, th, sizes)
+            return None
+        except RuntimeError as e:  # NotImplementedError included
+            if is_out_of_memory(e):
+                raise
+            batched = e
+        # The same derivative without batching tells the two causes apart.
+        probe = _probes(sizes, th)[0]
+        try:
+            torch.autograd.grad(g, th, probe, retain_graph=True)
+        except RuntimeError as e:
+            # autograd's own words for a derivative it does not have.
+            if isinstance(e, NotImplementedError) or "is not implemented" in str(e):
+                return f"the inner loss has no second derivative ({_first_line(e)})"
+            raise
+    return f"an operation of the inner loss has no batched (vmap) second derivative ({_first_line(batched)})"
 
 
 def block_hessian(

@@ -7,13 +7,57 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BilevelProblem", "InnerDivergenceError", "HypergradResult", "fd_mixed_product"]
+__all__ = [
+    "BilevelProblem",
+    "HessianDecision",
+    "HypergradResult",
+    "InnerDivergenceError",
+    "fd_mixed_product",
+    "is_out_of_memory",
+]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class InnerDivergenceError(RuntimeError):
     """The inner solve produced a non-finite loss or parameters."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device or host allocation failure.
+
+    Such an error says nothing about the method that raised it (a smaller
+    problem would have run), so the engine never answers it by switching
+    methods: it propagates.
+    """
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(error, (oom, MemoryError)):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+@dataclass(frozen=True)
+class HessianDecision:
+    """Whether the engine forms a problem's exact Hessian blocks, and why.
+
+    Attributes
+    ----------
+    exact : bool
+        ``True``: Newton inner solves and direct linear solves from the
+        Hessian blocks; ``False``: L-BFGS and conjugate gradient.
+    reason : str
+        Why, in a sentence (the size of the blocks, what the caller declared,
+        or the derivative the loss lacks).
+    unavailable : bool, default=False
+        ``True`` when the blocks were small enough but the loss has no
+        (batched) second derivative: the first-order path was not chosen but
+        forced, and the caller may want to say so.
+    """
+
+    exact: bool
+    reason: str
+    unavailable: bool = False
 
 
 @dataclass
@@ -38,13 +82,17 @@ class BilevelProblem:
         (:func:`stack_problems`); Newton's solver uses them.
     exact_hessian : bool, default=True
         Whether the engine may form the Hessian blocks (Newton steps, direct
-        linear solves). The engine sets it to ``False`` when an operation of
-        ``L`` has no batched (vmap) second derivative.
+        linear solves); ``False`` keeps it to first-order methods.
     hessian_loss : callable, default=None
         The same ``L`` written in the form whose Hessian blocks are cheapest
         to form (they come from one vmapped backward pass over a graph that
         ``create_graph`` built, where an ``L`` that is itself vmapped over
         folds costs copies); ``inner_loss`` when omitted.
+    hessian : HessianDecision, default=None
+        Whether the engine forms the blocks, and why: decided once, before
+        the first solve that could use them
+        (:func:`~aggregators.hypergrad._newton.decide_exact_hessian`); a
+        caller that knows may set it beforehand.
     """
 
     inner_loss: Loss
@@ -53,6 +101,7 @@ class BilevelProblem:
     blocks: tuple[int, ...] | None = None
     exact_hessian: bool = True
     hessian_loss: Loss | None = None
+    hessian: HessianDecision | None = None
 
     def second_order_loss(self, theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``L(theta, h)`` through :attr:`hessian_loss` when given."""

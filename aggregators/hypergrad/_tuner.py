@@ -16,7 +16,8 @@ from ._greedy import darts_hypergradient, greedy_hypergradient
 from ._hoag import SCHEDULE_OPTIONS, hoag_hypergradient, hoag_tolerance
 from ._implicit import implicit_hypergradient
 from ._inner import solve_inner
-from ._problem import BilevelProblem, HypergradResult, InnerDivergenceError
+from ._newton import decide_exact_hessian
+from ._problem import BilevelProblem, HessianDecision, HypergradResult, InnerDivergenceError
 from ._unrolled import drmad_hypergradient, reverse_hypergradient
 
 __all__ = ["METHODS", "TuningResult", "hypergradient", "tune"]
@@ -142,6 +143,9 @@ class TuningResult:
         Whether an inner solve diverged (the last good point is returned).
     message : str
         Why the loop stopped.
+    hessian : list of HessianDecision or None
+        Per problem: whether its exact Hessian blocks were formed, and why
+        (``None`` where no solve could use them).
     """
 
     h: torch.Tensor
@@ -150,6 +154,7 @@ class TuningResult:
     history: list = field(default_factory=list)
     diverged: bool = False
     message: str = ""
+    hessian: list[HessianDecision | None] = field(default_factory=list)
 
 
 class _Stop(Exception):
@@ -168,13 +173,9 @@ class _Stalled(Exception):
 #: ``tol``, relatively) before L-BFGS-B is stopped. Where the inner solves
 #: stop short (non-smooth losses at their iteration bound, HOAG's loose early
 #: tolerances) the outer values carry noise of their own, and the line search
-#: backtracked towards the last point for up to 13 evaluations: SparseMoE on
-#: 110 diabetes rows spent 6.5 s tuning without improving on its first point;
-#: with this bound 2.8 s, same result. Measured (with ``tol`` then relative
-#: to the current loss) over ``bench_vs_sklearn.py``'s 120 cells (four
-#: datasets, split seeds 0-4, six aggregators): one cell changed (wine
-#: Choquet seed 4, test log-loss 0.0004 -> 0.0006), fits 7 % faster in all;
-#: a bound of 3 changed seven cells and lost on ``bench_unseen.py``'s MoE.
+#: can backtrack towards the last point for many evaluations without ever
+#: improving on it. Five leaves room for a line search that is making
+#: progress; fewer stops some of those too.
 STALL_EVALS = 5
 
 
@@ -182,9 +183,9 @@ def _small_decrease(prev: float, cur: float, tol: float, start: float) -> bool:
     """A decrease of at most ``tol`` times the loss at the start (or now, if larger).
 
     Scale-free, unlike SciPy's ``ftol``, which divides by ``max(|f|, 1)``:
-    below a loss of 1 that is an absolute test, which stopped a regression
-    whose standardised validation loss was 0.005 after two evaluations, its
-    hyperparameters barely moved. Relative to the start rather than to the
+    below a loss of 1 that is an absolute test, which stops the tuning of a
+    near-perfect regressor (a standardised validation loss of a few
+    thousandths) before its hyperparameters move. Relative to the start rather than to the
     current loss, so that a loss tuned far below its start does not ask for
     ever smaller gains.
     """
@@ -286,6 +287,11 @@ def tune(
     # systems of nearby h differ little (HOAG's warm start).
     warm_cg = method in ("implicit-cg", "hoag") and "v0" not in method_options
     cg_starts: list = [None] * len(problems)
+    if needs_optimum and inner_solver == "auto":
+        # Exact Hessian blocks or first-order methods: decided once per
+        # problem, at the start, for a reason kept in problem.hessian.
+        for prob in problems:
+            decide_exact_hessian(prob, prob.theta0, h0)
 
     def evaluate(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
@@ -363,6 +369,7 @@ def tune(
         history=history,
         diverged=state["diverged"],
         message=state["message"],
+        hessian=[p.hessian for p in problems],
     )
 
 

@@ -150,12 +150,11 @@ def drmad_hypergradient(
     convex between ``theta_0`` and ``theta_T``: the reverse pass multiplies
     by ``I - lr H`` at points the descent never visited, and where ``H`` has
     negative eigenvalues that factor exceeds 1 for many steps. Softmax-
-    parametrised weights are such a case: for ``LearnedWeights`` on
-    ``breast_cancer`` from ``theta0 = 0`` (``benchmarks/bench_methods.py``)
-    the smallest Hessian eigenvalue is negative on the first ~85 % of the
-    line, and the hypergradient blows up (relative error ~1e6 at T = 100),
-    while reverse mode along the real path, which leaves that region in a
-    few steps, is accurate to 1e-5.
+    parametrised weights are such a case: from ``theta0 = 0`` the loss of
+    ``LearnedWeights`` has negative curvature along most of the straight
+    line, so the errors compound over the steps and the hypergradient can be
+    off by orders of magnitude, while reverse mode along the real path,
+    which leaves that region in a few steps, stays accurate.
 
     References
     ----------
