@@ -3,9 +3,10 @@
 A grid costs ``points ** dimensions * folds`` fits; here each discrete grid
 point costs one cross-fitted hypergradient solve (the folds' inner problems
 share the hyperparameters and their validation losses are summed) whose
-final refit on all rows is the candidate's estimator, and split scores from
-the solve's own fold solutions (a refit per fold only where a pipeline step
-or a base model fitted inside makes those differ). The continuous
+final refit on all rows is the candidate's estimator, and one refit per split
+at the solved hyperparameters (held fixed, nothing tuned) for the split
+scores. The search tells the estimator what to tune through its
+``tune_ranges`` parameter, on clones built with ``set_params``. The continuous
 dimensions are hyperparameters that the aggregation function of an
 :class:`AggregatedClassifier` / :class:`AggregatedRegressor` declares, so the
 estimator (alone or at the end of a :class:`~sklearn.pipeline.Pipeline`)
@@ -14,7 +15,6 @@ must be one of those.
 
 from __future__ import annotations
 
-import copy
 import numbers
 import time
 import warnings
@@ -72,9 +72,12 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
     as a grid, one solve per grid point. Every candidate is then scored with
     ``scoring`` on each fold by the model fitted on that fold's training rows
     at the solved hyperparameters, which fills ``cv_results_`` exactly as
-    :class:`~sklearn.model_selection.GridSearchCV` does. When all base models
-    are pretrained and no pipeline step precedes the aggregator, those models
-    are the solve's own fold solutions; otherwise each split is refitted.
+    :class:`~sklearn.model_selection.GridSearchCV` does.
+
+    Each solve is a clone of ``estimator`` whose ``tune_ranges`` parameter is
+    set to the continuous dimensions (and ``cv`` to the search's splits), so
+    the estimator tunes exactly those and holds the rest; the estimator's own
+    ``tune_ranges``, if any, gives way.
 
     Parameters
     ----------
@@ -90,7 +93,8 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
         hyperparameter the aggregation function declares; a vector
         hyperparameter (such as Stacking's one L2 weight per base model) is
         solved entry by entry within the range. Hyperparameters not named are
-        held at their given or initial values, as in a grid search. A list of
+        held at their given or initial values, as in a grid search (see the
+        estimator's ``tune_ranges``). A list of
         dicts searches each space in turn.
     cv : int, cross-validation generator or iterable, default=5
         As in ``GridSearchCV`` (stratified for classifiers).
@@ -307,14 +311,9 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
                 f"all {len(solves)} candidates of HypergradSearchCV failed to fit; the "
                 f"first error: {solves[0]['error']}"
             )
-        per_split = {}
-        for c, s in enumerate(solves):
-            if s["error"] is None and self._reuses_folds(prefix, s, len(splits)):
-                for k, (train, test) in enumerate(splits):
-                    per_split[c, k] = self._score_fold_solution(X, y, s, k, train, test)
         jobs = [
             (c, k) for c, s in enumerate(solves) for k in range(len(splits))
-            if s["error"] is None and (c, k) not in per_split
+            if s["error"] is None
         ]
         fold_out = list(self._progress(
             parallel(
@@ -325,7 +324,7 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
             ),
             len(jobs), "scoring splits",
         ))
-        per_split.update(zip(jobs, fold_out))
+        per_split = dict(zip(jobs, fold_out))
         self.cv_results_ = self._results(solves, per_split, len(splits))
         self.solve_histories_ = [s["history"] for s in solves]
 
@@ -365,25 +364,24 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
             return tqdm(it, total=total, desc=f"HypergradSearchCV {what}")
         return it
 
-    def _configure(self, est, prefix, point, seed):
-        """Clone-level settings shared by the solve and the split refits."""
-        est = clone(est).set_params(**point)
+    def _configure(self, prefix, point, seed, **settings):
+        """A clone of the estimator with the candidate's discrete values, then
+        ``settings`` (and those shared by the solve and the split refits) on
+        its final step."""
+        est = clone(self.estimator).set_params(**point)
         _, final = _final_step(est)
-        extra = {"tuner": self.method}
+        settings["tuner"] = self.method
         if seed is not None and final.random_state is None:
-            extra["random_state"] = seed
+            settings["random_state"] = seed
         if self.verbose >= 2:
-            extra["verbose"] = 1
-        final.set_params(**extra)
+            settings["verbose"] = 1
+        est.set_params(**{prefix + key: value for key, value in settings.items()})
         return est, final
 
     def _solve(self, X, y, prefix, point, continuous, splits, seed, fit_params) -> dict:
-        est, final = self._configure(self.estimator, prefix, point, seed)
-        user_cv = final.cv
-        final.set_params(cv=splits)
-        # The protocol with the estimator: tune just these, hold the rest.
-        final._search_ranges = {name: (lo, hi, "log" if log else "linear")
-                                for name, (lo, hi, log) in continuous.values()}
+        ranges = {name: (lo, hi, "log" if log else "linear")
+                  for name, (lo, hi, log) in continuous.values()}
+        est, final = self._configure(prefix, point, seed, tune_ranges=ranges, cv=splits)
         t0 = time.perf_counter()
         try:
             est.fit(X, y, **fit_params)
@@ -399,8 +397,6 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
             params = {**point, **{key: np.nan for key in continuous}}
             return {"params": params, "point": point, "error": repr(e), "solve_time": time.perf_counter() - t0,
                     "history": None, "estimator": None, "hyper": None}
-        finally:
-            del final._search_ranges
         solve_time = time.perf_counter() - t0
         readable = final.hyperparams_  # floats, and Series by label for vectors
         hyper = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in readable.items()}
@@ -409,48 +405,20 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
             for key, (name, _) in continuous.items()
         }
         # Parameters that describe the fitted state: every hyperparameter fixed
-        # at its solved value (a refit with them reproduces this estimator).
-        final.set_params(cv=user_cv, hyperparams={
+        # at its solved value, nothing left to tune (a refit reproduces it).
+        user_cv = point.get(prefix + "cv", _final_step(self.estimator)[1].cv)
+        final.set_params(cv=user_cv, tune_ranges=None, hyperparams={
             k: (float(v[0]) if v.size == 1 else v.copy()) for k, v in hyper.items()
         })
         return {"params": {**point, **solved}, "point": point, "error": None, "solve_time": solve_time,
                 "history": final.tuning_history_, "estimator": est, "hyper": hyper}
 
-    @staticmethod
-    def _reuses_folds(prefix: str, solve: dict, n_splits: int) -> bool:
-        """Whether the solve's own fold solutions give the split scores.
-
-        They do when nothing but the aggregation function depends on the
-        fold: no pipeline step before it (fitted on all rows by the solve)
-        and no base model fitted inside the estimator. Then the solve has
-        already fitted, on each fold's training rows at the solved
-        hyperparameters, exactly the model a refit would give (up to the
-        inner tolerance), and refitting would only repeat that work.
-        """
-        est = solve["estimator"]
-        return (
-            prefix == ""
-            and not getattr(est, "fitted_inside_", True)
-            and len(getattr(est, "fold_aggregators_", ())) == n_splits
-        )
-
-    def _score_fold_solution(self, X, y, solve, k, train, test) -> dict:
-        est = copy.copy(solve["estimator"])
-        est.aggregator_ = est.fold_aggregators_[k]
-        t0 = time.perf_counter()
-        out = {"test": self._score(est, _safe_indexing(X, test), _safe_indexing(y, test))}
-        out["score_time"] = time.perf_counter() - t0
-        out["fit_time"] = 0.0  # the solve's share is added to every split
-        if self.return_train_score:
-            out["train"] = self._score(est, _safe_indexing(X, train), _safe_indexing(y, train))
-        return out
-
     def _score_split(self, X, y, prefix, solve, split, seed, fit_params) -> dict:
         train, test = split
-        est, final = self._configure(self.estimator, prefix, solve["point"], seed)
         # Solved values held fixed; no validation split is needed to refit.
-        final.set_params(
-            hyperparams={k: v.copy() for k, v in solve["hyper"].items()}, max_outer_iter=0
+        est, _ = self._configure(
+            prefix, solve["point"], seed, tune_ranges=None, max_outer_iter=0,
+            hyperparams={k: v.copy() for k, v in solve["hyper"].items()},
         )
         X_tr, y_tr = _safe_indexing(X, train), _safe_indexing(y, train)
         X_te, y_te = _safe_indexing(X, test), _safe_indexing(y, test)

@@ -16,6 +16,7 @@ from ._base import (
     calling,
 )
 from ._callable import CallableModel, PrecomputedModel
+from ._collect import PoolFit, check_pool, collect_outputs, fit_pool, pool_outputs, take_rows
 from ._device import (
     resolve_device,
     resolve_dtype,
@@ -41,6 +42,7 @@ __all__ = [
     "BaseModelWarning",
     "CallableModel",
     "IncompatibleBaseModelError",
+    "PoolFit",
     "PrecomputedModel",
     "SklearnModel",
     "TorchModel",
@@ -48,13 +50,18 @@ __all__ = [
     "as_base_model",
     "calling",
     "check_class_order",
+    "check_pool",
     "check_probabilities",
     "class_probabilities",
+    "collect_outputs",
+    "fit_pool",
     "is_fitted_estimator",
+    "pool_outputs",
     "regression_outputs",
     "resolve_device",
     "resolve_dtype",
     "small_problem_threads",
+    "take_rows",
     "to_numpy",
     "to_tensor",
 ]

@@ -772,3 +772,53 @@ def test_a_fold_without_weight_is_an_error(frozen_pool, cancer_pool):
         AggregatedClassifier(frozen_pool, cv=KFold(2), random_state=0).fit(
             d.X_agg, d.y_agg, sample_weight=sw
         )
+
+
+def test_nested_params_of_a_mixed_pool_through_clone():
+    """``forest__max_depth`` and ``aggregator__l2`` are parameters; base models
+    without ``get_params`` (torch modules, stored predictions) are listed by
+    name only."""
+    est = AggregatedClassifier(
+        [("forest", RandomForestClassifier(5, random_state=0)), ("net", torch.nn.Linear(2, 2)),
+         ("stored", np.zeros((3, 2))), ("nb", GaussianNB())],
+        aggregator=Stacking(),
+    )
+    params = est.get_params(deep=True)
+    assert params["forest__max_depth"] is None and "aggregator__l2" in params
+    assert params["net"] is est.estimators[1][1] and params["stored"] is est.estimators[2][1]
+    assert not any(k.startswith(("net__", "stored__")) for k in params)
+    l2 = est.aggregator.l2
+    twin = clone(est).set_params(forest__max_depth=3, aggregator__l2=0.5)
+    assert twin.get_params()["forest__max_depth"] == 3 and twin.get_params()["aggregator__l2"] == 0.5
+    assert est.get_params()["forest__max_depth"] is None and est.aggregator.l2 == l2
+    again = clone(twin)
+    assert again.get_params()["forest__max_depth"] == 3 and again.get_params()["aggregator__l2"] == 0.5
+    assert again.estimators[0][1] is not twin.estimators[0][1]
+
+
+def test_tune_ranges_tunes_the_named_and_holds_the_rest(frozen_pool, cancer_pool):
+    d = cancer_pool
+    base = AggregatedClassifier(
+        frozen_pool, aggregator=LearnedWeights(), hyperparams={"temperature": 0.8},
+        max_outer_iter=3, random_state=0,
+    )
+    est = clone(base).set_params(tune_ranges={"l2": (1e-3, 1e1, "log")}).fit(d.X_agg, d.y_agg)
+    hyper = est.hyperparams_
+    assert hyper["temperature"] == pytest.approx(0.8)
+    assert hyper["entropy"] == pytest.approx(LearnedWeights().entropy)
+    assert 1e-3 * (1 - 1e-9) <= hyper["l2"] <= 1e1 * (1 + 1e-9)
+    held = clone(base).set_params(tune_ranges={}).fit(d.X_agg, d.y_agg)
+    assert held.hyperparams_["l2"] == pytest.approx(LearnedWeights().l2)
+
+
+@pytest.mark.parametrize("tune_ranges, match", [
+    ({"l3": (0.1, 1.0, "log")}, r"tune_ranges names \['l3'\]"),
+    ({"l2": 0.5}, r"tune_ranges\['l2'\] must be a range"),
+    ([("l2", (0.1, 1.0, "log"))], "'tune_ranges' parameter"),
+])
+def test_tune_ranges_errors(frozen_pool, cancer_pool, tune_ranges, match):
+    est = AggregatedClassifier(
+        frozen_pool, aggregator=LearnedWeights(), tune_ranges=tune_ranges, max_outer_iter=1
+    )
+    with pytest.raises((ValueError, TypeError), match=match):
+        est.fit(cancer_pool.X_agg, cancer_pool.y_agg)

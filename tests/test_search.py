@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pytest
 from scipy.stats import loguniform, norm, uniform
@@ -189,7 +191,8 @@ def test_estimator_hyperparams_accept_ranges(frozen_pool, data):
 
 
 def test_split_scores_from_fold_solutions_match_refits(stacking, data):
-    """The fast path (the solve's fold solutions) equals refitting each split."""
+    """Split scores are those of refitting each split at the solved values; the
+    solve's own fold solutions stay on the best estimator (``fold_aggregators_``)."""
     X, y = data
     search = HypergradSearchCV(
         stacking, {"aggregator__l2": loguniform(1e-3, 1e2)}, cv=CV, scoring="neg_log_loss",
@@ -257,3 +260,37 @@ def test_sample_weight_follows_each_split(stacking, data):
     assert res["split0_test_score"][0] == pytest.approx(
         -log_loss(y[te], ref.predict_proba(X[te]), labels=[0, 1]), abs=1e-4
     )
+
+
+class _Recording(AggregatedClassifier):
+    """Records the ``tune_ranges`` each fit sees."""
+
+    seen: typing.ClassVar[list] = []
+
+    def fit(self, X, y, sample_weight=None):
+        type(self).seen.append(self.get_params(deep=False)["tune_ranges"])
+        return super().fit(X, y, sample_weight=sample_weight)
+
+
+def test_search_passes_its_ranges_through_tune_ranges(frozen_pool, data):
+    """The solve is a clone whose tune_ranges parameter names the continuous
+    dimensions; the split refits and the best estimator tune nothing."""
+    X, y = data
+    _Recording.seen = []
+    est = _Recording(
+        frozen_pool, aggregator=LearnedWeights(), hyperparams={"temperature": 0.8}, random_state=0
+    )
+    search = HypergradSearchCV(est, {"aggregator__l2": loguniform(1e-4, 1e1)}, cv=CV).fit(X, y)
+    solve, *refits = _Recording.seen
+    assert list(solve) == ["l2"]
+    assert solve["l2"][0] == pytest.approx(1e-4) and solve["l2"][1:] == (pytest.approx(1e1), "log")
+    assert len(refits) == 3 and all(r is None for r in refits)
+    assert est.tune_ranges is None and not hasattr(est, "aggregator_")  # the user's estimator untouched
+    best = search.best_estimator_.get_params()
+    assert best["tune_ranges"] is None and best["hyperparams"]["temperature"] == pytest.approx(0.8)
+    # The same ranges given by hand are the same solve.
+    direct = AggregatedClassifier(
+        frozen_pool, aggregator=LearnedWeights(), hyperparams={"temperature": 0.8}, random_state=0,
+        tune_ranges=solve, cv=list(CV.split(X, y)), tuner=search.method,
+    ).fit(X, y)
+    assert direct.hyperparams_["l2"] == pytest.approx(search.best_params_["aggregator__l2"])

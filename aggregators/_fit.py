@@ -1,0 +1,425 @@
+"""The fit pipeline of the aggregated estimators, as a function.
+
+:func:`fit_aggregated` takes validated data and the estimator's parameters:
+it checks what can be checked before any base model runs, asks the pool for
+the base outputs once, splits the rows, hands the engine one joint bilevel
+problem over the splits, and refits the aggregation parameters on all rows
+with the tuned hyperparameters. It returns a :class:`FitResult`, whose
+fields the estimator stores as its learned attributes (each name with a
+trailing underscore).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import KFold, StratifiedKFold, check_cv, train_test_split
+from sklearn.utils import Bunch, check_random_state
+
+from base_models import (
+    check_pool,
+    fit_pool,
+    resolve_device,
+    resolve_dtype,
+    small_problem_threads,
+    to_tensor,
+)
+
+from ._base import AggregationContext
+from ._bilevel import HyperSpace, Split, make_fold_problems, make_problem, parse_range
+from ._registry import resolve_aggregator
+from .hypergrad import HessianDecision, InnerDivergenceError, solve_inner, tune
+
+__all__ = ["FitResult", "HypergradientWarning", "fit_aggregated"]
+
+
+class HypergradientWarning(ConvergenceWarning):
+    """Tuning did not go as asked: it stopped early (an inner solve diverged; the
+    last good point is kept), or the engine had to fall back to first-order
+    methods (the loss lacks the second derivatives Newton steps need)."""
+
+
+@dataclass
+class FitResult:
+    """What one fit learns; the estimator stores each field as ``<name>_``.
+
+    See the Attributes of :class:`~aggregators.AggregatedClassifier` for
+    their meaning.
+    """
+
+    device: torch.device
+    base_models: dict
+    estimators: list
+    named_estimators: Bunch
+    fitted_inside: list
+    aggregator: Any
+    hyperparams: dict
+    tuning_history: pd.DataFrame
+    tuning_time: float
+    validation_loss: float
+    n_iter: int
+    last_routing: pd.Series
+    fold_aggregators: list = field(default_factory=list)
+
+    def items(self):
+        """``(name, value)`` of every field."""
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+def _first_order_reason(agg) -> str | None:
+    """Why the engine keeps to first-order methods for ``agg``, as it declares, or ``None``.
+
+    Newton steps and exact Hessian blocks need second derivatives that cost
+    little more than a gradient (``second_order``) and a loss without kinks
+    (``smooth``): a quadratic model is wrong at a kink, where Newton's line
+    search stalls.
+    """
+    name = type(agg).__name__
+    if not getattr(agg, "second_order", True):
+        return f"{name} declares second_order = False (its second derivatives are dear)"
+    if not getattr(agg, "smooth", True):
+        return f"{name} declares smooth = False (its training loss has kinks)"
+    return None
+
+
+def _inner_solver(agg) -> str:
+    """The engine's inner solver for an aggregation function (see :func:`_first_order_reason`)."""
+    return "auto" if _first_order_reason(agg) is None else "lbfgs"
+
+
+def _declare_first_order(agg, problem) -> None:
+    """Record on ``problem`` that it keeps to first-order methods, when ``agg`` declares it."""
+    reason = _first_order_reason(agg)
+    if reason is not None:
+        problem.hessian = HessianDecision(False, reason)
+
+
+class _Progress:
+    """Prints one line per outer step (``verbose > 0``).
+
+    The engine sums the validation loss over the cross-fitting folds; the line
+    shows the mean, the number ``validation_loss_`` and ``tuning_history_`` give.
+    """
+
+    def __init__(self, n_folds: int):
+        self.step = 0
+        self.n_folds = n_folds
+
+    def __call__(self, entry: dict) -> None:
+        loss = entry["outer_loss"] / self.n_folds
+        print(
+            f"[hyperagg] step {self.step}: validation loss {loss:.6g}  "
+            f"|hypergrad| {entry['hypergrad_norm']:.3g}  inner iters "
+            f"{entry['inner_iter']}  {entry['seconds']:.3f}s",
+            flush=True,
+        )
+        self.step += 1
+
+
+def make_splits(n: int, y_strat, seed: int, cv, validation_fraction: float) -> list[tuple]:
+    """``(train, validation)`` row indices of the tuning splits.
+
+    ``cv=None``: one split with ``validation_fraction`` of the rows for
+    validation (stratified where every class allows it); an int: shuffled
+    (stratified) folds; anything else goes through ``check_cv``.
+    """
+    idx = np.arange(n)
+    if cv is None:
+        try:
+            tr, va = train_test_split(
+                idx, test_size=validation_fraction, random_state=seed, stratify=y_strat
+            )
+        except ValueError:  # a class too rare to stratify on
+            tr, va = train_test_split(idx, test_size=validation_fraction, random_state=seed)
+        return [(tr, va)]
+    if isinstance(cv, Integral):
+        if y_strat is not None and np.bincount(y_strat).min() >= cv:
+            splitter = StratifiedKFold(cv, shuffle=True, random_state=seed)
+        else:
+            splitter = KFold(cv, shuffle=True, random_state=seed)
+    else:
+        splitter = check_cv(cv, y_strat, classifier=y_strat is not None)
+    return list(splitter.split(np.zeros((n, 1)), y_strat))
+
+
+def held_and_ranged(specs, hyperparams, tune_ranges) -> dict:
+    """``name -> fixed value or range`` for :class:`HyperSpace`, from the two parameters.
+
+    ``tune_ranges=None``: ``hyperparams`` decides (``"tune"``: every
+    hyperparameter tuned, ``"fixed"``: none, a dict: the named ones fixed or
+    ranged, the rest tuned). A dict of ranges: exactly those are tuned,
+    every other one is held at its fixed value in ``hyperparams`` or else at
+    the aggregator's own value.
+    """
+    init = {s.name: s.init for s in specs}
+    given = dict(hyperparams) if isinstance(hyperparams, dict) else {}
+    if tune_ranges is None:
+        return init if hyperparams == "fixed" else given
+    known = set(init)
+    unknown = sorted(set(tune_ranges) - known)
+    if unknown:
+        raise ValueError(
+            f"tune_ranges names {unknown} that the aggregator does not have; its "
+            f"hyperparameters are {sorted(known)}."
+        )
+    for name, value in tune_ranges.items():
+        if parse_range(value) is None:
+            raise ValueError(
+                f"tune_ranges[{name!r}] must be a range, (low, high, 'log'|'linear'), "
+                f"scipy.stats.loguniform or scipy.stats.uniform; got {value!r}. Fix a "
+                "hyperparameter's value through hyperparams instead."
+            )
+    held = {k: v for k, v in given.items() if parse_range(v) is None}
+    return {**init, **held, **tune_ranges}
+
+
+def _history_frame(history, space: HyperSpace, n_folds: int) -> pd.DataFrame:
+    names = space.entry_names()
+    rows = []
+    for step, e in enumerate(history):
+        vals = space.flat_values(torch.as_tensor(e["h"], dtype=space.dtype, device=space.device))
+        row = {
+            "step": step,
+            "validation_loss": e["outer_loss"] / n_folds,
+            "hypergrad_norm": e["hypergrad_norm"],
+            "inner_iter": e["inner_iter"],
+            "seconds": e["seconds"],
+        }
+        row.update(dict(zip(names, vals)))
+        rows.append(row)
+    columns = ["step", "validation_loss", "hypergrad_norm", "inner_iter", "seconds", *names]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _record_hessian(history: pd.DataFrame, decision) -> None:
+    """Say in ``history.attrs`` whether the engine formed exact Hessian blocks, and why.
+
+    Warns when they were wanted (small blocks, nothing declared against
+    them) but the loss lacks the second derivatives they need.
+    """
+    if decision is None:
+        return
+    history.attrs["exact_hessian"] = decision.exact
+    history.attrs["exact_hessian_reason"] = decision.reason
+    if decision.unavailable:
+        warnings.warn(
+            f"the aggregator is fitted with first-order methods (L-BFGS, conjugate "
+            f"gradient) instead of Newton steps: {decision.reason}. Declare "
+            "second_order = False on the aggregation function to choose them "
+            "without this warning.",
+            HypergradientWarning,
+            stacklevel=4,
+        )
+
+
+def _refit(agg_spec, ctx, full, space, specs, h, theta0, max_iter: int):
+    """The aggregation function fitted on all rows at hyperparameters ``h``.
+
+    Returns the fitted aggregator and the problem (whose Hessian decision
+    the history records).
+    """
+    final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
+    if theta0 is None:
+        theta0 = final.theta0
+    _declare_first_order(agg_spec, final)
+    try:
+        theta, n_iter, converged = solve_inner(
+            final, h, theta0, max_iter=max_iter,
+            tol=1e-6,  # predictions do not move below this; 1e-7 is for hypergradients
+            solver=_inner_solver(agg_spec),
+        )
+    except InnerDivergenceError as e:
+        raise ValueError(f"refitting the aggregator on all rows diverged: {e}") from e
+    out_of_iterations = n_iter >= max_iter
+    if not converged and (out_of_iterations or getattr(agg_spec, "smooth", True)):
+        warnings.warn(
+            "the final fit of the aggregator did not reach its tolerance "
+            + (f"in {max_iter} iterations; raise max_inner_iter."
+               if out_of_iterations else
+               f"(it stopped making progress after {n_iter} iterations)."),
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+    hyper = {k: v.detach().cpu().numpy() for k, v in space.values(h).items()}
+    agg = clone(agg_spec)
+    agg._set_fitted(ctx, packer.unflatten(theta), buffers, hyper, specs)
+    return agg, final
+
+
+def fit_aggregated(
+    params: Mapping[str, Any],
+    X: np.ndarray,
+    Xb,
+    y: np.ndarray,
+    y_model: np.ndarray,
+    *,
+    task: str,
+    classes: np.ndarray | None = None,
+    n_outputs: int,
+    standardize: tuple | None = None,
+    sample_weight: np.ndarray | None = None,
+) -> FitResult:
+    """Fit the pool and the tuned aggregation function.
+
+    Parameters
+    ----------
+    params : mapping
+        The estimator's parameters (``get_params(deep=False)``), validated.
+    X : ndarray of shape (n_samples, n_features)
+        The validated features (what an aggregator with ``uses_X`` sees).
+    Xb : array-like or DataFrame
+        The rows as the base models take them (the user's DataFrame as is).
+    y : ndarray
+        The target as given (base estimators fitted inside are fitted on it).
+    y_model : ndarray
+        What the aggregation function is trained on: encoded classes, or the
+        standardised target of shape (n_samples, n_outputs).
+    task : {"classification", "regression"}
+    classes : ndarray, default=None
+        The classes, for classification.
+    n_outputs : int
+        Classes (classification) or targets (regression).
+    standardize : (mean, scale), default=None
+        Applied to the base outputs of a regressor, as to its target.
+    sample_weight : ndarray, default=None
+        Validated row weights, or ``None`` for equal weights.
+
+    Returns
+    -------
+    FitResult
+    """
+    n = X.shape[0]
+    if n < 2:
+        raise ValueError(
+            f"an aggregator needs at least 2 samples to fit; got n_samples = {n}."
+        )
+    seed = int(check_random_state(params["random_state"]).randint(np.iinfo(np.int32).max))
+    device = resolve_device(params["device"])
+    dtype = resolve_dtype(params["dtype"])
+    classify = task == "classification"
+    y_strat = y_model if classify else None
+    max_outer_iter = params["max_outer_iter"]
+
+    # Everything that can be checked without the base models' outputs is
+    # checked before fitting any of them.
+    agg_spec = resolve_aggregator(params["aggregator"])
+    estimators = check_pool(params["estimators"], reserved=params)
+    names = [name for name, _ in estimators]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    splits = (
+        make_splits(n, y_strat, seed, params["cv"], params["validation_fraction"])
+        if max_outer_iter > 0 else [(np.arange(n), None)]
+    )
+    ctx = AggregationContext(
+        task=task, n_models=len(names), n_outputs=n_outputs, n_features=X.shape[1],
+        model_names=names, classes=classes, device=device, dtype=dtype, generator=gen,
+        n_train=int(round(np.mean([len(tr) for tr, _ in splits]))),
+    )
+    agg_spec.check_task(ctx)
+    specs = agg_spec.hyperparameters(ctx)
+    fixed = held_and_ranged(specs, params["hyperparams"], params["tune_ranges"])
+    space = HyperSpace(specs, fixed, device, dtype, owner=type(agg_spec).__name__)
+
+    pool = fit_pool(
+        estimators, Xb, y, task=task, classes=classes, n_outputs=n_outputs,
+        prefit=params["prefit"], base_cv=params["base_cv"], sample_weight=sample_weight,
+    )
+    Z = pool.outputs
+    if standardize is not None:
+        Z = (Z - standardize[0]) / standardize[1]  # broadcast over the outputs axis
+    # The one host-to-device copy of the data for this fit.
+    full = Split(
+        to_tensor(Z, device, dtype),
+        torch.as_tensor(y_model, device=device, dtype=torch.long if classify else dtype),
+        to_tensor(X, device, dtype) if agg_spec.uses_X else None,
+        None if sample_weight is None else to_tensor(sample_weight, device, dtype),
+    )
+    refit_iter = 10 * params["max_inner_iter"]
+
+    with small_problem_threads(Z.size, device):
+        if max_outer_iter == 0:
+            # Nothing to tune and nothing to validate: straight to the refit.
+            aggregator, final = _refit(
+                agg_spec, ctx, full, space, specs, space.initial(), None, refit_iter
+            )
+            history = _history_frame([], space, 1)
+            _record_hessian(history, final.hessian)
+            tuning_time, validation_loss, n_iter, fold_aggregators = 0.0, float("nan"), 0, []
+        else:
+            # The folds' problems share h and nothing else: one joint solve
+            # (same optimum and hypergradient, a fraction of the solver overhead).
+            joint, split_theta, fold_parts = make_fold_problems(
+                agg_spec, ctx,
+                [(full.take(torch.as_tensor(tr, device=device)),
+                  full.take(torch.as_tensor(va, device=device))) for tr, va in splits],
+                space,
+            )
+            _declare_first_order(agg_spec, joint)
+            lower, upper = space.bounds()
+            t0 = time.perf_counter()
+            try:
+                result = tune(
+                    [joint], space.initial(), lower=lower, upper=upper,
+                    method=params["tuner"], method_options=params["tuner_options"],
+                    optimizer=params["optimizer"], max_outer_iter=max_outer_iter,
+                    tol=params["tol"], max_inner_iter=params["max_inner_iter"],
+                    callback=_Progress(len(splits)) if params["verbose"] else None,
+                    inner_solver=_inner_solver(agg_spec), scale=space.scales(),
+                )
+            except InnerDivergenceError as e:
+                raise ValueError(
+                    f"fitting the aggregator diverged at its initial hyperparameters ({e}); "
+                    "check the base models' outputs or give other hyperparams."
+                ) from e
+            if result.diverged:
+                warnings.warn(
+                    f"hypergradient tuning stopped early: {result.message}. The last "
+                    "hyperparameters with a finite validation loss are kept.",
+                    HypergradientWarning,
+                    stacklevel=3,
+                )
+            tuning_time = time.perf_counter() - t0
+            history = _history_frame(result.history, space, len(splits))
+            _record_hessian(history, joint.hessian)
+            fold_thetas = split_theta(result.thetas[0])
+            aggregator, _ = _refit(
+                agg_spec, ctx, full, space, specs, result.h, fold_thetas[0], refit_iter
+            )
+            # Each fold's solution at the tuned hyperparameters: the aggregator
+            # fitted on that fold's training rows (what cross-validated scores need).
+            hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
+            fold_aggregators = []
+            for (packer_k, buffers_k), theta_k in zip(fold_parts, fold_thetas):
+                agg_k = clone(agg_spec)
+                agg_k._set_fitted(ctx, packer_k.unflatten(theta_k), buffers_k, hyper, specs)
+                fold_aggregators.append(agg_k)
+            validation_loss = result.value / len(splits)
+            n_iter = len(result.history)
+
+    return FitResult(
+        device=device,
+        base_models=pool.base_models,
+        estimators=pool.estimators,
+        named_estimators=pool.named_estimators,
+        fitted_inside=pool.fitted_inside,
+        aggregator=aggregator,
+        hyperparams=aggregator.hyperparams_,
+        tuning_history=history,
+        tuning_time=tuning_time,
+        validation_loss=validation_loss,
+        n_iter=n_iter,
+        # Updated in place by every prediction (so that predicting does not
+        # change the estimator's attributes, as scikit-learn's checks require).
+        last_routing=pd.Series(0, index=names, name="rows", dtype=np.int64),
+        fold_aggregators=fold_aggregators,
+    )
