@@ -91,3 +91,18 @@ def test_cli_with_a_scheduler_writes_partitioned_parquet(fitted, cluster, tmp_pa
     X = rows.dropna().set_index("key")[FEATURES]
     ref = pd.DataFrame(est.predict_proba(X), index=X.index).sort_index()
     np.testing.assert_allclose(got.filter(like="proba_").to_numpy(), ref.to_numpy(), atol=1e-12)
+
+
+def test_cli_with_a_scheduler_skips_bad_rows_to_a_side_file(fitted, cluster, tmp_path, capsys):
+    est, path, rows, folder = fitted
+    src = tmp_path / "rows"
+    dd.from_pandas(rows, npartitions=2).to_parquet(src, write_index=False)
+    out = tmp_path / "scores"
+    code = cli.main(["score", str(path), str(src), str(out), "--id-column", "key",
+                     "--on-bad-rows", "skip", "--scheduler", cluster.scheduler_address])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "scored 399 rows" in printed and "skipped 1 rows" in printed
+    side = pd.read_parquet(tmp_path / "scores.skipped.parquet")
+    assert side["key"].tolist() == [rows.loc[7, "key"]]
+    assert len(pd.read_parquet(out)) == 399

@@ -124,6 +124,7 @@ def test_killed_run_resumes_to_the_uninterrupted_output(model, tmp_path):
     proc.wait()
     done = len(list(work.glob("chunk-????????.arrow")))
     assert 4 <= done < 12  # killed halfway
+    print(f"killed with SIGKILL after {done} of 12 chunks; output present: {out.exists()}")
     assert not out.exists()  # nothing under the output name
 
     calls = []
@@ -139,6 +140,7 @@ def test_killed_run_resumes_to_the_uninterrupted_output(model, tmp_path):
                             progress=False)
     finally:
         del est.predict_proba
+    print(f"resumed: {report.chunks_resumed} chunks reused, predict_proba on {sum(calls)} rows")
     assert report.chunks_resumed == done
     assert sum(calls) == 600 - 50 * done  # finished chunks were not scored again
     got = pd.read_parquet(out)

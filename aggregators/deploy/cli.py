@@ -99,20 +99,37 @@ def _score_distributed(args, modules) -> int:
     from ._dask import score_dask  # noqa: PLC0415
     from ._persist import load  # noqa: PLC0415
 
+    import pyarrow.dataset as pads  # noqa: PLC0415
+
+    from ._score import make_spec  # noqa: PLC0415
+
     out = Path(args.output)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     est = load(args.model, args.trusted, modules=modules, device=args.device)
+    skipped = None
     with Client(args.scheduler):
         ddf = dd.read_parquet(args.input)
         scores = score_dask(est, ddf, columns=args.columns, id_column=args.id_column,
                             keep_columns=args.keep_columns, on_bad_rows=args.on_bad_rows)
         scores.to_parquet(tmp, write_index=False)
-        n = int(scores.shape[0].compute())
+        if args.on_bad_rows == "skip":
+            spec = make_spec(est, [str(c) for c in ddf.columns], args.columns,
+                             args.id_column, args.keep_columns, args.on_bad_rows)
+            bad = ddf[ddf[spec.features].isna().any(axis=1)]
+            # Few rows: gathered here. Without an id column, the input's index names them.
+            skipped = (bad[[args.id_column]] if args.id_column else
+                       bad.index.to_frame(name="row")).compute()
+    n = pads.dataset(tmp, format="parquet").count_rows()  # metadata only, no second pass
     # Moved into place only once every partition is written.
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    print(f"scored {n} rows into {out}/ on the Dask cluster at {args.scheduler}")
+    line = f"scored {n} rows into {out}/ on the Dask cluster at {args.scheduler}"
+    if skipped is not None and len(skipped):
+        side = out.with_name(f"{out.name}.skipped.parquet")
+        skipped.to_parquet(side, index=False)
+        line += f"; skipped {len(skipped)} rows with missing values, listed in {side}"
+    print(line)
     return 0
 
 
