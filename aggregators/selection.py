@@ -302,12 +302,16 @@ class ModelSelection(Aggregator):
         if _BASELINE in buffers:
             raise ValueError(f"the wrapped aggregator already has a buffer {_BASELINE!r}.")
         buffers[_BASELINE] = Z.mean(0)  # (n_models, n_outputs)
-        if ctx.task == "classification":
+        if y is None:  # no target to measure errors and losses by
+            target, scale = None, Z.new_ones(())
+        elif ctx.task == "classification":
             target = torch.nn.functional.one_hot(y.long(), ctx.n_outputs).to(Z.dtype)
+            scale = loss_scale(ctx, Z, y)
         else:
             target = y.reshape(Z.shape[0], -1).to(Z.dtype)
+            scale = loss_scale(ctx, Z, y)
         buffers[_REDUNDANCY] = redundancy(Z, self.redundancy_power, target)
-        buffers[_SCALE] = loss_scale(ctx, Z, y)
+        buffers[_SCALE] = scale
         return buffers
 
     def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:
