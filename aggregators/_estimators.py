@@ -262,19 +262,17 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         range's end) outside the hyperparameter's declared limits, here or on
         the aggregator, is a ``ValueError`` at ``fit``, never clipped.
     tune_ranges : dict or None, default=None
-        Which hyperparameters are tuned, and within which ranges, in place of
-        what ``hyperparams`` says about tuning. ``None``: ``hyperparams``
-        decides. A dict maps hyperparameter names to ranges, in the forms
-        ``hyperparams`` accepts (``(low, high, "log")``, ``(low, high,
-        "linear")``, ``scipy.stats.loguniform``, ``scipy.stats.uniform``):
-        exactly those are tuned, each within its range, starting from the
-        aggregator's own value moved into it. Every hyperparameter not named
-        is held, at its value in ``hyperparams`` when that dict fixes one,
-        else at the aggregator's own value; ranges in ``hyperparams`` (and
-        ``"tune"`` or ``"fixed"``) then give way. An empty dict tunes nothing.
-        :class:`HypergradSearchCV` sets it to the continuous dimensions of its
-        ``param_space``, so the hyperparameters it does not search are held
-        as in a grid search.
+        Ranges for some hyperparameters, on top of ``hyperparams``: a dict
+        maps hyperparameter names to ranges, in the forms ``hyperparams``
+        accepts (``(low, high, "log")``, ``(low, high, "linear")``,
+        ``scipy.stats.loguniform``, ``scipy.stats.uniform``); each one named
+        is tuned within its range, starting from the aggregator's own value
+        moved into it, whatever ``hyperparams`` says of it. Every
+        hyperparameter not named follows ``hyperparams`` (under the default
+        ``"tune"``, tuned within the aggregator's declared bounds; held where
+        ``hyperparams`` fixes it, or under ``"fixed"``). ``None`` or an empty
+        dict: ``hyperparams`` alone decides. :class:`HypergradSearchCV` sets
+        it to the continuous dimensions of its ``param_space``.
     tuner : str, default="hoag"
         Hypergradient method, a key of ``aggregators.hypergrad.METHODS``
         (listed in :func:`aggregators.hypergrad.hypergradient`). The default,

@@ -155,32 +155,32 @@ def make_splits(n: int, y_strat, seed: int, cv, validation_fraction: float) -> l
 def held_and_ranged(specs, hyperparams, tune_ranges) -> dict:
     """``name -> fixed value or range`` for :class:`HyperSpace`, from the two parameters.
 
-    ``tune_ranges=None``: ``hyperparams`` decides (``"tune"``: every
-    hyperparameter tuned, ``"fixed"``: none, a dict: the named ones fixed or
-    ranged, the rest tuned). A dict of ranges: exactly those are tuned,
-    every other one is held at its fixed value in ``hyperparams`` or else at
-    the aggregator's own value.
+    ``hyperparams`` sets the policy: ``"tune"``, every hyperparameter tuned
+    within its declared bounds; ``"fixed"``, none; a dict, the named ones
+    fixed or ranged and the rest tuned. ``tune_ranges`` (``None`` or a dict
+    of ranges) then tunes each hyperparameter it names within its range,
+    whatever ``hyperparams`` said of that one, and leaves every other one
+    to ``hyperparams``.
     """
     init = {s.name: s.init for s in specs}
     given = dict(hyperparams) if isinstance(hyperparams, dict) else {}
-    if tune_ranges is None:
-        return init if hyperparams == "fixed" else given
+    ranges = {} if tune_ranges is None else dict(tune_ranges)
     known = set(init)
-    unknown = sorted(set(tune_ranges) - known)
+    unknown = sorted(set(ranges) - known)
     if unknown:
         raise ValueError(
             f"tune_ranges names {unknown} that the aggregator does not have; its "
             f"hyperparameters are {sorted(known)}."
         )
-    for name, value in tune_ranges.items():
+    for name, value in ranges.items():
         if parse_range(value) is None:
             raise ValueError(
                 f"tune_ranges[{name!r}] must be a range, (low, high, 'log'|'linear'), "
                 f"scipy.stats.loguniform or scipy.stats.uniform; got {value!r}. Fix a "
                 "hyperparameter's value through hyperparams instead."
             )
-    held = {k: v for k, v in given.items() if parse_range(v) is None}
-    return {**init, **held, **tune_ranges}
+    policy = init if hyperparams == "fixed" else given
+    return {**policy, **ranges}
 
 
 def _history_frame(history, space: HyperSpace, n_folds: int) -> pd.DataFrame:

@@ -5,8 +5,9 @@ point costs one cross-fitted hypergradient solve (the folds' inner problems
 share the hyperparameters and their validation losses are summed) whose
 final refit on all rows is the candidate's estimator, and one refit per split
 at the solved hyperparameters (held fixed, nothing tuned) for the split
-scores. The search tells the estimator what to tune through its
-``tune_ranges`` parameter, on clones built with ``set_params``. The continuous
+scores. The search gives the estimator the continuous dimensions' ranges
+through its ``tune_ranges`` parameter, on clones built with ``set_params``;
+the hyperparameters it does not name follow the estimator's ``hyperparams``. The continuous
 dimensions are hyperparameters that the aggregation function of an
 :class:`AggregatedClassifier` / :class:`AggregatedRegressor` declares, so the
 estimator (alone or at the end of a :class:`~sklearn.pipeline.Pipeline`)
@@ -74,10 +75,26 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
     at the solved hyperparameters, which fills ``cv_results_`` exactly as
     :class:`~sklearn.model_selection.GridSearchCV` does.
 
-    Each solve is a clone of ``estimator`` whose ``tune_ranges`` parameter is
-    set to the continuous dimensions (and ``cv`` to the search's splits), so
-    the estimator tunes exactly those and holds the rest; the estimator's own
-    ``tune_ranges``, if any, gives way.
+    Which hyperparameters a solve tunes: each solve is a clone of
+    ``estimator`` (with the grid point's discrete values set) whose
+    ``tune_ranges`` parameter is set to the continuous dimensions (and
+    ``cv`` to the search's splits); the estimator's own ``tune_ranges``, if
+    any, gives way. So
+
+    * every hyperparameter named as a continuous dimension is tuned within
+      its range, whatever the estimator's ``hyperparams`` says of it;
+    * every other hyperparameter of the aggregation function follows the
+      estimator's ``hyperparams``: under the default ``"tune"`` it is tuned
+      too, within the aggregator's declared bounds, in the same solve (as
+      the estimator alone would tune it; e.g. Stacking's ``l2_scale`` in a
+      search over ``aggregator__l2``); it is held where the user fixes it,
+      by a value in the ``hyperparams`` dict (which may itself be a
+      discrete dimension, ``{"hyperparams": [{"l2_scale": 0.1}, ...]}``)
+      or by ``hyperparams="fixed"``, which tunes the named dimensions only,
+      as a grid search would.
+
+    The best estimator and the split refits then hold every hyperparameter
+    at its solved value.
 
     Parameters
     ----------
@@ -92,10 +109,9 @@ class HypergradSearchCV(MetaEstimatorMixin, BaseEstimator):
         end in ``aggregator__<h>`` (or ``hyperparams__<h>``) where ``<h>`` is a
         hyperparameter the aggregation function declares; a vector
         hyperparameter (such as Stacking's one L2 weight per base model) is
-        solved entry by entry within the range. Hyperparameters not named are
-        held at their given or initial values, as in a grid search (see the
-        estimator's ``tune_ranges``). A list of
-        dicts searches each space in turn.
+        solved entry by entry within the range. Hyperparameters not named
+        follow the estimator's ``hyperparams`` (tuned by default; see above).
+        A list of dicts searches each space in turn.
     cv : int, cross-validation generator or iterable, default=5
         As in ``GridSearchCV`` (stratified for classifiers).
     scoring : str, callable, list, tuple, dict or None, default=None

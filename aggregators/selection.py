@@ -10,13 +10,14 @@ from sklearn.base import clone
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
 from ._registry import resolve_aggregator
 
-__all__ = ["ModelSelection", "neutralise", "redundancy"]
+__all__ = ["ModelSelection", "loss_scale", "neutralise", "redundancy"]
 
 _LOGITS = "selection_logits"
 _SPARSITY = "selection_sparsity"
 _BASELINE = "selection_baseline"
 _REDUNDANCY = "selection_redundancy"
-_OWN = (_LOGITS, _BASELINE, _REDUNDANCY)
+_SCALE = "selection_loss_scale"
+_OWN = (_LOGITS, _BASELINE, _REDUNDANCY, _SCALE)
 
 
 def neutralise(Z: torch.Tensor, keep: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
@@ -39,13 +40,32 @@ def neutralise(Z: torch.Tensor, keep: torch.Tensor, baseline: torch.Tensor) -> t
     return torch.where(s > 0, s * Z + (1 - s) * baseline, baseline.expand_as(Z))
 
 
-def redundancy(Z: torch.Tensor, power: float = 8.0) -> torch.Tensor:
-    """``R_ij = max(0, corr(Z_i, Z_j))^power`` between models, zero diagonal.
+def redundancy(
+    Z: torch.Tensor, power: float = 8.0, target: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``R_ij = max(0, corr(E_i, E_j))^power`` between models, zero diagonal.
 
-    Correlation of the centred outputs over rows (and outputs); a high power
-    leaves only near-duplicates with a sizeable entry (at the default 8,
-    ``0.9**8 = 0.43`` and ``0.99**8 = 0.92``).
+    Correlation over rows (and outputs) of the centred errors
+    ``E_j = Z_j - target`` (of the outputs themselves without ``target``);
+    a high power leaves only near-duplicates with a sizeable entry (at the
+    default 8, ``0.9**8 = 0.43`` and ``0.99**8 = 0.92``).
+
+    Errors rather than outputs: accurate models agree with the target, hence
+    with each other, by their accuracy alone (on ``make_friedman1`` eight
+    regressors of different families have output correlations of 0.85 to
+    0.99, error correlations of 0.34 to 0.92); only a near-duplicate makes
+    the same errors.
+
+    Parameters
+    ----------
+    Z : Tensor of shape (n_rows, n_models, n_outputs)
+    power : float, default=8.0
+    target : Tensor of shape (n_rows, n_outputs), default=None
+        What every model predicts: the (standardised) target of a regressor,
+        the one-hot classes of a classifier.
     """
+    if target is not None:
+        Z = Z - target[:, None, :]
     C = Z - Z.mean(0, keepdim=True)
     C = C.transpose(0, 1).reshape(Z.shape[1], -1)  # (n_models, rows * outputs)
     norm = C.norm(dim=1)
@@ -53,6 +73,38 @@ def redundancy(Z: torch.Tensor, power: float = 8.0) -> torch.Tensor:
     corr = (C @ C.T) / (safe[:, None] * safe[None, :])
     R = corr.clamp_min(0).pow(power)
     return R - torch.diag_embed(torch.diagonal(R))
+
+
+def loss_scale(ctx: AggregationContext, Z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The best base model's own training loss: the unit of the selection penalties.
+
+    Log-loss of a classifier's probabilities, mean squared error of a
+    regressor's (standardised) predictions, as the estimator's data loss
+    measures them; floored at ``1e-3`` of the loss of a constant prediction
+    (the prior, or the target's mean), so that a perfect model does not
+    switch the penalties off.
+
+    What keeping a model is worth is a fraction of this loss: an accurate
+    regressor's mean squared error in units of the target's variance is a
+    few hundredths, and so are the gains of combining such models; penalties
+    in absolute units, tuned for log-losses of a few tenths, would then
+    outweigh every gain and keep a single model.
+
+    Returns
+    -------
+    Tensor of shape ()
+    """
+    if ctx.task == "classification":
+        labels = y.long()
+        p = Z[torch.arange(Z.shape[0], device=Z.device), :, labels]  # (n_rows, n_models)
+        losses = -torch.log(p.clamp_min(1e-15)).mean(0)
+        prior = torch.bincount(labels, minlength=ctx.n_outputs).to(Z.dtype) / labels.numel()
+        constant = -(prior * torch.log(prior.clamp_min(1e-15))).sum()
+    else:
+        t = y.reshape(Z.shape[0], 1, -1).to(Z.dtype)
+        losses = (Z - t).pow(2).mean((0, 2))
+        constant = (t - t.mean(0, keepdim=True)).pow(2).mean()
+    return torch.maximum(losses.min(), 1e-3 * constant).detach()
 
 
 class ModelSelection(Aggregator):
@@ -73,14 +125,22 @@ class ModelSelection(Aggregator):
     average), and the relaxed optimum no longer says which hard subset is
     good (on a pool of complementary models every keep probability can fall
     below 1/2). The training loss adds
-    ``sparsity * sum_j sqrt(s_j)``, a concave count of kept models that
-    prefers dropping one of two exact duplicates to keeping both halfway;
-    ``sparsity`` is tuned by hypergradient on the validation loss. A fixed
-    redundancy term ``redundancy / 2 * s^T R s``, with ``R`` the (high power
-    of the) correlation between models' outputs on the training rows, makes
-    near-duplicates compete: without it the wrapped function's own L2,
-    which prefers sharing weight between duplicates, keeps both copies of a
-    duplicated model.
+    ``L0 * (sparsity * sum_j sqrt(s_j) + redundancy / 2 * s^T R s)``. The
+    first term is a concave count of kept models that prefers dropping one
+    of two exact duplicates to keeping both halfway; ``sparsity`` is tuned
+    by hypergradient on the validation loss. The second, with fixed weight,
+    ``R`` the (high power of the) correlation between the models' *errors*
+    on the training rows (:func:`redundancy`), makes near-duplicates
+    compete: without it the wrapped function's own L2, which prefers sharing
+    weight between duplicates, keeps both copies of a duplicated model.
+    Errors, not outputs: accurate models agree with each other through the
+    target, and a redundancy on outputs made every good regressor compete
+    with every other. ``L0``, the best model's own training loss
+    (:func:`loss_scale`), is the unit of both terms: what keeping a model is
+    worth is a fraction of the loss, and an accurate regressor's squared
+    error on the standardised target is a few hundredths, where penalties
+    in absolute units outweighed every gain of combining and kept a single
+    model (on ``make_friedman1``, not even the best one).
 
     At predict time (no autograd) the mask is hard: ``selected_`` keeps the
     models with ``s_j > 1/2`` (at least the most kept one), and
@@ -95,16 +155,20 @@ class ModelSelection(Aggregator):
         Temperature of the relaxation (fixed): lower is closer to a hard
         subset during training.
     sparsity : float, default=1e-3
-        Initial weight of the sparsity penalty (on the mean training loss).
+        Initial weight of the sparsity penalty, in units of the best model's
+        training loss (:func:`loss_scale`).
     sparsity_bounds : tuple of float, default=(1e-5, 0.1)
         Range it is tuned in (log scale).
     keep_l2 : float, default=1e-3
         Fixed L2 weight on the keep logits, which keeps the inner optimum
         finite when a model's mask saturates.
     redundancy : float, default=0.05
-        Fixed weight of the redundancy term.
-    redundancy_power : float, default=8.0
-        Power of the correlations in ``R`` (see :func:`redundancy`).
+        Fixed weight of the redundancy term, in units of the best model's
+        training loss.
+    redundancy_power : float, default=32.0
+        Power of the error correlations in ``R`` (see :func:`redundancy`):
+        at 32, two different good models whose errors correlate at 0.9 get
+        ``0.03``, an exact duplicate 1.
     init_keep : float, default=0.9
         Initial keep probability of every model (a tiny random jitter, from
         the estimator's ``random_state``, breaks ties between duplicates).
@@ -150,7 +214,7 @@ class ModelSelection(Aggregator):
         sparsity_bounds: tuple = (1e-5, 0.1),
         keep_l2: float = 1e-3,
         redundancy: float = 0.05,
-        redundancy_power: float = 8.0,
+        redundancy_power: float = 32.0,
         init_keep: float = 0.9,
     ):
         self.aggregator = aggregator
@@ -238,7 +302,16 @@ class ModelSelection(Aggregator):
         if _BASELINE in buffers:
             raise ValueError(f"the wrapped aggregator already has a buffer {_BASELINE!r}.")
         buffers[_BASELINE] = Z.mean(0)  # (n_models, n_outputs)
-        buffers[_REDUNDANCY] = redundancy(Z, self.redundancy_power)
+        if y is None:  # no target to measure errors and losses by
+            target, scale = None, Z.new_ones(())
+        elif ctx.task == "classification":
+            target = torch.nn.functional.one_hot(y.long(), ctx.n_outputs).to(Z.dtype)
+            scale = loss_scale(ctx, Z, y)
+        else:
+            target = y.reshape(Z.shape[0], -1).to(Z.dtype)
+            scale = loss_scale(ctx, Z, y)
+        buffers[_REDUNDANCY] = redundancy(Z, self.redundancy_power, target)
+        buffers[_SCALE] = scale
         return buffers
 
     def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:
@@ -265,16 +338,18 @@ class ModelSelection(Aggregator):
         inner = self._inner().data_penalty(
             inner_p, inner_h, neutralise(Z, s, params[_BASELINE]), X
         )
-        # The redundancy matrix is a buffer, which ``penalty`` does not see.
-        own = 0.5 * self.redundancy * (s @ params[_REDUNDANCY] @ s)
+        # Both terms read buffers, which ``penalty`` does not see; both are in
+        # units of the best model's training loss (see ``loss_scale``).
+        own = params[_SCALE] * (
+            hyper[_SPARSITY][0] * s.sqrt().sum()
+            + 0.5 * self.redundancy * (s @ params[_REDUNDANCY] @ s)
+        )
         return own if inner is None else inner + own
 
     def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
         inner_p, inner_h = self._split(params, hyper)
         a = params[_LOGITS]
-        s = torch.sigmoid(a / self.temperature)
-        own = hyper[_SPARSITY][0] * s.sqrt().sum() + 0.5 * self.keep_l2 * a.pow(2).sum()
-        return self._inner().penalty(inner_p, inner_h) + own
+        return self._inner().penalty(inner_p, inner_h) + 0.5 * self.keep_l2 * a.pow(2).sum()
 
     def route(self, params: Params, hyper: Params, X=None) -> torch.Tensor:
         """Kept models only (and, among them, what the wrapped function routes)."""

@@ -103,8 +103,10 @@ class L2Draws:
 
 def make_estimator(pool: list, d: int, seed: int) -> AggregatedClassifier:
     models = pool[:10] if d == 1 else pool[:d]
+    # "fixed": every method searches the L2 weights alone (HypergradSearchCV
+    # would otherwise also tune l2_scale, which the other methods hold).
     return AggregatedClassifier(
-        models, aggregator=Stacking(per_model_l2=d > 1), random_state=seed
+        models, aggregator=Stacking(per_model_l2=d > 1), hyperparams="fixed", random_state=seed
     )
 
 

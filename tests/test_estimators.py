@@ -796,19 +796,28 @@ def test_nested_params_of_a_mixed_pool_through_clone():
     assert again.estimators[0][1] is not twin.estimators[0][1]
 
 
-def test_tune_ranges_tunes_the_named_and_holds_the_rest(frozen_pool, cancer_pool):
+def test_tune_ranges_ranges_the_named_and_the_rest_follow_hyperparams(frozen_pool, cancer_pool):
     d = cancer_pool
     base = AggregatedClassifier(
         frozen_pool, aggregator=LearnedWeights(), hyperparams={"temperature": 0.8},
         max_outer_iter=3, random_state=0,
     )
     est = clone(base).set_params(tune_ranges={"l2": (1e-3, 1e1, "log")}).fit(d.X_agg, d.y_agg)
-    hyper = est.hyperparams_
-    assert hyper["temperature"] == pytest.approx(0.8)
-    assert hyper["entropy"] == pytest.approx(LearnedWeights().entropy)
+    hyper, history = est.hyperparams_, est.tuning_history_
+    assert hyper["temperature"] == pytest.approx(0.8)  # fixed by hyperparams
     assert 1e-3 * (1 - 1e-9) <= hyper["l2"] <= 1e1 * (1 + 1e-9)
-    held = clone(base).set_params(tune_ranges={}).fit(d.X_agg, d.y_agg)
-    assert held.hyperparams_["l2"] == pytest.approx(LearnedWeights().l2)
+    assert history["entropy"].nunique() > 1  # not named: tuned, as hyperparams="tune" says
+    # A range overrides a fixed value; "fixed" holds every one not named.
+    fixed = clone(base).set_params(
+        hyperparams="fixed", tune_ranges={"temperature": (0.5, 2.0, "log")}
+    ).fit(d.X_agg, d.y_agg)
+    assert fixed.tuning_history_["temperature"].nunique() > 1
+    assert fixed.hyperparams_["l2"] == pytest.approx(LearnedWeights().l2)
+    assert fixed.hyperparams_["entropy"] == pytest.approx(LearnedWeights().entropy)
+    # An empty dict is no ranges at all.
+    empty = clone(base).set_params(tune_ranges={}).fit(d.X_agg, d.y_agg)
+    plain = clone(base).fit(d.X_agg, d.y_agg)
+    assert empty.hyperparams_["l2"] == pytest.approx(plain.hyperparams_["l2"])
 
 
 @pytest.mark.parametrize("tune_ranges, match", [

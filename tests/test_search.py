@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 from scipy.stats import loguniform, norm, uniform
 from sklearn.base import clone
-from sklearn.datasets import load_diabetes
+from sklearn.datasets import load_diabetes, make_classification
+from sklearn.frozen import FrozenEstimator
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import log_loss
-from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold
+from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold, train_test_split
+from sklearn.naive_bayes import GaussianNB
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.tree import DecisionTreeRegressor
+from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
 from aggregators import (
     AggregatedClassifier,
@@ -41,7 +43,10 @@ CV = StratifiedKFold(3, shuffle=True, random_state=0)
 def test_cv_results_have_grid_search_keys(stacking, data):
     X, y = data
     space = {"aggregator": [Stacking(), LearnedWeights()], "aggregator__l2": loguniform(1e-3, 1e2)}
-    search = HypergradSearchCV(stacking, space, cv=CV, scoring="neg_log_loss").fit(X, y)
+    # "fixed": l2 alone is solved, as in the grid (and the refit below).
+    search = HypergradSearchCV(
+        clone(stacking).set_params(hyperparams="fixed"), space, cv=CV, scoring="neg_log_loss"
+    ).fit(X, y)
     grid = GridSearchCV(
         clone(stacking).set_params(hyperparams="fixed"),
         {"aggregator": [Stacking(), LearnedWeights()], "aggregator__l2": [0.1]},
@@ -59,7 +64,8 @@ def test_cv_results_have_grid_search_keys(stacking, data):
     assert l2.shape == (5,) and np.all((l2 >= 1e-3 * (1 - 1e-9)) & (l2 <= 1e2 * (1 + 1e-9)))
     tr, te = next(iter(CV.split(X, y)))
     ref = clone(stacking).set_params(
-        aggregator=Stacking(), hyperparams={"l2": l2}, max_outer_iter=0
+        aggregator=Stacking(), hyperparams={"l2": l2, "l2_scale": Stacking().l2_scale},
+        max_outer_iter=0,
     ).fit(X[tr], y[tr])
     assert res["split0_test_score"][0] == pytest.approx(
         -log_loss(y[te], ref.predict_proba(X[te]), labels=[0, 1]), abs=1e-4
@@ -200,9 +206,10 @@ def test_split_scores_from_fold_solutions_match_refits(stacking, data):
     ).fit(X, y)
     best = search.best_estimator_
     assert len(best.fold_aggregators_) == 3 and not best.fitted_inside_
-    l2 = np.asarray(search.best_params_["aggregator__l2"])
+    solved = best.get_params()["hyperparams"]  # l2 and l2_scale, as the refits hold them
+    assert np.allclose(solved["l2"], search.best_params_["aggregator__l2"])
     for k, (tr, te) in enumerate(CV.split(X, y)):
-        ref = clone(stacking).set_params(hyperparams={"l2": l2}, max_outer_iter=0).fit(X[tr], y[tr])
+        ref = clone(stacking).set_params(hyperparams=solved, max_outer_iter=0).fit(X[tr], y[tr])
         want = -log_loss(y[te], ref.predict_proba(X[te]), labels=[0, 1])
         assert search.cv_results_[f"split{k}_test_score"][0] == pytest.approx(want, abs=1e-4)
         want_tr = -log_loss(y[tr], ref.predict_proba(X[tr]), labels=[0, 1])
@@ -210,7 +217,8 @@ def test_split_scores_from_fold_solutions_match_refits(stacking, data):
 
 
 def test_estimator_hyperparams_dict_is_respected(stacking, data):
-    """Fixed values in the estimator's own hyperparams stay fixed; its ranges give way."""
+    """Fixed values in the estimator's own hyperparams stay fixed; its ranges hold
+    for the hyperparameters the space does not name."""
     X, y = data
     est = clone(stacking).set_params(
         aggregator=LearnedWeights(), hyperparams={"temperature": 0.8, "entropy": (1e-5, 1e-3, "log")}
@@ -218,8 +226,60 @@ def test_estimator_hyperparams_dict_is_respected(stacking, data):
     search = HypergradSearchCV(est, {"aggregator__l2": loguniform(1e-4, 1e1)}, cv=CV).fit(X, y)
     hyper = search.best_estimator_.hyperparams_
     assert hyper["temperature"] == pytest.approx(0.8)
-    assert hyper["entropy"] == pytest.approx(LearnedWeights().entropy)  # held at its initial value
+    assert 1e-5 * (1 - 1e-9) <= hyper["entropy"] <= 1e-3 * (1 + 1e-9)
+    assert search.solve_histories_[0]["entropy"].nunique() > 1  # tuned within its range
     assert 1e-4 * (1 - 1e-9) <= search.best_params_["aggregator__l2"] <= 1e1 * (1 + 1e-9)
+
+
+def test_unnamed_hyperparameters_follow_the_estimators_policy(stacking, data):
+    """A search over Stacking's l2 tunes l2_scale too (the estimator's default
+    "tune"), unless the user fixes it: in hyperparams, or through the space."""
+    X, y = data
+    space = {"aggregator__l2": loguniform(1e-4, 1e2)}
+    search = HypergradSearchCV(stacking, space, cv=CV).fit(X, y)
+    history = search.solve_histories_[0]
+    assert history["l2_scale"].nunique() > 1
+    assert search.best_estimator_.hyperparams_["l2_scale"] != pytest.approx(Stacking().l2_scale)
+    fixed = HypergradSearchCV(
+        clone(stacking).set_params(hyperparams={"l2_scale": 0.1}), space, cv=CV
+    ).fit(X, y)
+    assert np.allclose(fixed.solve_histories_[0]["l2_scale"], 0.1)
+    assert fixed.best_estimator_.hyperparams_["l2_scale"] == pytest.approx(0.1)
+    through_space = HypergradSearchCV(
+        stacking, {**space, "hyperparams": [{"l2_scale": 0.1}]}, cv=CV
+    ).fit(X, y)
+    assert through_space.best_estimator_.hyperparams_["l2_scale"] == pytest.approx(0.1)
+    # "fixed" holds everything the space does not name, as a grid search would.
+    held = HypergradSearchCV(clone(stacking).set_params(hyperparams="fixed"), space, cv=CV).fit(X, y)
+    assert held.best_estimator_.hyperparams_["l2_scale"] == pytest.approx(Stacking().l2_scale)
+
+
+def test_readme_search_scores_as_well_as_the_plain_estimator():
+    """The README's search (Stacking or weights, l2 by gradient) on a small
+    3-class problem: at least the plain estimator's test log-loss, within a
+    small tolerance (it used to hold l2_scale at its initial value and lose)."""
+    X, y = make_classification(
+        900, 12, n_informative=6, n_classes=3, n_clusters_per_class=1, random_state=0
+    )
+    X_pool, X_rest, y_pool, y_rest = train_test_split(X, y, train_size=300, random_state=0,
+                                                      stratify=y)
+    X_agg, X_test, y_agg, y_test = train_test_split(X_rest, y_rest, train_size=300,
+                                                    random_state=0, stratify=y_rest)
+    pool = [
+        ("lr", FrozenEstimator(LogisticRegression(max_iter=1000).fit(X_pool, y_pool))),
+        ("nb", FrozenEstimator(GaussianNB().fit(X_pool, y_pool))),
+        ("tree", FrozenEstimator(DecisionTreeClassifier(max_depth=4, random_state=0)
+                                 .fit(X_pool, y_pool))),
+    ]
+    plain = AggregatedClassifier(pool, aggregator=Stacking(), random_state=0).fit(X_agg, y_agg)
+    search = HypergradSearchCV(
+        AggregatedClassifier(pool, aggregator=Stacking(), random_state=0),
+        {"aggregator__l2": loguniform(1e-4, 1e2),
+         "aggregator": [Stacking(), LearnedWeights()]},
+        cv=5, scoring="neg_log_loss", method="implicit-cg",
+    ).fit(X_agg, y_agg)
+    ours = log_loss(y_test, search.predict_proba(X_test))
+    assert ours <= log_loss(y_test, plain.predict_proba(X_test)) + 0.005
 
 
 def test_first_outer_step_is_measured_in_the_given_range(frozen_pool, data):
@@ -254,7 +314,8 @@ def test_sample_weight_follows_each_split(stacking, data):
     l2 = res["params"][0]["aggregator__l2"]
     assert not np.allclose(l2, plain.cv_results_["params"][0]["aggregator__l2"])
     tr, te = next(iter(CV.split(X, y)))
-    ref = clone(stacking).set_params(hyperparams={"l2": l2}, max_outer_iter=0).fit(
+    solved = search.best_estimator_.get_params()["hyperparams"]
+    ref = clone(stacking).set_params(hyperparams=solved, max_outer_iter=0).fit(
         X[tr], y[tr], sample_weight=sw[tr]
     )
     assert res["split0_test_score"][0] == pytest.approx(

@@ -15,8 +15,9 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from aggregators import AggregatedClassifier, Choquet, ModelSelection, SparseMoE
-from aggregators.selection import neutralise, redundancy
+from aggregators import AggregatedClassifier, AggregatedRegressor, Choquet, ModelSelection, SparseMoE
+from aggregators._base import AggregationContext
+from aggregators.selection import loss_scale, neutralise, redundancy
 from base_models import CallableModel
 
 FAST = {"cv": None, "max_outer_iter": 3}
@@ -126,3 +127,48 @@ def test_selection_error_cases(pool):
         AggregatedClassifier(models, aggregator=ModelSelection(ModelSelection()), **FAST).fit(X, y)
     with pytest.raises(ValueError, match="temperature must be positive"):
         AggregatedClassifier(models, aggregator=ModelSelection(temperature=0), **FAST).fit(X, y)
+
+
+def _regression_pool(n, rng):
+    """Rows ``[signal, noise_1..noise_4]`` and ``y = signal + noise``; model ``j``
+    predicts ``signal + sigma_j * noise_j``: accurate models whose outputs all
+    correlate above 0.9 (through the signal) while their errors are independent."""
+    X = np.c_[3 * rng.normal(size=n), rng.normal(size=(n, 4))]
+    y = X[:, 0] + 0.3 * rng.normal(size=n)
+    return X, y
+
+
+REG_SIGMAS = {"best": 0.3, "m1": 0.9, "m2": 1.0, "m3": 1.1}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_selection_regression_keeps_the_clearly_best_model(seed):
+    # On standardised targets an accurate pool's mean squared error is a few
+    # hundredths of the target's variance: penalties in absolute units, and a
+    # redundancy measured on the outputs (which agree through the signal),
+    # used to outweigh every gain and keep a single model, not always the best.
+    rng = np.random.default_rng(seed)
+    X, y = _regression_pool(400, rng)
+    X_test, y_test = _regression_pool(2000, rng)
+    models = [
+        (name, CallableModel(lambda X, j=j, s=s: np.asarray(X)[:, 0] + s * np.asarray(X)[:, j + 1],
+                             output="value"))
+        for j, (name, s) in enumerate(REG_SIGMAS.items())
+    ]
+    est = AggregatedRegressor(
+        models, aggregator=ModelSelection("weights"), random_state=seed, **FAST
+    ).fit(X, y)
+    assert est.aggregator_.selected_["best"]
+    mse = np.mean((est.predict(X_test) - y_test) ** 2)
+    best_alone = np.mean((X_test[:, 0] + 0.3 * X_test[:, 1] - y_test) ** 2)
+    assert mse <= 1.05 * best_alone
+
+
+def test_loss_scale_is_the_best_models_training_loss():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn((50, 1), generator=g, dtype=torch.float64)
+    Z = torch.stack([y + 0.1, y + 0.5], dim=1)  # (50, 2 models, 1)
+    ctx = AggregationContext(task="regression", n_models=2, n_outputs=1, n_features=1,
+                             model_names=["a", "b"], classes=None, device=torch.device("cpu"),
+                             dtype=torch.float64, generator=g, n_train=50)
+    assert float(loss_scale(ctx, Z, y)) == pytest.approx(0.01)
