@@ -19,6 +19,8 @@ from .hypergrad import (
     acv_fold_params,
     acv_problem,
     is_out_of_memory,
+    linear_acv_fold_params,
+    linear_acv_problem,
     stack_problems,
 )
 
@@ -405,9 +407,14 @@ def make_acv_problem(
     fold problems return, so dividing by the number of folds gives the same
     mean validation loss.
 
-    The fold Hessians are dense ``p x p`` matrices formed by automatic
-    differentiation, and their graph is kept for the hypergradient (third
-    derivatives): practical up to a few hundred parameters.
+    The fold Hessians are dense ``p x p`` matrices, their graph kept for the
+    hypergradient (third derivatives). For an aggregation function linear
+    in its parameters (:meth:`~Aggregator.linear_design`, stacking) they
+    come from the loss's Hessians in the predictions in one pass over the
+    rows (:func:`~aggregators.hypergrad.linear_acv_problem`); otherwise by
+    differentiating the forward pass twice per parameter
+    (:func:`~aggregators.hypergrad.acv_problem`), practical up to a few
+    hundred parameters.
 
     Buffers (:meth:`~Aggregator.fit_buffers`) are computed once on all rows
     and shared by the folds; exact cross-fitting computes them on each
@@ -453,6 +460,30 @@ def make_acv_problem(
             "approximate cross-validation cannot carry to the folds; use cv_mode='exact'."
         )
 
+    options = dict(weights=full.w, method=method, normalize="fold")
+    design = agg.linear_design(buffers, full.Z, full.X)
+    if design is not None:
+        shape = (design.shape[1], ctx.n_outputs)
+
+        def loss(z, u):
+            return row_losses(ctx.task, z, full.y)
+
+        def shaped_penalty(t, u):
+            return agg.penalty(packer.unflatten(t.reshape(-1)), space.values(u))
+
+        problem = linear_acv_problem(
+            design, loss, packer.flatten(init).reshape(shape), fold_ids,
+            penalty=shaped_penalty, reduction="folds", **options,
+        )
+
+        def linear_fold_params(theta, u):
+            return linear_acv_fold_params(
+                design, theta.reshape(shape), u, loss, fold_ids, penalty=shaped_penalty,
+                **options,
+            ).reshape(-1, theta.numel())
+
+        return problem, packer, buffers, linear_fold_params
+
     def row_loss(theta, u):
         params = {**packer.unflatten(theta), **buffers}
         return row_losses(ctx.task, agg.forward(params, space.values(u), full.Z, full.X), full.y)
@@ -460,7 +491,7 @@ def make_acv_problem(
     def penalty(theta, u):
         return agg.penalty(packer.unflatten(theta), space.values(u))
 
-    options = dict(penalty=penalty, weights=full.w, method=method, normalize="fold")
+    options["penalty"] = penalty
     problem = acv_problem(
         row_loss, packer.flatten(init), fold_ids, reduction="folds", **options
     )

@@ -172,3 +172,57 @@ def test_cv_mode_is_a_parameter(make):
     twin = clone(est.set_params(cv_mode="approx"))
     assert twin.get_params()["cv_mode"] == "approx"
     assert twin.set_params(cv_mode="auto").cv_mode == "auto"
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_linear_design_path_equals_the_generic_path(task):
+    """Stacking declares its design matrix: approximate CV then takes the linear path,
+    whose validation loss, hypergradient and fold predictions equal the generic one's."""
+    import torch
+
+    from aggregators import Stacking
+    from aggregators._base import AggregationContext
+    from aggregators._bilevel import HyperSpace, Split, make_acv_problem
+    from aggregators.hypergrad import hypergradient, solve_inner
+
+    class Generic(Stacking):
+        def linear_design(self, buffers, Z, X=None):
+            return None
+
+    g = torch.Generator().manual_seed(0)
+    n, m = 150, 3
+    c = 3 if task == "classification" else 1
+    Z = torch.rand(n, m, c, generator=g, dtype=torch.float64)
+    if task == "classification":
+        Z = Z / Z.sum(2, keepdim=True)
+        y = torch.randint(0, c, (n,), generator=g)
+    else:
+        y = Z.mean(1) + 0.3 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    X = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    ctx = AggregationContext(
+        task=task, n_models=m, n_outputs=c, n_features=2, model_names=["a", "b", "c"],
+        classes=np.arange(c) if task == "classification" else None,
+        device=torch.device("cpu"), dtype=torch.float64, generator=g, n_train=120,
+    )
+    full, ids = Split(Z, y, X), torch.arange(n) % 5
+    results = []
+    for agg in (Stacking(passthrough=True), Generic(passthrough=True)):
+        agg.bind(ctx)
+        assert (agg.linear_design({"x_mean": X.mean(0), "x_scale": X.std(0)}, Z, X) is None) \
+            == isinstance(agg, Generic)
+        space = HyperSpace(agg.hyperparameters(ctx), {}, ctx.device, ctx.dtype)
+        problem, packer, buffers, fold_params = make_acv_problem(agg, ctx, full, ids, space)
+        u = space.initial()
+        theta, _, _ = solve_inner(problem, u, tol=1e-12)
+        res = hypergradient(problem, theta, u, "implicit-cg", tol=1e-12)
+        preds = torch.stack([
+            agg.forward({**packer.unflatten(t), **buffers}, space.values(u), Z, X)
+            for t in fold_params(theta, u)
+        ])
+        if task == "classification":  # class scores are defined up to a common shift
+            preds = preds.log_softmax(-1)
+        results.append((res.value, res.grad, preds))
+    (v1, g1, p1), (v2, g2, p2) = results
+    torch.testing.assert_close(v1, v2, rtol=1e-10, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(p1, p2, rtol=1e-8, atol=1e-10)
