@@ -301,9 +301,12 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         one Newton step from it per fold (:func:`aggregators.hypergrad.acv_problem`);
         it needs folds that partition the rows and a smooth training loss
         without ``data_penalty`` (otherwise ``fit`` raises ``ValueError``),
-        forms dense Hessians (practical up to a few hundred aggregation
-        parameters), and computes any buffers on all rows rather than on
-        each fold's. ``"auto"``: ``"approx"`` for aggregation functions that
+        forms dense Hessians of the aggregation parameters (from the
+        predictions' Hessians for functions linear in their parameters,
+        :meth:`Aggregator.linear_design`, such as stacking; otherwise by
+        differentiating the forward pass twice, practical up to a few
+        hundred parameters), and computes any buffers on all rows rather
+        than on each fold's. ``"auto"``: ``"approx"`` for aggregation functions that
         are ``smooth`` and ``second_order``, have no ``data_penalty`` and no
         buffers, and at most ``aggregators._fit.ACV_MAX_PARAMS`` parameters;
         ``"exact"`` otherwise. ``cv=None`` (one split) is always exact.

@@ -507,7 +507,8 @@ def fit_aggregated(
                 agg_spec, ctx, full, space, specs, result.h, warm, refit_iter
             )
             # Each fold's solution at the tuned hyperparameters: the aggregator
-            # fitted on that fold's training rows (what cross-validated scores need).
+            # fitted on that fold's training rows (what cross-validated scores need),
+            # or with approximate CV the Newton step that stood in for that fit.
             hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
             fold_aggregators = []
             for (packer_k, buffers_k), theta_k in zip(fold_parts, fold_thetas):
