@@ -308,8 +308,10 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         hundred parameters), and computes any buffers on all rows rather
         than on each fold's. ``"auto"``: ``"approx"`` for aggregation functions that
         are ``smooth`` and ``second_order``, have no ``data_penalty`` and no
-        buffers, and at most ``aggregators._fit.ACV_MAX_PARAMS`` parameters;
-        ``"exact"`` otherwise. ``cv=None`` (one split) is always exact.
+        buffers, are linear in their parameters (``linear_design``: stacking
+        without passthrough) and have at most
+        ``aggregators._fit.ACV_MAX_PARAMS`` parameters; ``"exact"``
+        otherwise. ``cv=None`` (one split) is always exact.
         ``tuning_history_.attrs["cv_mode"]`` records the mode used.
     validation_fraction : float, default=0.25
         Validation share when ``cv=None``.

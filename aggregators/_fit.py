@@ -160,10 +160,12 @@ def make_splits(n: int, y_strat, seed: int, cv, validation_fraction: float) -> l
 
 
 #: Most parameters for which ``cv_mode="auto"`` picks approximate cross-validation.
-#: Its fold Hessians are dense ``p x p`` matrices formed by automatic
-#: differentiation (``K p`` backward passes per outer evaluation, and their
-#: double backward for the hypergradient): beyond a few hundred parameters
-#: that costs more than the exact folds' inner solves it replaces.
+#: Its fold Hessians are dense ``p x p`` matrices, formed (without a
+#: :meth:`~Aggregator.linear_design`) by ``K p`` backward passes per outer
+#: evaluation and their double backward for the hypergradient: beyond a few
+#: hundred parameters that costs more than the exact folds' inner solves it
+#: replaces. And one Newton step is a worse stand-in for a fold's fit the
+#: closer the parameters come to the fold's rows in number.
 ACV_MAX_PARAMS = 200
 
 
@@ -233,12 +235,21 @@ def _cv_mode(
         return "exact", f"{name} declares second_order = False (its Hessians are dear)"
     if buffers:
         return "exact", f"{name} computes buffers from each fold's training rows"
+    # Linear in its parameters with a convex loss, a fold's fit is close to one
+    # Newton step from the full fit (leave-one-out's classical setting). A
+    # nonlinear one (softmax weights) can be flat enough that the step
+    # overshoots the fold's fit by far: bench_acv.py measures it.
+    if agg.linear_design(buffers, full.Z, full.X) is None:
+        return "exact", (
+            f"{name} is not linear in its parameters (no linear_design): one Newton "
+            "step can overshoot a fold's fit"
+        )
     if n_params > ACV_MAX_PARAMS:
         return "exact", (
             f"{name} has {n_params} parameters, more than ACV_MAX_PARAMS = "
             f"{ACV_MAX_PARAMS} (dense fold Hessians)"
         )
-    return "approx", f"{name} is smooth with {n_params} parameters and no buffers"
+    return "approx", f"{name} is linear in its {n_params} parameters, without buffers"
 
 
 def held_and_ranged(specs, hyperparams, tune_ranges) -> dict:
