@@ -397,6 +397,33 @@ class Aggregator(BaseEstimator):
         """
         return None
 
+    def linear_design(self, buffers: Params, Z: torch.Tensor, X=None) -> torch.Tensor | None:
+        """The design matrix of a forward pass linear in the parameters, or ``None`` (default).
+
+        An aggregation function whose :meth:`forward` is
+        ``D @ theta.reshape(q, n_outputs)``, with ``theta`` its parameters
+        flattened in :meth:`init_params`' order and ``D`` of shape
+        ``(n_rows, q)`` independent of the parameters and hyperparameters,
+        returns ``D`` (stacking: the base outputs, a column of ones, the
+        standardised features). Approximate cross-validation then forms its
+        fold Hessians from the ``n_outputs x n_outputs`` Hessians of the
+        loss in the predictions, in one pass over the rows
+        (:func:`~aggregators.hypergrad.linear_acv_problem`), instead of
+        differentiating the forward pass twice per parameter.
+
+        Parameters
+        ----------
+        buffers : dict of Tensor
+            What :meth:`fit_buffers` returned.
+        Z : Tensor of shape (n_rows, n_models, n_outputs)
+        X : Tensor of shape (n_rows, n_features) or None
+
+        Returns
+        -------
+        Tensor of shape (n_rows, q) or None
+        """
+        return None
+
     def route(self, params: Params, hyper: Params, X=None) -> torch.Tensor | None:
         """Which base outputs :meth:`forward` needs at predict time, or ``None`` (all).
 

@@ -14,11 +14,19 @@ import torch
 import torch.nn.functional as F
 
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
-from .hypergrad import BilevelProblem, is_out_of_memory, stack_problems
+from .hypergrad import (
+    BilevelProblem,
+    acv_fold_params,
+    acv_problem,
+    is_out_of_memory,
+    linear_acv_fold_params,
+    linear_acv_problem,
+    stack_problems,
+)
 
 __all__ = [
-    "HyperSpace", "ParamPacker", "Split", "data_loss", "make_fold_problems", "make_problem",
-    "parse_range",
+    "HyperSpace", "ParamPacker", "Split", "data_loss", "make_acv_problem",
+    "make_fold_problems", "make_problem", "parse_range",
 ]
 
 
@@ -375,6 +383,123 @@ def make_fold_problems(
         if batched is not None:
             joint = batched
     return joint, split, parts
+
+
+def make_acv_problem(
+    agg: Aggregator,
+    ctx: AggregationContext,
+    full: Split,
+    fold_ids: torch.Tensor,
+    space: HyperSpace,
+    method: str = "ns",
+) -> tuple[BilevelProblem, ParamPacker, Params, Callable]:
+    """The approximate cross-validation problem that stands in for :func:`make_fold_problems`.
+
+    One inner problem on all rows (the same training loss as
+    :func:`make_problem` on ``full``) and, as outer loss, the approximate
+    cross-fitted validation loss of
+    :func:`~aggregators.hypergrad.acv_problem`: each fold's solution is one
+    Newton step (``method="ns"``; ``"ij"``: with the full-data Hessian) from
+    the full-data optimum on that fold's training loss, a weighted mean over
+    the fold's training rows plus the penalty, as the exact folds minimise
+    (``normalize="fold"``). The value is the sum over folds of each fold's
+    weighted mean validation loss (``reduction="folds"``), as the stacked
+    fold problems return, so dividing by the number of folds gives the same
+    mean validation loss.
+
+    The fold Hessians are dense ``p x p`` matrices, their graph kept for the
+    hypergradient (third derivatives). For an aggregation function linear
+    in its parameters (:meth:`~Aggregator.linear_design`, stacking) they
+    come from the loss's Hessians in the predictions in one pass over the
+    rows (:func:`~aggregators.hypergrad.linear_acv_problem`); otherwise by
+    differentiating the forward pass twice per parameter
+    (:func:`~aggregators.hypergrad.acv_problem`), practical up to a few
+    hundred parameters.
+
+    Buffers (:meth:`~Aggregator.fit_buffers`) are computed once on all rows
+    and shared by the folds; exact cross-fitting computes them on each
+    fold's training rows, so the two differ for aggregation functions whose
+    buffers are statistics of the rows.
+
+    Parameters
+    ----------
+    agg : Aggregator
+    ctx : AggregationContext
+    full : Split
+        All tuning rows.
+    fold_ids : Tensor of shape (n_rows,)
+        Integer fold of each row's validation set (``0 .. K-1``).
+    space : HyperSpace
+    method : {"ns", "ij"}, default="ns"
+
+    Returns
+    -------
+    problem : BilevelProblem
+    packer : ParamPacker
+    buffers : dict
+        Computed from all rows.
+    fold_params : callable
+        ``fold_params(theta, u)``: the folds' approximate solutions, shape
+        ``(K, n_params)``, from the full-data optimum ``theta``.
+
+    Raises
+    ------
+    ValueError
+        When the aggregation function adds a :meth:`~Aggregator.data_penalty`
+        to its training loss: statistics over each fold's own rows that one
+        Newton step from the full-data fit does not see.
+    """
+    agg.bind(ctx)
+    buffers = agg.fit_buffers(ctx, full.Z, full.y, full.X)
+    init = agg.init_params(ctx, full.Z, full.y, full.X)
+    packer = ParamPacker(init)
+    if agg.data_penalty({**init, **buffers}, space.values(space.initial()), full.Z, full.X) \
+            is not None:
+        raise ValueError(
+            f"{type(agg).__name__} adds a data_penalty to its training loss, which "
+            "approximate cross-validation cannot carry to the folds; use cv_mode='exact'."
+        )
+
+    options = dict(weights=full.w, method=method, normalize="fold")
+    design = agg.linear_design(buffers, full.Z, full.X)
+    if design is not None:
+        shape = (design.shape[1], ctx.n_outputs)
+
+        def loss(z, u):
+            return row_losses(ctx.task, z, full.y)
+
+        def shaped_penalty(t, u):
+            return agg.penalty(packer.unflatten(t.reshape(-1)), space.values(u))
+
+        problem = linear_acv_problem(
+            design, loss, packer.flatten(init).reshape(shape), fold_ids,
+            penalty=shaped_penalty, reduction="folds", **options,
+        )
+
+        def linear_fold_params(theta, u):
+            return linear_acv_fold_params(
+                design, theta.reshape(shape), u, loss, fold_ids, penalty=shaped_penalty,
+                **options,
+            ).reshape(-1, theta.numel())
+
+        return problem, packer, buffers, linear_fold_params
+
+    def row_loss(theta, u):
+        params = {**packer.unflatten(theta), **buffers}
+        return row_losses(ctx.task, agg.forward(params, space.values(u), full.Z, full.X), full.y)
+
+    def penalty(theta, u):
+        return agg.penalty(packer.unflatten(theta), space.values(u))
+
+    options["penalty"] = penalty
+    problem = acv_problem(
+        row_loss, packer.flatten(init), fold_ids, reduction="folds", **options
+    )
+
+    def fold_params(theta, u):
+        return acv_fold_params(row_loss, theta, u, fold_ids, **options)
+
+    return problem, packer, buffers, fold_params
 
 
 def _batched_problem(agg, ctx, folds, space, parts, joint) -> BilevelProblem | None:

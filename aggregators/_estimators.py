@@ -65,6 +65,7 @@ class _BaseAggregated(_BaseComposition):
         "tuner_options": [None, dict],
         "optimizer": [StrOptions({"lbfgs", "adam"})],
         "cv": [None, Interval(Integral, 2, None, closed="left"), "cv_object"],
+        "cv_mode": [StrOptions({"exact", "approx", "auto"})],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "max_outer_iter": [Interval(Integral, 0, None, closed="left")],
         "max_inner_iter": [Interval(Integral, 1, None, closed="left")],
@@ -88,6 +89,7 @@ class _BaseAggregated(_BaseComposition):
         tuner_options=None,
         optimizer="lbfgs",
         cv=5,
+        cv_mode="exact",
         validation_fraction=0.25,
         max_outer_iter=30,
         max_inner_iter=100,
@@ -107,6 +109,7 @@ class _BaseAggregated(_BaseComposition):
         self.tuner_options = tuner_options
         self.optimizer = optimizer
         self.cv = cv
+        self.cv_mode = cv_mode
         self.validation_fraction = validation_fraction
         self.max_outer_iter = max_outer_iter
         self.max_inner_iter = max_inner_iter
@@ -288,6 +291,26 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
     cv : int, cross-validation generator or None, default=5
         Folds of the cross-fitted validation loss; ``None`` uses one split
         with ``validation_fraction`` of the rows for validation.
+    cv_mode : {"exact", "approx", "auto"}, default="exact"
+        How the cross-fitted validation loss is computed while tuning.
+        ``"exact"``: the aggregation function is fitted on each fold's
+        training rows (``cv`` inner solves per outer step). ``"approx"``:
+        approximate cross-validation, one fit on all rows per outer step and
+        one Newton step from it per fold (:func:`aggregators.hypergrad.acv_problem`);
+        it needs folds that partition the rows and a smooth training loss
+        without ``data_penalty`` (otherwise ``fit`` raises ``ValueError``),
+        forms dense Hessians of the aggregation parameters (from the
+        predictions' Hessians for functions linear in their parameters,
+        :meth:`Aggregator.linear_design`, such as stacking; otherwise by
+        differentiating the forward pass twice, practical up to a few
+        hundred parameters), and computes any buffers on all rows rather
+        than on each fold's. ``"auto"``: ``"approx"`` for aggregation functions that
+        are ``smooth`` and ``second_order``, have no ``data_penalty`` and no
+        buffers, are linear in their parameters (``linear_design``: stacking
+        without passthrough) and have at most
+        ``aggregators._fit.ACV_MAX_PARAMS`` parameters; ``"exact"``
+        otherwise. ``cv=None`` (one split) is always exact.
+        ``tuning_history_.attrs["cv_mode"]`` records the mode used.
     validation_fraction : float, default=0.25
         Validation share when ``cv=None``.
     max_outer_iter : int, default=30
@@ -341,14 +364,17 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         hyperparameter entry. ``attrs["exact_hessian"]`` says whether the
         inner problems were solved with exact Hessian blocks (Newton, direct
         linear solves) or first-order methods, ``attrs["exact_hessian_reason"]``
-        why.
+        why; ``attrs["cv_mode"]`` is the cross-fitting used, ``"exact"`` or
+        ``"approx"`` (``None`` when ``max_outer_iter=0``), and
+        ``attrs["cv_mode_reason"]`` why.
     validation_loss_ : float
         Best mean validation log-loss found.
     fold_aggregators_ : list of Aggregator
         One per validation split (``cv`` folds, or the one split when
         ``cv=None``): the aggregation function fitted on that split's
-        training rows at the tuned hyperparameters. Empty when
-        ``max_outer_iter=0``.
+        training rows at the tuned hyperparameters (with
+        ``cv_mode="approx"``, the Newton step from the fit on all rows that
+        stands in for it). Empty when ``max_outer_iter=0``.
     n_iter_ : int
         Outer evaluations made.
     tuning_time_ : float
@@ -457,7 +483,7 @@ class AggregatedRegressor(RegressorMixin, _BaseAggregated):
     estimators : list of (str, model)
         Base regressors (see :class:`AggregatedClassifier`).
     aggregator : str or Aggregator, default="stacking"
-    hyperparams, tune_ranges, tuner, tuner_options, optimizer, cv, \
+    hyperparams, tune_ranges, tuner, tuner_options, optimizer, cv, cv_mode, \
 validation_fraction, max_outer_iter, max_inner_iter, tol, prefit, base_cv, device, dtype, \
 random_state, verbose
         As for :class:`AggregatedClassifier`.

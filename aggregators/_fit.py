@@ -36,7 +36,14 @@ from base_models import (
 )
 
 from ._base import AggregationContext
-from ._bilevel import HyperSpace, Split, make_fold_problems, make_problem, parse_range
+from ._bilevel import (
+    HyperSpace,
+    Split,
+    make_acv_problem,
+    make_fold_problems,
+    make_problem,
+    parse_range,
+)
 from ._registry import resolve_aggregator
 from .hypergrad import HessianDecision, InnerDivergenceError, solve_inner, tune
 
@@ -150,6 +157,99 @@ def make_splits(n: int, y_strat, seed: int, cv, validation_fraction: float) -> l
     else:
         splitter = check_cv(cv, y_strat, classifier=y_strat is not None)
     return list(splitter.split(np.zeros((n, 1)), y_strat))
+
+
+#: Most parameters for which ``cv_mode="auto"`` picks approximate cross-validation.
+#: Its fold Hessians are dense ``p x p`` matrices, formed (without a
+#: :meth:`~Aggregator.linear_design`) by ``K p`` backward passes per outer
+#: evaluation and their double backward for the hypergradient: beyond a few
+#: hundred parameters that costs more than the exact folds' inner solves it
+#: replaces. And one Newton step is a worse stand-in for a fold's fit the
+#: closer the parameters come to the fold's rows in number.
+ACV_MAX_PARAMS = 200
+
+
+def acv_fold_ids(splits: list[tuple], n: int) -> np.ndarray | None:
+    """Each row's validation fold, or ``None`` when the splits are not a partition.
+
+    Approximate cross-validation describes fold ``k`` by the rows it holds
+    out: its training rows must be all the others. Splits whose validation
+    sets overlap (repeated or shuffled splits) or whose training and
+    validation rows leave some out have no such description.
+    """
+    ids = np.full(n, -1, dtype=np.int64)
+    for k, (tr, va) in enumerate(splits):
+        if va is None or len(tr) + len(va) != n or np.union1d(tr, va).size != n:
+            return None
+        if (ids[va] >= 0).any():
+            return None
+        ids[va] = k
+    return ids
+
+
+def _cv_mode(
+    mode: str, agg, ctx, full: Split, space: HyperSpace, splits: list[tuple]
+) -> tuple[str, str]:
+    """The cross-fitting used for ``cv_mode``: ``("exact" | "approx", why)``.
+
+    ``"approx"`` asked for where it cannot apply (a single split, splits
+    that are not a partition, a kinked or row-statistics training loss) is
+    a ``ValueError``, except for ``cv=None``, which is always exact: one
+    split costs one inner solve already.
+    """
+    if mode == "exact":
+        return "exact", "cv_mode='exact'"
+    if len(splits) < 2:
+        return "exact", "a single validation split (cv=None) is solved exactly"
+    name = type(agg).__name__
+    agg.bind(ctx)
+    buffers = agg.fit_buffers(ctx, full.Z, full.y, full.X)
+    init = agg.init_params(ctx, full.Z, full.y, full.X)
+    n_params = sum(int(v.numel()) for v in init.values())
+    data_penalty = agg.data_penalty(
+        {**init, **buffers}, space.values(space.initial()), full.Z, full.X
+    )
+    # Reasons that rule it out even when asked for: a Newton step from the
+    # full-data fit says nothing at a kink, nor of statistics of a fold's rows.
+    if acv_fold_ids(splits, full.y.shape[0]) is None:
+        reason = "the cv splits are not a partition of the rows into validation folds"
+    elif not getattr(agg, "smooth", True):
+        reason = f"{name} declares smooth = False (a Newton step is wrong at a kink)"
+    elif data_penalty is not None:
+        reason = f"{name} adds a data_penalty (statistics over each fold's own rows)"
+    else:
+        reason = None
+    if reason is not None:
+        if mode == "approx":
+            raise ValueError(
+                f"cv_mode='approx' cannot be used here: {reason}; use cv_mode='exact' "
+                "or 'auto'."
+            )
+        return "exact", reason
+    if mode == "approx":
+        return "approx", "cv_mode='approx'" + (
+            " (the buffers are computed on all rows, not on each fold's)" if buffers else ""
+        )
+    # "auto": only where the approximation is as accurate as it is cheap.
+    if not getattr(agg, "second_order", True):
+        return "exact", f"{name} declares second_order = False (its Hessians are dear)"
+    if buffers:
+        return "exact", f"{name} computes buffers from each fold's training rows"
+    # Linear in its parameters with a convex loss, a fold's fit is close to one
+    # Newton step from the full fit (leave-one-out's classical setting). A
+    # nonlinear one (softmax weights) can be flat enough that the step
+    # overshoots the fold's fit by far: bench_acv.py measures it.
+    if agg.linear_design(buffers, full.Z, full.X) is None:
+        return "exact", (
+            f"{name} is not linear in its parameters (no linear_design): one Newton "
+            "step can overshoot a fold's fit"
+        )
+    if n_params > ACV_MAX_PARAMS:
+        return "exact", (
+            f"{name} has {n_params} parameters, more than ACV_MAX_PARAMS = "
+            f"{ACV_MAX_PARAMS} (dense fold Hessians)"
+        )
+    return "approx", f"{name} is linear in its {n_params} parameters, without buffers"
 
 
 def held_and_ranged(specs, hyperparams, tune_ranges) -> dict:
@@ -354,16 +454,31 @@ def fit_aggregated(
             )
             history = _history_frame([], space, 1)
             _record_hessian(history, final.hessian)
+            history.attrs["cv_mode"] = None  # nothing is validated
+            history.attrs["cv_mode_reason"] = "max_outer_iter=0"
             tuning_time, validation_loss, n_iter, fold_aggregators = 0.0, float("nan"), 0, []
         else:
-            # The folds' problems share h and nothing else: one joint solve
-            # (same optimum and hypergradient, a fraction of the solver overhead).
-            joint, split_theta, fold_parts = make_fold_problems(
-                agg_spec, ctx,
-                [(full.take(torch.as_tensor(tr, device=device)),
-                  full.take(torch.as_tensor(va, device=device))) for tr, va in splits],
-                space,
+            cv_mode, cv_mode_reason = _cv_mode(
+                params.get("cv_mode", "exact"), agg_spec, ctx, full, space, splits
             )
+            if cv_mode == "approx":
+                # One full-data inner solve per outer step stands in for the K
+                # fold solves; the folds' parameters are Newton steps from it.
+                fold_ids = torch.as_tensor(acv_fold_ids(splits, n), device=device)
+                joint, acv_packer, acv_buffers, acv_fold_thetas = make_acv_problem(
+                    agg_spec, ctx, full, fold_ids, space
+                )
+                split_theta = None
+                fold_parts = [(acv_packer, acv_buffers)] * len(splits)
+            else:
+                # The folds' problems share h and nothing else: one joint solve
+                # (same optimum and hypergradient, a fraction of the solver overhead).
+                joint, split_theta, fold_parts = make_fold_problems(
+                    agg_spec, ctx,
+                    [(full.take(torch.as_tensor(tr, device=device)),
+                      full.take(torch.as_tensor(va, device=device))) for tr, va in splits],
+                    space,
+                )
             _declare_first_order(agg_spec, joint)
             lower, upper = space.bounds()
             t0 = time.perf_counter()
@@ -390,13 +505,21 @@ def fit_aggregated(
                 )
             tuning_time = time.perf_counter() - t0
             history = _history_frame(result.history, space, len(splits))
+            history.attrs["cv_mode"] = cv_mode
+            history.attrs["cv_mode_reason"] = cv_mode_reason
             _record_hessian(history, joint.hessian)
-            fold_thetas = split_theta(result.thetas[0])
+            if split_theta is None:  # approximate CV: the tuned fit is on all rows already
+                warm = result.thetas[0]
+                fold_thetas = list(acv_fold_thetas(warm, result.h).detach())
+            else:
+                fold_thetas = split_theta(result.thetas[0])
+                warm = fold_thetas[0]
             aggregator, _ = _refit(
-                agg_spec, ctx, full, space, specs, result.h, fold_thetas[0], refit_iter
+                agg_spec, ctx, full, space, specs, result.h, warm, refit_iter
             )
             # Each fold's solution at the tuned hyperparameters: the aggregator
-            # fitted on that fold's training rows (what cross-validated scores need).
+            # fitted on that fold's training rows (what cross-validated scores need),
+            # or with approximate CV the Newton step that stood in for that fit.
             hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
             fold_aggregators = []
             for (packer_k, buffers_k), theta_k in zip(fold_parts, fold_thetas):

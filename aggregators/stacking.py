@@ -215,6 +215,21 @@ class Stacking(Aggregator):
             out = out + xs @ params["coef_x"]
         return out
 
+    def linear_design(self, buffers: Params, Z, X=None) -> torch.Tensor | None:
+        # Rows of theta in the packer's order: coef (m * c_in rows for a
+        # classifier), intercept, then coef_x.
+        n = Z.shape[0]
+        if self._classifier:
+            cols = [self._features(Z).reshape(n, -1)]
+        elif Z.shape[2] == 1:
+            cols = [Z[:, :, 0]]
+        else:  # each target has its own coefficients: not one design for all outputs
+            return None
+        cols.append(Z.new_ones(n, 1))
+        if self.passthrough:
+            cols.append((X - buffers["x_mean"]) / buffers["x_scale"])
+        return torch.cat(cols, 1)
+
     def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
         coef = params["coef"]
         l2 = hyper["l2"]

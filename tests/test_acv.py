@@ -349,6 +349,28 @@ def test_finite_differences_match_engine_hypergradient(softmax, method):
     assert rel(direct.grad, res.grad) <= 1e-10
 
 
+def test_unpenalised_intercepts_leave_the_hypergradient_finite(softmax):
+    """Softmax intercepts without a penalty: the loss is flat along their common
+    shift and every fold Hessian is singular there. The fold steps' backward
+    must neither fail on it nor amplify rounding along it (without the flat
+    directions added back, this solve is singular; stacking's fold steps gave
+    hypergradients of 1e15); central differences agree."""
+
+    def weights_only(theta, h):
+        return 0.5 * h.exp()[0] * (softmax.mask @ (theta * theta))
+
+    problem = acv_problem(softmax.rows, softmax.theta0(), softmax.ids, penalty=weights_only)
+    h = torch.tensor([-2.0], dtype=DT)
+    theta, _, _ = solve_inner(problem, h, tol=1e-13)
+    res = hypergradient(problem, theta, h, "implicit-cg", tol=1e-13)
+    eps = 1e-4
+    up, _, _ = solve_inner(problem, h + eps, theta, tol=1e-13)
+    down, _, _ = solve_inner(problem, h - eps, theta, tol=1e-13)
+    fd = (problem.outer_loss(up, h + eps) - problem.outer_loss(down, h - eps)) / (2 * eps)
+    assert torch.isfinite(res.grad).all()
+    assert rel(res.grad, fd.reshape(1)) <= 1e-5
+
+
 def test_acv_gradcheck_through_the_hessian():
     """Autograd of the NS loss in (theta, h) — third derivatives of the loss —
     against numerical differences, away from the optimum too."""

@@ -281,8 +281,30 @@ def _newton_fold_steps(
         hess_k = scale[:, None, None] * (h_all - h_groups[:n_folds]) + h_pen
     else:
         hess_k = (h_all / total_w + h_pen).expand(n_folds, -1, -1)
+    # Directions along which every fold's training loss is flat (a softmax's
+    # common shift of the class scores through an unpenalised intercept) make
+    # the Hessians singular. The step has no component along them (the
+    # gradient vanishes there), but the solve's backward amplifies rounding by
+    # the inverse of a rounding-size eigenvalue, and the hypergradient with it.
+    # Adding them back at the Hessian's own scale leaves the step unchanged.
+    hess_k = hess_k + _flat_directions(h_all / total_w + h_pen)
     step = torch.linalg.solve(hess_k, grad_k[..., None])[..., 0]
     return theta - step
+
+
+def _flat_directions(hess: torch.Tensor) -> torch.Tensor:
+    """``s N N^T``: the (numerically) null eigenvectors ``N`` of ``hess`` at its scale ``s``.
+
+    Null means an eigenvalue below ``1000 eps`` of the largest in magnitude
+    (rounding, not a small penalty: a ridge of ``1e-6`` stays). Computed
+    without a graph: it is a constant added to the fold Hessians.
+    """
+    with torch.no_grad():
+        sym = 0.5 * (hess + hess.transpose(-1, -2)).detach()
+        vals, vecs = torch.linalg.eigh(sym)
+        top = vals.abs().max().clamp_min(torch.finfo(sym.dtype).tiny)
+        null = vecs[:, vals.abs() <= 1e3 * torch.finfo(sym.dtype).eps * top]
+        return top * (null @ null.T)
 
 
 def _reduce(losses: torch.Tensor, member: torch.Tensor, weights, reduction: str) -> torch.Tensor:
