@@ -278,15 +278,18 @@ def test_estimator_same_fit_with_and_without_newton():
     pool, X_agg, y_agg = _cancer_pool()
     fits = [
         AggregatedClassifier(
-            pool, aggregator=agg, random_state=0, max_outer_iter=5, tuner="implicit-cg"
+            pool, aggregator=agg, random_state=0, max_outer_iter=30, tuner="implicit-cg"
         ).fit(X_agg, y_agg)
         for agg in (Stacking(), FirstOrderStacking())
     ]
+    # Both tunings converge to the same validation loss. The valley is flat
+    # (the l2 weights there differ by a few per cent between the two inner
+    # solvers' precisions), so the fits are compared by their loss and
+    # predictions, not by their l2: until the tuner left its flat start
+    # (issue 14), both stayed at it and agreed to 1e-3 trivially.
+    assert fits[0].validation_loss_ == pytest.approx(fits[1].validation_loss_, rel=1e-4)
     np.testing.assert_allclose(
-        fits[0].hyperparams_["l2"], fits[1].hyperparams_["l2"], rtol=1e-3
-    )
-    np.testing.assert_allclose(
-        fits[0].predict_proba(X_agg), fits[1].predict_proba(X_agg), atol=1e-4
+        fits[0].predict_proba(X_agg), fits[1].predict_proba(X_agg), atol=1e-2
     )
     # Newton needs a handful of iterations per solve.
     assert fits[0].tuning_history_.inner_iter.max() <= 10

@@ -373,6 +373,19 @@ def tune(
     )
 
 
+#: Distance (in L-BFGS-B's units, ``h / scale``: fractions of the ranges)
+#: within which a finished L-BFGS-B run counts as not having left its start.
+#: Where the validation loss is flat near the start its hypergradient is tiny,
+#: and so is L-BFGS-B's first step (the projected negative gradient, of unit
+#: step length on a boxed problem): the loss then changes by less than ``tol``
+#: and the run stops there, however much lower the loss is further away.
+LEAVE_START = 0.05
+
+#: Step lengths (same units) tried along the descent direction, in turn,
+#: while the loss keeps decreasing, when a run did not leave its start.
+BRACKET_STEPS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+
+
 def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=None):
     dtype, device = h0.dtype, h0.device
     lo, hi = lower.detach().cpu().numpy(), upper.detach().cpu().numpy()
@@ -380,56 +393,112 @@ def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=Non
     if not (unit.shape == lo.shape and np.all(np.isfinite(unit)) and np.all(unit > 0)):
         raise ValueError(f"scale must hold {lo.size} positive finite values; got {unit!r}.")
     # L-BFGS-B sees x = h / unit.
+    xlo, xhi = lo / unit, hi / unit
     bounds = [
         (None if not np.isfinite(a) else float(a), None if not np.isfinite(b) else float(b))
-        for a, b in zip(lo / unit, hi / unit)
+        for a, b in zip(xlo, xhi)
     ]
 
-    seen: list = []  # (x, f) of every evaluation, line-search trials included
+    seen: list = []  # (x, f, g) of every evaluation, line-search trials included
     accepted: list = []  # f at the iterates L-BFGS-B accepted
+    max_fun = 2 * max_outer_iter
 
-    def fun(x):
+    def raw(x):
         # Only the hyperparameter vector crosses to the host here.
         h = np.clip(x * unit, lo, hi)  # no rounding past a bound
         value, grad = evaluate(torch.as_tensor(h, dtype=dtype, device=device))
         f = float(value)
+        g = grad.detach().cpu().numpy().astype(np.float64) * unit
+        return f, g
+
+    def fun(x):
+        if seen and np.array_equal(x, seen[-1][0]):
+            return seen[-1][1], seen[-1][2]  # a restart from the last point evaluated
+        f, g = raw(x)
         if seen:
-            best = min(v for _, v in seen)
+            best = min(v for _, v, _ in seen)
             improved = f < best - tol * max(abs(best), abs(seen[0][1]))
             state["stall"] = 0 if improved else state.get("stall", 0) + 1
             if state["stall"] >= STALL_EVALS:
+                seen.append((x.copy(), f, g))
                 raise _Stalled
-        seen.append((x.copy(), f))
-        return f, grad.detach().cpu().numpy().astype(np.float64) * unit
+        seen.append((x.copy(), f, g))
+        return f, g
 
     def after_iteration(xk):
-        f = next((f for x, f in reversed(seen) if np.array_equal(x, xk)), seen[-1][1])
+        f = next((f for x, f, _ in reversed(seen) if np.array_equal(x, xk)), seen[-1][1])
         prev = accepted[-1] if accepted else seen[0][1]
         accepted.append(f)
         if _small_decrease(prev, f, tol, seen[0][1]):
             raise _Converged
 
-    try:
-        res = minimize(
-            fun,
-            np.clip(h0.detach().cpu().numpy().astype(np.float64), lo, hi) / unit,
-            jac=True,
-            method="L-BFGS-B",
-            bounds=bounds,
-            callback=after_iteration,
-            # Its own ftol is off: the relative test above replaces it.
-            options={"maxiter": max_outer_iter, "maxfun": 2 * max_outer_iter, "ftol": 0.0,
-                     "gtol": 1e-8},
-        )
-    except _Converged:
-        state["message"] = "the relative decrease of the outer loss fell below tol"
-    except _Stalled:
-        state["message"] = (
-            f"{STALL_EVALS} evaluations in a row did not improve the outer loss by tol: its "
-            "values are no longer precise enough for the line search"
-        )
+    def run(x0, maxiter, maxfun):
+        state["stall"] = 0
+        try:
+            res = minimize(
+                fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=after_iteration,
+                # Its own ftol is off: the relative test above replaces it.
+                options={"maxiter": maxiter, "maxfun": maxfun, "ftol": 0.0, "gtol": 1e-8},
+            )
+        except _Converged:
+            state["message"] = "the relative decrease of the outer loss fell below tol"
+        except _Stalled:
+            state["message"] = (
+                f"{STALL_EVALS} evaluations in a row did not improve the outer loss by tol: its "
+                "values are no longer precise enough for the line search"
+            )
+        else:
+            state["message"] = str(res.message)
+
+    x0 = np.clip(h0.detach().cpu().numpy().astype(np.float64), lo, hi) / unit
+    run(x0, max_outer_iter, max_fun)
+    if not seen:
+        return
+    ib = int(np.argmin([f for _, f, _ in seen]))
+    f0 = seen[0][1]
+    if (
+        np.max(np.abs(seen[ib][0] - seen[0][0])) >= LEAVE_START
+        or not _small_decrease(f0, seen[ib][1], tol, f0)
+        or len(seen) + 2 > max_fun
+    ):
+        return
+    # The run stayed at its start, its loss there no better than at the start
+    # by tol: bracket along the descent direction with growing steps, while
+    # the loss decreases, then go on from the best point.
+    n_before = len(seen)
+    xb, fb, gb = seen[ib]
+    if np.all(gb == 0):
+        directions = [-np.ones_like(xb), np.ones_like(xb)] if xb.size == 1 else []
     else:
-        state["message"] = str(res.message)
+        d = -gb / np.max(np.abs(gb))
+        # A one-hyperparameter loss flat at the start: its slope's sign may be noise.
+        directions = [d, -d] if xb.size == 1 else [d]
+    for d in directions:
+        d = np.where((xb <= xlo) & (d < 0) | (xb >= xhi) & (d > 0), 0.0, d)
+        if not np.any(d):
+            continue
+        prev_f, moved = fb, False
+        for t in BRACKET_STEPS:
+            if len(seen) >= max_fun:
+                break
+            x = np.clip(xb + t * d, xlo, xhi)
+            f, g = raw(x)
+            seen.append((x.copy(), f, g))
+            if not f < prev_f:
+                break
+            prev_f, moved = f, True
+            if np.array_equal(x, np.clip(xb + 2 * t * d, xlo, xhi)):
+                break  # at a bound
+        if moved:
+            break
+    ib2 = int(np.argmin([f for _, f, _ in seen]))
+    if ib2 == ib:
+        return
+    left = max_fun - len(seen)
+    if left >= 1:
+        accepted.clear()
+        seen.append(seen[ib2])  # L-BFGS-B's first call, answered without evaluating
+        run(seen[ib2][0], max(1, max_outer_iter - (len(seen) - n_before) // 2), left + 1)
 
 
 def _run_adam(evaluate, h0, lower, upper, max_outer_iter, lr, tol, state, project=None):
