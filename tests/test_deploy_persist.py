@@ -97,7 +97,7 @@ def test_manifest_records_versions_and_a_summary(fitted):
     assert m["torch_modules"] == {"net": "torch.nn.modules.container.Sequential"}
 
 
-def test_the_file_holds_no_pickle(fitted):
+def test_the_file_holds_only_skops_weights_and_a_manifest(fitted):
     _, models = fitted
     with zipfile.ZipFile(models["laf"][1]) as zf:
         names = set(zf.namelist())

@@ -15,13 +15,13 @@ __all__ = ["score_dask"]
 def _import_dask():
     try:
         import dask  # noqa: PLC0415
-        import dask.dataframe as dd  # noqa: PLC0415
+        import dask.dataframe  # noqa: F401, PLC0415 (map_partitions needs it loaded)
     except ImportError as e:  # an optional extra
         raise ImportError(
             "score_dask needs Dask: pip install 'hyperagg[dask]' (dask[dataframe] and "
             "distributed)."
         ) from e
-    return dask, dd
+    return dask
 
 
 def _score_partition(df, est, spec):
@@ -71,7 +71,7 @@ def score_dask(
     >>> scores = score_dask("ensemble.hyperagg", dd.read_parquet("rows/"))  # doctest: +SKIP
     >>> scores.to_parquet("scores/")  # doctest: +SKIP
     """
-    dask, _ = _import_dask()
+    dask = _import_dask()
     if isinstance(model, (str, os.PathLike)):
         est = load(model, trusted, modules=modules)
     else:

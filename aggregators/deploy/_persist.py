@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from base_models import CallableModel, resolve_device
+from base_models import CallableModel, TorchModel, resolve_device
 
 __all__ = [
     "DeployVersionWarning", "UnsafeModelError", "load", "place_on_device", "read_manifest", "save",
@@ -167,7 +167,7 @@ def _describe(obj, module_keys: dict):
     )
 
 
-def _rebuild(desc: dict, modules: dict, tensors: dict):
+def _rebuild(desc: dict, modules: dict):
     kind = desc[_MARK]
     if kind == "torch_module":
         return modules[desc["key"]]
@@ -182,11 +182,11 @@ def _rebuild(desc: dict, modules: dict, tensors: dict):
     if kind == "index":
         return pd.Index(desc["values"], dtype=desc["dtype"], name=desc["name"])
     if kind == "series":
-        return pd.Series(desc["data"], index=_rebuild(desc["index"], modules, tensors),
+        return pd.Series(desc["data"], index=_rebuild(desc["index"], modules),
                          dtype=desc["dtype"], name=desc["name"])
     if kind == "frame":
-        columns = _rebuild(desc["columns"], modules, tensors)
-        index = _rebuild(desc["index"], modules, tensors)
+        columns = _rebuild(desc["columns"], modules)
+        index = _rebuild(desc["index"], modules)
         data = {
             j: pd.Series(col, index=index, dtype=dtype)
             for j, (col, dtype) in enumerate(zip(desc["data"], desc["dtypes"]))
@@ -453,7 +453,7 @@ def load(path, trusted=None, *, modules=None, device="auto"):
                 f"the module given for {key!r} does not match the saved weights of a {cls}: {e}"
             ) from e
         built[key] = mod.eval()
-    est = _restore(est, lambda d: _rebuild(d, built, weights))
+    est = _restore(est, lambda d: _rebuild(d, built))
 
     return place_on_device(est, device)
 
@@ -472,9 +472,7 @@ def place_on_device(est, device="auto"):
         est.device_ = target
     for model in getattr(est, "base_models_", {}).values():
         # A torch base model pinned to a GPU that this machine lacks runs on the CPU.
-        dev = getattr(model, "module", None) is not None and getattr(model, "device", None)
-        if dev not in (None, False, "auto") and torch.device(dev).type == "cuda" and (
-            not torch.cuda.is_available()
-        ):
-            model.device = "cpu" if device == "auto" else str(resolve_device(device))
+        if (isinstance(model, TorchModel) and model.device != "auto"
+                and torch.device(model.device).type == "cuda" and not torch.cuda.is_available()):
+            model.device = str(target)
     return est

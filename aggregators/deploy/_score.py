@@ -292,16 +292,14 @@ def _chunks(dataset, columns, chunk_rows):
     options = None
     if isinstance(dataset.format, ds.ParquetFileFormat):
         # Parquet's pre-buffering reads ahead whole row groups' column chunks
-        # as fast as the disk allows; with a consumer slower than the disk
-        # (any model) it held the whole file: 2.2 GiB for a 1.6 GiB file of
-        # 10 M rows, against 0.24 GiB without it.
+        # as fast as the disk allows: behind a consumer slower than the disk
+        # (any model) it ends up holding most of the file.
         options = ds.ParquetFragmentScanOptions(pre_buffer=False)
     pending, n = [], 0
     # Little read-ahead, and no reader threads: the threaded scanner keeps
     # decoding row groups while the model works on a chunk, and its queue,
-    # not chunk_rows, then sets the memory (0.57 GiB of Arrow buffers against
-    # 0.13 GiB single-threaded, reading the 10 M-row file behind a slow
-    # consumer). Decoding is a small share of scoring; the model gets the cores.
+    # not chunk_rows, then sets the memory. Decoding is a small share of
+    # scoring; the model gets the cores.
     for batch in dataset.to_batches(columns=columns, batch_size=min(chunk_rows, 1 << 16),
                                     batch_readahead=1, fragment_readahead=1,
                                     fragment_scan_options=options, use_threads=False):
@@ -405,6 +403,7 @@ def score_file(
     >>> from aggregators import score_file  # doctest: +SKIP
     >>> score_file("ensemble.hyperagg", "rows.parquet", "scores.parquet", id_column="id")  # doctest: +SKIP
     """
+    import pyarrow as pa  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     t0 = time.perf_counter()
@@ -459,8 +458,6 @@ def score_file(
                desc=f"scoring {input.name}")
     n_read = n_skipped = resumed = 0
     parts, skipped_parts = [], []
-    import pyarrow as pa  # noqa: PLC0415
-
     try:
         for i, table in enumerate(_chunks(dataset, read, int(chunk_rows))):
             part = work / (_CHUNK.format(i) + ".arrow")
