@@ -330,7 +330,9 @@ def test_hoag_error_is_bounded_by_its_tolerance_and_vanishes():
         assert err <= bound
         errs.append(rel_err(res.grad, exact))
     assert errs[0] > 1e-4, errs  # inexact early ...
-    assert errs[-1] <= 1e-9, errs  # ... exact at convergence
+    # ... and small at k = 1000 (tol 1e-7): the last digits depend on the
+    # BLAS's summation order, which changes with the number of threads.
+    assert errs[-1] <= 1e-7, errs
     assert errs[0] > errs[2] > errs[3], errs
 
 
