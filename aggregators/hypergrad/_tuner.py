@@ -388,9 +388,9 @@ BRACKET_STEPS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 #: Length (max-norm, in L-BFGS-B's units ``h / scale``) of L-BFGS-B's first
 #: trial step. On a boxed problem that step is the negative gradient itself,
-#: so its length is the loss's units: a standardised regression loss of 0.1
-#: with a hypergradient of 0.003 moved a log-L2 by 0.003, and the next
-#: evaluations only learnt the curvature that a longer step would have shown.
+#: so its length is in the loss's units: where the hypergradient is a few
+#: thousandths (a standardised regression loss) it moved a log-L2 by as much,
+#: and the next evaluations only learnt the curvature a longer step shows.
 #: Scaling the outer loss by ``FIRST_STEP / max|gradient|`` at the start
 #: makes that step one unit (a factor ``e`` of an L2 tuned in log space); the
 #: line search shortens it where the loss rises, and the later steps scale
