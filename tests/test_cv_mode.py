@@ -77,8 +77,11 @@ def test_approx_fits_predicts_and_matches_exact_cv(make, agg, rtol):
     ).fit(X, y)
     assert exact.tuning_history_.attrs["cv_mode"] == "exact"
     assert approx.validation_loss_ == pytest.approx(exact.validation_loss_, rel=rtol)
-    # The refit on all rows is the same problem whichever mode tuned it.
-    np.testing.assert_allclose(approx.predict(X[:7]), exact.predict(X[:7]), rtol=1e-4, atol=1e-6)
+    # The refit on all rows is the same problem whichever mode tuned it, solved from
+    # another start to a gradient of 1e-7: where the tuned L2 is weak (the regressor's
+    # weights, l2 ~ 1.5e-4, curvature ~ 1e-2 along the weights) that fixes the
+    # predictions to a few 1e-4, relatively.
+    np.testing.assert_allclose(approx.predict(X[:7]), exact.predict(X[:7]), rtol=1e-3, atol=1e-6)
 
 
 def test_approx_fold_aggregators_are_newton_steps():

@@ -259,10 +259,10 @@ def tune(
     scale : Tensor, default=None
         Positive unit of each entry of ``h`` for L-BFGS-B, which works on
         ``h / scale``. Its first step (and any step after it resets its
-        curvature pairs) is the projected negative gradient, whose length
-        depends on the units of ``h``: give the width of a range the user
-        chose, so that step is a fraction of that range. ``None``: the units
-        of ``h``.
+        curvature pairs) is along the projected negative gradient, its
+        largest entry ``FIRST_STEP`` units long: give the width of a range the
+        user chose, so that step is measured in that range. ``None``: the
+        units of ``h``.
 
     Returns
     -------
@@ -386,6 +386,18 @@ LEAVE_START = 0.05
 BRACKET_STEPS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 
+#: Length (max-norm, in L-BFGS-B's units ``h / scale``) of L-BFGS-B's first
+#: trial step. On a boxed problem that step is the negative gradient itself,
+#: so its length is in the loss's units: where the hypergradient is a few
+#: thousandths (a standardised regression loss) it moved a log-L2 by as much,
+#: and the next evaluations only learnt the curvature a longer step shows.
+#: Scaling the outer loss by ``FIRST_STEP / max|gradient|`` at the start
+#: makes that step one unit (a factor ``e`` of an L2 tuned in log space); the
+#: line search shortens it where the loss rises, and the later steps scale
+#: themselves from the curvature pairs.
+FIRST_STEP = 1.0
+
+
 def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=None):
     dtype, device = h0.dtype, h0.device
     lo, hi = lower.detach().cpu().numpy(), upper.detach().cpu().numpy()
@@ -402,6 +414,8 @@ def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=Non
     seen: list = []  # (x, f, g) of every evaluation, line-search trials included
     accepted: list = []  # f at the iterates L-BFGS-B accepted
     max_fun = 2 * max_outer_iter
+    # L-BFGS-B minimises gain * Q, gain fixed at the first evaluation (see FIRST_STEP).
+    gain: list = [None]
 
     def raw(x):
         # Only the hyperparameter vector crosses to the host here.
@@ -409,7 +423,10 @@ def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=Non
         value, grad = evaluate(torch.as_tensor(h, dtype=dtype, device=device))
         f = float(value)
         g = grad.detach().cpu().numpy().astype(np.float64) * unit
-        return f, g
+        if gain[0] is None:
+            m = float(np.max(np.abs(g)))
+            gain[0] = FIRST_STEP / m if m > 0 and np.isfinite(m) else 1.0
+        return f * gain[0], g * gain[0]
 
     def fun(x):
         if seen and np.array_equal(x, seen[-1][0]):
