@@ -27,7 +27,8 @@ from sklearn.utils.validation import (
 
 from base_models import pool_outputs, resolve_dtype, to_tensor
 
-from ._fit import HypergradientWarning, fit_aggregated
+from ._fit import HypergradientWarning
+from .auto import fit_estimator
 from .hypergrad import METHODS
 
 __all__ = ["AggregatedClassifier", "AggregatedRegressor", "HypergradientWarning"]
@@ -82,7 +83,7 @@ class _BaseAggregated(_BaseComposition):
         self,
         estimators,
         *,
-        aggregator="stacking",
+        aggregator="auto",
         hyperparams="tune",
         tune_ranges=None,
         tuner="hoag",
@@ -174,13 +175,17 @@ class _BaseAggregated(_BaseComposition):
         ``y``: the target as given; ``y_model``: what the aggregation function
         is trained on (encoded classes, or the standardised target).
         """
-        result = fit_aggregated(
+        result, candidates = fit_estimator(
             self.get_params(deep=False), X, Xb, y, y_model,
             task=self._task, classes=getattr(self, "classes_", None), n_outputs=n_outputs,
             standardize=standardize, sample_weight=sample_weight,
         )
         for name, value in result.items():
             setattr(self, f"{name}_", value)
+        if candidates is not None:
+            self.candidates_ = candidates
+        elif hasattr(self, "candidates_"):
+            del self.candidates_  # left by an earlier fit with "auto"
         return self
 
     def _transform_outputs(self, Z):
