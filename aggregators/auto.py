@@ -54,10 +54,10 @@ CANDIDATES: tuple[tuple[str, Any], ...] = (
 )
 
 #: Outer folds of the honest estimate.
-N_OUTER = 5
+N_OUTER = 3
 #: Bound on the outer (hyperparameter) steps of a candidate fitted on an outer
 #: fold: the estimate needs a good fit, not the last digit of the tuning.
-OUTER_STEPS = 10
+OUTER_STEPS = 3
 #: Standard errors of the paired difference within which a simpler candidate
 #: is preferred to the one with the lowest estimate.
 N_STANDARD_ERRORS = 1.0
@@ -186,6 +186,13 @@ def fit_estimator(
     if not (isinstance(params["aggregator"], str) and params["aggregator"] == "auto"):
         return fit_one(params, X, Xb, y, y_model, **kw), None
 
+    if isinstance(params["hyperparams"], dict) or params["tune_ranges"]:
+        given = "hyperparams" if isinstance(params["hyperparams"], dict) else "tune_ranges"
+        raise ValueError(
+            f"{given} names hyperparameters of one aggregation function, but "
+            "aggregator='auto' chooses among several: pass the aggregator they belong "
+            "to (e.g. aggregator='stacking')."
+        )
     n = X.shape[0]
     if n < 2:
         raise ValueError(
