@@ -256,10 +256,21 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         wrappers. Use ``sklearn.frozen.FrozenEstimator`` or
         :func:`base_models.as_base_model` to keep a fitted model frozen
         through :func:`sklearn.base.clone`.
-    aggregator : str or Aggregator, default="stacking"
-        The aggregation function: ``"stacking"``, ``"weights"`` or an
-        :class:`Aggregator` instance (its parameters are reachable as
-        ``aggregator__<name>``).
+    aggregator : str or Aggregator, default="auto"
+        The aggregation function: ``"auto"``, a short name (``"stacking"``,
+        ``"weights"``, ``"choquet"``, ``"greedy"``, ... see
+        :func:`aggregators.available_aggregators`) or an :class:`Aggregator`
+        instance (its parameters are reachable as ``aggregator__<name>``).
+        ``"auto"`` fits the candidates of :data:`aggregators.auto.CANDIDATES`
+        (the best single model, greedy ensemble selection, convex weights,
+        stacking, a Choquet integral; those that cannot serve the task are
+        skipped) on 3 outer folds of the rows, each with one inner split and at
+        most 3 outer steps, scores each row with the fits that did not see it,
+        keeps the simplest candidate whose mean held-out loss is within one
+        standard error (of the paired difference) of the lowest, and fits it
+        on all rows as the other parameters say. ``candidates_`` reports the
+        race. It cannot be combined with a ``hyperparams`` dict or
+        ``tune_ranges``, which name one function's hyperparameters.
     hyperparams : "tune", "fixed" or dict, default="tune"
         ``"tune"`` tunes every hyperparameter from the aggregator's initial
         values; ``"fixed"`` tunes none; a dict fixes the named ones (to the
@@ -360,7 +371,17 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
     base_models_ : dict of str to BaseModel
         The frozen wrappers used for prediction.
     aggregator_ : Aggregator
-        The fitted aggregation function.
+        The fitted aggregation function (with ``"auto"``, the chosen one).
+    candidates_ : DataFrame
+        Only with ``aggregator="auto"``: one row per candidate, simplest
+        first, indexed by name: ``estimate`` (mean held-out loss over the
+        outer folds: log-loss, or a regressor's squared error in standardised
+        units), ``se_diff`` (standard error of its row-by-row difference to
+        the lowest estimate; NaN for a candidate that failed), ``fit_seconds``
+        (its outer-fold fits, plus the final fit for the winner), ``chosen``
+        and ``error`` (why a candidate could not be fitted, else empty).
+        ``attrs`` holds ``n_outer``, ``n_se`` and the ``skipped`` candidates
+        with the reason.
     hyperparams_ : dict
         Tuned hyperparameters: ``name -> float``, or a Series by base model.
     tuning_history_ : DataFrame
@@ -487,7 +508,9 @@ class AggregatedRegressor(RegressorMixin, _BaseAggregated):
     ----------
     estimators : list of (str, model)
         Base regressors (see :class:`AggregatedClassifier`).
-    aggregator : str or Aggregator, default="stacking"
+    aggregator : str or Aggregator, default="auto"
+        As for :class:`AggregatedClassifier`; ``"auto"`` compares the
+        candidates on their held-out mean squared error.
     hyperparams, tune_ranges, tuner, tuner_options, optimizer, cv, cv_mode, \
 validation_fraction, max_outer_iter, max_inner_iter, tol, prefit, base_cv, device, dtype, \
 random_state, verbose
@@ -495,7 +518,7 @@ random_state, verbose
 
     Attributes
     ----------
-    estimators_, named_estimators_, base_models_, aggregator_, hyperparams_, \
+    estimators_, named_estimators_, base_models_, aggregator_, candidates_, hyperparams_, \
 tuning_history_, validation_loss_, n_iter_, tuning_time_, last_routing_, \
 n_features_in_, feature_names_in_
         As for :class:`AggregatedClassifier` (the validation loss is the mean
