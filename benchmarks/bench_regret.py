@@ -15,10 +15,12 @@ regression). Printed per dataset, as means over the seeds:
   on the aggregation rows) and auto's out-of-fold estimate
   (``candidates_["estimate"]``): Spearman correlation with the test losses
   and mean (estimate - test) error;
-* ``auto`` (the one-standard-error rule) next to the choice by the lowest
-  estimate (``auto, argmin``) and by the lowest tuned validation loss
-  (``by val. loss``), from the same fits; and auto's fit time over
-  stacking's.
+* ``auto`` as fitted, next to other rules applied to the same fits: the
+  lowest tuned validation loss (``by val. loss``), the lowest estimate
+  (``argmin``), the first candidate in auto's order within 0.5, 1 or 2
+  standard errors of the lowest estimate (``1 se`` is auto's rule), and
+  ``1 se`` with the single model before greedy selection; and auto's fit
+  time over stacking's.
 
 Hyperparameters tuned: ``weights`` 3 (few), ``stacking`` one per model plus
 one (many), ``choquet`` 3; the single model and greedy selection none.
@@ -55,15 +57,15 @@ from sklearn.svm import SVC, SVR
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
 from aggregators import AggregatedClassifier, AggregatedRegressor, GreedySelection
-from aggregators.auto import choose
+from aggregators.auto import CANDIDATES
 
-GREEDY_FIRST = ["greedy", "single", "weights", "stacking", "choquet"]
+SINGLE_FIRST = ["single", "greedy", "weights", "stacking", "choquet"]
 CLASSIFICATION = ["breast_cancer", "wine", "iris", "digits", "synthetic"]
 REGRESSION = ["diabetes", "friedman1"]
 #: The candidates of "auto", fitted on their own (same names as ``candidates_``).
 METHODS = {
-    "single": lambda: GreedySelection(n_rounds=1),
     "greedy": lambda: GreedySelection(n_rounds=50),
+    "single": lambda: GreedySelection(n_rounds=1),
     "weights": lambda: "weights",
     "stacking": lambda: "stacking",
     "choquet": lambda: "choquet",
@@ -158,8 +160,8 @@ def choice(group: pd.DataFrame, rule: str, n_se: float = 1.0, order=None) -> str
     ``"argmin"``, the lowest estimate; ``"se"``, the first in ``order`` (auto's
     by default) within ``n_se`` standard errors of the lowest estimate."""
     cands = group[group["method"].isin(METHODS)].set_index("method")
-    if order is not None:
-        cands = cands.loc[[m for m in order if m in cands.index]]
+    order = [name for name, _ in CANDIDATES] if order is None else order
+    cands = cands.loc[[m for m in order if m in cands.index]]
     if rule == "val":
         return str(cands["val_loss"].idxmin())
     L = cands["estimate"].to_numpy()
@@ -173,9 +175,10 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (name, seed), g in df.groupby(["dataset", "seed"], sort=False):
         t = g.set_index("method")["test"]
-        rules = {"auto, argmin": choice(g, "argmin"), "by val. loss": choice(g, "val"),
-                 "auto, 0.5 se": choice(g, "se", 0.5), "auto, 2 se": choice(g, "se", 2.0),
-                 "1 se, greedy first": choice(g, "se", 1.0, GREEDY_FIRST)}
+        rules = {"by val. loss": choice(g, "val"), "argmin": choice(g, "argmin"),
+                 "0.5 se": choice(g, "se", 0.5), "1 se": choice(g, "se", 1.0),
+                 "2 se": choice(g, "se", 2.0),
+                 "1 se, single first": choice(g, "se", 1.0, SINGLE_FIRST)}
         tests = {**t.to_dict(), **{k: t[v] for k, v in rules.items()}}
         cands = g[g["method"].isin(METHODS)]
         row = {"dataset": name, "seed": seed}
@@ -198,8 +201,8 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 def report(df: pd.DataFrame) -> None:
     s = summarise(df)
     pd.set_option("display.width", 250, "display.max_columns", 40, "display.precision", 4)
-    methods = [*METHODS, "auto", "auto, argmin", "auto, 0.5 se", "auto, 2 se",
-               "1 se, greedy first", "by val. loss"]
+    methods = [*METHODS, "auto", "by val. loss", "argmin", "0.5 se", "1 se", "2 se",
+               "1 se, single first"]
     for ref in ("vs single", "vs greedy"):
         tab = s.groupby("dataset", sort=False)[[f"{m}|{ref}" for m in methods]].mean()
         tab.columns = methods
@@ -210,11 +213,13 @@ def report(df: pd.DataFrame) -> None:
     tab.columns = methods
     print("\nmean test loss (log-loss; MSE for regression)")
     print(tab.round(4).to_string())
-    est = s.groupby("dataset", sort=False)[
-        ["rho val", "rho est", "err val", "err est", "auto/stacking time"]].median()
+    by = s.groupby("dataset", sort=False)
+    est = by[["rho val", "rho est", "err val", "err est"]].mean()
+    est["auto/stacking time"] = by["auto/stacking time"].median()
     est.loc["MEAN"] = est.mean()
     print("\nhow the choosing losses predict the test loss across candidates "
-          "(Spearman rho, mean; estimate - test, mean); auto's fit time / stacking's, median")
+          "(Spearman rho and estimate - test, means over seeds); auto's fit time over "
+          "stacking's (median over seeds)")
     print(est.round(3).to_string())
     print("\nauto's choices:", s.groupby("dataset", sort=False)["auto chose"].agg(list).to_dict())
 
