@@ -26,7 +26,9 @@ Hyperparameters tuned: ``weights`` 3 (few), ``stacking`` one per model plus
 one (many), ``choquet`` 3; the single model and greedy selection none.
 
 Run: ``python benchmarks/bench_regret.py [--seeds 0 1 2 3 4] [--datasets ...]
-[--out regret.csv]``; ``--from regret.csv`` re-summarises saved rows.
+[--out regret.csv]``; ``--from regret.csv`` re-summarises saved rows;
+``--reuse regret.csv --outer-steps 1 --out other.csv`` refits only ``auto``
+(with another protocol) next to the candidates' saved fits.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from sklearn.svm import SVC, SVR
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
 from aggregators import AggregatedClassifier, AggregatedRegressor, GreedySelection
+from aggregators import auto as auto_module
 from aggregators.auto import CANDIDATES
 
 SINGLE_FIRST = ["single", "greedy", "weights", "stacking", "choquet"]
@@ -106,7 +109,7 @@ def pool(task: str, seed: int) -> dict:
     }
 
 
-def run(name: str, seed: int) -> list[dict]:
+def run(name: str, seed: int, reuse: list[dict] | None = None) -> list[dict]:
     task = "reg" if name in REGRESSION else "cls"
     X, y = load(name, seed)
     strat = y if task == "cls" else None
@@ -132,7 +135,12 @@ def run(name: str, seed: int) -> list[dict]:
 
     rows = []
     base = dict(dataset=name, seed=seed, n_agg=len(y_agg))
+    if reuse is not None:  # the candidates' own fits from an earlier run
+        rows = [r for r in reuse if r["dataset"] == name and r["seed"] == seed
+                and r["method"] in METHODS]
     for method, make in METHODS.items():
+        if reuse is not None:
+            break
         est, sec = fit(make())
         val = est.validation_loss_
         if not np.isfinite(val):  # nothing tuned: its loss on the aggregation rows
@@ -151,7 +159,8 @@ def run(name: str, seed: int) -> list[dict]:
         r["se_diff"] = cand.loc[method, "se_diff"]
         r["test_std"] = r["test"] / scale  # standardised units, as the estimates
     rows.append({**base, "method": "auto", "seconds": sec, "test": test_loss(est),
-                 "chosen": str(cand.index[cand["chosen"]][0])})
+                 "chosen": str(cand.index[cand["chosen"]][0]),
+                 "n_outer": auto_module.N_OUTER, "outer_steps": auto_module.OUTER_STEPS})
     return rows
 
 
@@ -230,15 +239,27 @@ def main(argv=None) -> None:
     parser.add_argument("--datasets", nargs="+", default=CLASSIFICATION + REGRESSION)
     parser.add_argument("--out", default=None, help="CSV of the raw rows")
     parser.add_argument("--from", dest="src", default=None, help="summarise a saved CSV")
+    parser.add_argument("--reuse", default=None,
+                        help="CSV of an earlier run: fit only auto, take the candidates' "
+                             "own fits (deterministic) from it")
+    parser.add_argument("--outer-steps", type=int, default=None,
+                        help="set aggregators.auto.OUTER_STEPS (to measure the trade-off)")
+    parser.add_argument("--n-outer", type=int, default=None,
+                        help="set aggregators.auto.N_OUTER")
     args = parser.parse_args(argv)
     if args.src:
         report(pd.read_csv(args.src))
         return
+    if args.outer_steps is not None:
+        auto_module.OUTER_STEPS = args.outer_steps
+    if args.n_outer is not None:
+        auto_module.N_OUTER = args.n_outer
+    reuse = None if args.reuse is None else pd.read_csv(args.reuse).to_dict("records")
     torch_threads()
     rows = []
     for name in args.datasets:
         for seed in args.seeds:
-            rows += run(name, seed)
+            rows += run(name, seed, reuse)
             last = [r for r in rows if r["dataset"] == name and r["seed"] == seed]
             print(f"{name} seed {seed}: " + "  ".join(
                 f"{r['method']} {r['test']:.4f} ({r['seconds']:.1f}s)" for r in last)
