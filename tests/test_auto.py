@@ -230,9 +230,12 @@ def test_greedy_rejects_bad_rounds(n_rounds, frozen_pool, cancer_pool):
             cancer_pool.X_agg, cancer_pool.y_agg)
 
 
-def test_a_greedy_default_fit_saves_and_loads(frozen_pool, cancer_pool, tmp_path):
-    est = AggregatedClassifier(frozen_pool, aggregator="greedy", random_state=0).fit(
+@pytest.mark.parametrize("aggregator", ["greedy", "auto"])
+def test_greedy_and_auto_fits_save_and_load(aggregator, frozen_pool, cancer_pool, tmp_path):
+    est = AggregatedClassifier(frozen_pool, aggregator=aggregator, random_state=0).fit(
         cancer_pool.X_agg, cancer_pool.y_agg)
     back = load(save(est, tmp_path / "g.hyperagg"))
     np.testing.assert_allclose(back.predict_proba(cancer_pool.X_test),
                                est.predict_proba(cancer_pool.X_test))
+    if aggregator == "auto":
+        pd.testing.assert_frame_equal(back.candidates_, est.candidates_)
