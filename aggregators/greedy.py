@@ -52,7 +52,8 @@ class GreedySelection(Aggregator):
     are called (:meth:`route`).
 
     It is a candidate of ``aggregator="auto"``, the estimators' default;
-    as a candidate on small aggregation sets it is hard to beat.
+    on small aggregation sets it is hard to beat. Sample weights do not
+    enter the selection (the counts are computed from the rows alone).
 
     Parameters
     ----------
