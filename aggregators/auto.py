@@ -9,10 +9,9 @@ that never saw it. The candidates are compared on those out-of-fold losses,
 row by row (paired), and the **simplest** candidate whose mean is within one
 standard error of the best one's is kept (the one-standard-error rule; greedy
 selection counts as the simplest, then the single model: see
-:data:`CANDIDATES`): on
-small sets, where a difference is within the noise, a model that tunes fewer
-things is the safer bet. The winner is then fitted on all rows as the
-estimator's own parameters say.
+:data:`CANDIDATES`): on small sets, where a difference is within the noise, a
+model that tunes fewer things is the safer bet. The winner is then fitted on
+all rows as the estimator's own parameters say.
 
 The base models' outputs are computed once; every candidate fit reuses them.
 Candidate fits on the outer folds use one inner split (``cv=None``) and at most
@@ -183,8 +182,8 @@ def fit_estimator(
     -------
     result : FitResult
     candidates : DataFrame or None
-        With ``"auto"``, one row per candidate (see :func:`_candidates_table`);
-        ``None`` otherwise.
+        With ``"auto"``, one row per candidate (``candidates_``, as the
+        estimators document it); ``None`` otherwise.
     """
     kw = dict(task=task, classes=classes, n_outputs=n_outputs, standardize=standardize,
               sample_weight=sample_weight)
