@@ -7,7 +7,7 @@ AggregatedClassifier, AggregatedRegressor
 
 Aggregation functions
 ---------------------
-Stacking, LearnedWeights, Choquet, Sugeno, Uninorm, LAF, SparseMoE
+Stacking, LearnedWeights, Choquet, Sugeno, Uninorm, LAF, SparseMoE, GreedySelection
     (and ModelSelection, which learns a subset of models around any of them)
     Each declares its parameters, hyperparameters and forward pass
     (see :class:`Aggregator` and the README's "Write your own aggregator").
@@ -31,6 +31,7 @@ from ._estimators import AggregatedClassifier, AggregatedRegressor, Hypergradien
 from ._registry import available_aggregators
 from .search import HypergradSearchCV
 from .choquet import Choquet
+from .greedy import GreedySelection
 from .laf import LAF
 from .moe import SparseMoE
 from .selection import ModelSelection
@@ -48,6 +49,7 @@ __all__ = [
     "AggregationContext",
     "Choquet",
     "Aggregator",
+    "GreedySelection",
     "HypergradSearchCV",
     "HypergradientWarning",
     "LAF",

@@ -27,7 +27,8 @@ from sklearn.utils.validation import (
 
 from base_models import pool_outputs, resolve_dtype, to_tensor
 
-from ._fit import HypergradientWarning, fit_aggregated
+from ._fit import HypergradientWarning
+from .auto import fit_estimator
 from .hypergrad import METHODS
 
 __all__ = ["AggregatedClassifier", "AggregatedRegressor", "HypergradientWarning"]
@@ -82,7 +83,7 @@ class _BaseAggregated(_BaseComposition):
         self,
         estimators,
         *,
-        aggregator="stacking",
+        aggregator="auto",
         hyperparams="tune",
         tune_ranges=None,
         tuner="hoag",
@@ -174,13 +175,17 @@ class _BaseAggregated(_BaseComposition):
         ``y``: the target as given; ``y_model``: what the aggregation function
         is trained on (encoded classes, or the standardised target).
         """
-        result = fit_aggregated(
+        result, candidates = fit_estimator(
             self.get_params(deep=False), X, Xb, y, y_model,
             task=self._task, classes=getattr(self, "classes_", None), n_outputs=n_outputs,
             standardize=standardize, sample_weight=sample_weight,
         )
         for name, value in result.items():
             setattr(self, f"{name}_", value)
+        if candidates is not None:
+            self.candidates_ = candidates
+        elif hasattr(self, "candidates_"):
+            del self.candidates_  # left by an earlier fit with "auto"
         return self
 
     def _transform_outputs(self, Z):
@@ -251,10 +256,21 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         wrappers. Use ``sklearn.frozen.FrozenEstimator`` or
         :func:`base_models.as_base_model` to keep a fitted model frozen
         through :func:`sklearn.base.clone`.
-    aggregator : str or Aggregator, default="stacking"
-        The aggregation function: ``"stacking"``, ``"weights"`` or an
-        :class:`Aggregator` instance (its parameters are reachable as
-        ``aggregator__<name>``).
+    aggregator : str or Aggregator, default="auto"
+        The aggregation function: ``"auto"``, a short name (``"stacking"``,
+        ``"weights"``, ``"choquet"``, ``"greedy"``, ... see
+        :func:`aggregators.available_aggregators`) or an :class:`Aggregator`
+        instance (its parameters are reachable as ``aggregator__<name>``).
+        ``"auto"`` fits the candidates of :data:`aggregators.auto.CANDIDATES`
+        (the best single model, greedy ensemble selection, convex weights,
+        stacking, a Choquet integral; those that cannot serve the task are
+        skipped) on 3 outer folds of the rows, each with one inner split and at
+        most 3 outer steps, scores each row with the fits that did not see it,
+        keeps the simplest candidate whose mean held-out loss is within one
+        standard error (of the paired difference) of the lowest, and fits it
+        on all rows as the other parameters say. ``candidates_`` reports the
+        race. It cannot be combined with a ``hyperparams`` dict or
+        ``tune_ranges``, which name one function's hyperparameters.
     hyperparams : "tune", "fixed" or dict, default="tune"
         ``"tune"`` tunes every hyperparameter from the aggregator's initial
         values; ``"fixed"`` tunes none; a dict fixes the named ones (to the
@@ -355,7 +371,17 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
     base_models_ : dict of str to BaseModel
         The frozen wrappers used for prediction.
     aggregator_ : Aggregator
-        The fitted aggregation function.
+        The fitted aggregation function (with ``"auto"``, the chosen one).
+    candidates_ : DataFrame
+        Only with ``aggregator="auto"``: one row per candidate, simplest
+        first, indexed by name: ``estimate`` (mean held-out loss over the
+        outer folds: log-loss, or a regressor's squared error in standardised
+        units), ``se_diff`` (standard error of its row-by-row difference to
+        the lowest estimate; NaN for a candidate that failed), ``fit_seconds``
+        (its outer-fold fits, plus the final fit for the winner), ``chosen``
+        and ``error`` (why a candidate could not be fitted, else empty).
+        ``attrs`` holds ``n_outer``, ``n_se`` and the ``skipped`` candidates
+        with the reason.
     hyperparams_ : dict
         Tuned hyperparameters: ``name -> float``, or a Series by base model.
     tuning_history_ : DataFrame
@@ -482,7 +508,9 @@ class AggregatedRegressor(RegressorMixin, _BaseAggregated):
     ----------
     estimators : list of (str, model)
         Base regressors (see :class:`AggregatedClassifier`).
-    aggregator : str or Aggregator, default="stacking"
+    aggregator : str or Aggregator, default="auto"
+        As for :class:`AggregatedClassifier`; ``"auto"`` compares the
+        candidates on their held-out mean squared error.
     hyperparams, tune_ranges, tuner, tuner_options, optimizer, cv, cv_mode, \
 validation_fraction, max_outer_iter, max_inner_iter, tol, prefit, base_cv, device, dtype, \
 random_state, verbose
@@ -490,7 +518,7 @@ random_state, verbose
 
     Attributes
     ----------
-    estimators_, named_estimators_, base_models_, aggregator_, hyperparams_, \
+    estimators_, named_estimators_, base_models_, aggregator_, candidates_, hyperparams_, \
 tuning_history_, validation_loss_, n_iter_, tuning_time_, last_routing_, \
 n_features_in_, feature_names_in_
         As for :class:`AggregatedClassifier` (the validation loss is the mean

@@ -25,11 +25,17 @@ def available_aggregators() -> dict[str, type]:
 def resolve_aggregator(spec) -> Aggregator:
     """A fresh (cloned) aggregation function from a short name or an instance."""
     if isinstance(spec, str):
+        if spec == "auto":
+            raise ValueError(
+                "aggregator='auto' is a choice the estimators make among aggregation "
+                "functions (AggregatedClassifier / AggregatedRegressor), not one of them; "
+                f"here, name one of {sorted(available_aggregators())}."
+            )
         table = available_aggregators()
         if spec not in table:
             raise ValueError(
-                f"unknown aggregator {spec!r}; choose one of {sorted(table)} or pass "
-                "an Aggregator instance."
+                f"unknown aggregator {spec!r}; choose 'auto' (the estimators' default) "
+                f"or one of {sorted(table)}, or pass an Aggregator instance."
             )
         return table[spec]()
     if isinstance(spec, Aggregator):

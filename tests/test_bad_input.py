@@ -157,11 +157,11 @@ EXISTING = [
                  "'nb'.*prefit=True", id="prefit-true-unfitted"),
     pytest.param(_fit(AggregatedClassifier(_nb_tree(), aggregator="nope")), ValueError,
                  "unknown aggregator 'nope'", id="unknown-aggregator"),
-    pytest.param(_fit(AggregatedClassifier(_nb_tree(), hyperparams={"l3": 1.0})), ValueError,
+    pytest.param(_fit(AggregatedClassifier(_nb_tree(), aggregator="stacking", hyperparams={"l3": 1.0})), ValueError,
                  r"\['l3'\].*\['l2', 'l2_scale'\]", id="unknown-hyperparameter"),
-    pytest.param(_fit(AggregatedClassifier(_nb_tree(), hyperparams={"l2": [1.0, 2.0, 3.0]})),
+    pytest.param(_fit(AggregatedClassifier(_nb_tree(), aggregator="stacking", hyperparams={"l2": [1.0, 2.0, 3.0]})),
                  ValueError, "'l2' takes a scalar or 2 values", id="hyperparameter-of-wrong-size"),
-    pytest.param(_fit(AggregatedClassifier(_nb_tree(), hyperparams={"l2": -1.0})), ValueError,
+    pytest.param(_fit(AggregatedClassifier(_nb_tree(), aggregator="stacking", hyperparams={"l2": -1.0})), ValueError,
                  r"'l2' must lie in \(0, 100\]; got -1.0", id="negative-log-hyperparameter"),
     pytest.param(_fit(AggregatedClassifier(_nb_tree() + [("reg", Ridge())])),
                  IncompatibleBaseModelError, "'reg' is a regressor",
@@ -255,7 +255,7 @@ HYPERPARAMETERS = [
         id="stacking-l2-above-the-upper-bound",
     ),
     pytest.param(
-        _fit(AggregatedClassifier(_nb_tree(), hyperparams={"l2": 1e9}, **FAST)),
+        _fit(AggregatedClassifier(_nb_tree(), aggregator="stacking", hyperparams={"l2": 1e9}, **FAST)),
         ValueError, r"'l2' must lie in \(0, 100\]; got 1000000000.0 \(given as "
         r"hyperparams=\{'l2': ...\}\)", id="hyperparams-l2-above-the-upper-bound",
     ),
@@ -406,7 +406,8 @@ def _precomputed(**kw):
 STORED_KEYS = [
     pytest.param(
         _fit_then_predict(
-            AggregatedClassifier([("stored", _precomputed())] + _frozen_nb(), **FAST),
+            AggregatedClassifier([("stored", _precomputed())] + _frozen_nb(), aggregator="stacking",
+                                 **FAST),
             pd.DataFrame(X_SHUF[:100]), Y_SHUF[:100], pd.DataFrame(X_SHUF[100:]),
         ),
         ValueError, r"base model 'stored'.*cannot tell 50 of these 50 rows from the rows it "

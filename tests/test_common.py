@@ -19,7 +19,7 @@ from aggregators import AggregatedClassifier, AggregatedRegressor
 
 
 def _instances():
-    for agg in ("stacking", "weights"):
+    for agg in ("auto", "stacking", "weights"):
         yield AggregatedClassifier(
             [("lr", LogisticRegression()), ("tree", DecisionTreeClassifier(max_depth=3, random_state=0)),
              ("nb", GaussianNB())],

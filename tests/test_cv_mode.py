@@ -132,7 +132,8 @@ def test_auto_picks_exact_above_the_parameter_limit():
     X, y = make_classification(150, 30, n_informative=10, n_classes=6, random_state=0)
     pool = [(f"lr{i}", LogisticRegression(C=10.0 ** (i - 3), max_iter=300)) for i in range(6)]
     assert 6 * 6 * 6 + 6 > ACV_MAX_PARAMS  # stacking's coefficient blocks and intercept
-    est = AggregatedClassifier(pool, cv_mode="auto", max_outer_iter=1, random_state=0)
+    est = AggregatedClassifier(pool, aggregator="stacking", cv_mode="auto", max_outer_iter=1,
+                               random_state=0)
     history = est.fit(X, y).tuning_history_
     assert history.attrs["cv_mode"] == "exact"
     assert "ACV_MAX_PARAMS" in history.attrs["cv_mode_reason"]

@@ -220,7 +220,7 @@ def test_regressor_and_search_best_estimator(tmp_path):
     assert read_manifest(tmp_path / "reg.hyperagg")["summary"]["n_outputs"] == 2
 
     search = HypergradSearchCV(
-        AggregatedRegressor(models, random_state=0),
+        AggregatedRegressor(models, aggregator="stacking", random_state=0),
         {"aggregator__l2": (1e-3, 1e1, "log")}, cv=3,
     ).fit(X[150:300], y[150:300])
     back = load(save(search, tmp_path / "search.hyperagg"))  # its best_estimator_

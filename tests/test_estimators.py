@@ -610,7 +610,7 @@ class NoFitNB(GaussianNB):
     ],
 )
 def test_configuration_errors_come_before_fitting_base_models(params, match):
-    est = AggregatedClassifier([("a", NoFitNB()), ("b", NoFitNB())], **params)
+    est = AggregatedClassifier([("a", NoFitNB()), ("b", NoFitNB())], **{"aggregator": "stacking", **params})
     with pytest.raises(ValueError, match=match):
         est.fit(X_IRIS, Y_IRIS)
 

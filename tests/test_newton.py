@@ -307,7 +307,8 @@ def test_estimator_warns_when_second_derivatives_do_not_batch(monkeypatch, max_o
         raise RuntimeError("Batching rule not implemented for aten::something")
 
     monkeypatch.setattr("aggregators.hypergrad._newton.hessian_blocks", no_vmap)
-    est = AggregatedClassifier(pool, random_state=0, max_outer_iter=max_outer_iter)
+    est = AggregatedClassifier(pool, aggregator="stacking", random_state=0,
+                               max_outer_iter=max_outer_iter)
     with pytest.warns(HypergradientWarning, match="no batched .vmap. second derivative"):
         est.fit(X_agg, y_agg)
     assert est.tuning_history_.attrs["exact_hessian"] is False

@@ -1,0 +1,275 @@
+"""``aggregator="auto"``: choose the aggregation function on an honest estimate.
+
+The tuned validation loss is what the tuning minimised: it is optimistic,
+and the more so the more hyperparameters and the fewer rows (on 171 rows the
+split's noise dominates it). ``"auto"`` instead fits every candidate on the
+training rows of ``N_OUTER`` outer folds of the aggregation rows and scores
+it on the held-out fold: each row's loss comes from a fit (tuning included)
+that never saw it. The candidates are compared on those out-of-fold losses,
+row by row (paired), and the **simplest** candidate whose mean is within one
+standard error of the best one's is kept (the one-standard-error rule; greedy
+selection counts as the simplest, then the single model: see
+:data:`CANDIDATES`): on small sets, where a difference is within the noise, a
+model that tunes fewer things is the safer bet. The winner is then fitted on
+all rows as the estimator's own parameters say.
+
+The base models' outputs are computed once; every candidate fit reuses them.
+Candidate fits on the outer folds use one inner split (``cv=None``) and at most
+``OUTER_STEPS`` outer steps, so that the whole choice costs a few fits of
+``stacking`` (see ``benchmarks/bench_regret.py``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import KFold, StratifiedKFold
+from sklearn.utils import check_random_state
+
+from base_models import BaseModel, check_pool, fit_pool
+
+from ._base import AggregationContext
+from ._bilevel import row_losses
+from ._fit import FitResult, fit_aggregated
+from ._registry import resolve_aggregator
+from .greedy import GreedySelection
+
+__all__ = ["CANDIDATES", "choose", "fit_estimator"]
+
+#: The candidates of ``aggregator="auto"``, in the order the one-standard-error
+#: rule prefers them: greedy selection (Caruana, 50 rounds), the best single
+#: model, convex weights, stacking, a Choquet integral. Greedy selection comes
+#: before the single model it contains: on the aggregation rows of
+#: ``benchmarks/bench_regret.py`` it was the safer anchor (its mean regret
+#: against both references was lower with it first). One that cannot serve the
+#: task (its ``check_task`` raises) is skipped.
+CANDIDATES: tuple[tuple[str, Any], ...] = (
+    ("greedy", lambda: GreedySelection(n_rounds=50)),
+    ("single", lambda: GreedySelection(n_rounds=1)),
+    ("weights", lambda: resolve_aggregator("weights")),
+    ("stacking", lambda: resolve_aggregator("stacking")),
+    ("choquet", lambda: resolve_aggregator("choquet")),
+)
+
+#: Outer folds of the honest estimate.
+N_OUTER = 3
+#: Bound on the outer (hyperparameter) steps of a candidate fitted on an outer
+#: fold: the estimate needs a good fit, not the last digit of the tuning.
+OUTER_STEPS = 3
+#: Standard errors of the paired difference within which a simpler candidate
+#: is preferred to the one with the lowest estimate.
+N_STANDARD_ERRORS = 1.0
+
+
+class _StoredColumn(BaseModel):
+    """One base model's outputs computed already, looked up by row position.
+
+    The candidate fits are handed positions ``0 .. n-1`` as their "rows", so
+    the pool is never called again.
+    """
+
+    def __init__(self, outputs: np.ndarray, task: str, classes):
+        self.outputs = outputs
+        self.task = task
+        self.classes_ = classes
+        self.output = "proba" if task == "classification" else "value"
+
+    def predict_raw(self, X) -> np.ndarray:
+        return self.outputs[np.asarray(X)[:, 0].astype(np.intp)]
+
+
+def _nothing_to_tune(agg) -> bool:
+    """An aggregation function the engine has no parameter to fit for (greedy selection)."""
+    return isinstance(agg, GreedySelection)
+
+
+def fit_one(params: Mapping[str, Any], X, Xb, y, y_model, **kw) -> FitResult:
+    """:func:`fit_aggregated`, without tuning for a function that has nothing to tune."""
+    agg = params["aggregator"]
+    if _nothing_to_tune(resolve_aggregator(agg)):
+        params = {**params, "max_outer_iter": 0}
+    return fit_aggregated(params, X, Xb, y, y_model, **kw)
+
+
+def _fit_on_outputs(params, agg, Z, X, y, y_model, rows, *, task, classes, n_outputs,
+                    standardize, sample_weight, **overrides) -> FitResult:
+    """Fit ``agg`` on the stored outputs ``Z[rows]`` (no base model is called)."""
+    names = [name for name, _ in params["estimators"]]
+    pool = [(name, _StoredColumn(Z[rows, m], task, classes)) for m, name in enumerate(names)]
+    p = {**params, **overrides, "aggregator": agg, "estimators": pool, "verbose": 0}
+    return fit_one(
+        p, X[rows], np.arange(len(rows))[:, None], y[rows], y_model[rows],
+        task=task, classes=classes, n_outputs=n_outputs, standardize=standardize,
+        sample_weight=None if sample_weight is None else sample_weight[rows],
+    )
+
+
+def _held_out_losses(fitted: FitResult, Z, X, y_model, task, standardize, dtype) -> np.ndarray:
+    """Each held-out row's loss under a fitted aggregation function."""
+    if standardize is not None:
+        Z = (Z - standardize[0]) / standardize[1]
+    aggregator, device = fitted.aggregator, fitted.device
+    params, hyper = aggregator._fitted_tensors(device, dtype)
+    Zt = torch.as_tensor(Z, device=device, dtype=dtype)
+    Xt = torch.as_tensor(X, device=device, dtype=dtype) if aggregator.uses_X else None
+    y_t = torch.as_tensor(y_model, device=device,
+                          dtype=torch.long if task == "classification" else dtype)
+    with torch.no_grad():
+        out = aggregator.forward(params, hyper, Zt, Xt)
+        return row_losses(task, out, y_t).cpu().numpy().astype(np.float64)
+
+
+def outer_folds(n: int, y_strat, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The outer folds: ``N_OUTER`` (stratified where every class allows it), fewer on tiny sets."""
+    k = min(N_OUTER, n)
+    if y_strat is not None and np.bincount(y_strat).min() >= k:
+        splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
+    else:
+        splitter = KFold(k, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros((n, 1)), y_strat))
+
+
+def choose(losses: np.ndarray, n_se: float = N_STANDARD_ERRORS, weights=None) -> tuple:
+    """The one-standard-error rule on paired out-of-fold losses.
+
+    Parameters
+    ----------
+    losses : ndarray of shape (n_candidates, n_rows)
+        Each candidate's held-out loss on each row, candidates in order of
+        preference (simplest first); a row of NaN for a candidate that failed.
+    n_se : float, default=N_STANDARD_ERRORS
+        ``0`` keeps the lowest mean.
+    weights : ndarray of shape (n_rows,), default=None
+
+    Returns
+    -------
+    winner : int
+        The first candidate whose mean is within ``n_se`` standard errors
+        of the paired difference of the best mean.
+    means, se_diff : ndarray of shape (n_candidates,)
+        The means, and the standard error of each candidate's difference to
+        the best one (0 for the best itself; NaN for a failed one).
+    """
+    w = np.ones(losses.shape[1]) if weights is None else np.asarray(weights, dtype=float)
+    w = w / w.sum()
+    ok = np.all(np.isfinite(losses), axis=1)
+    L = np.where(ok[:, None], losses, 0.0)
+    means = np.where(ok, L @ w, np.inf)
+    best = int(np.argmin(means))
+    gap = means - means[best]
+    # Weighted variance of the paired differences; n_eff rows (n without weights).
+    n_eff = 1.0 / np.sum(w**2)
+    var = ((L - L[best] - np.where(ok, gap, 0.0)[:, None]) ** 2) @ w
+    se = np.where(ok, np.sqrt(var / max(n_eff - 1.0, 1.0)), np.nan)
+    within = ok & (gap <= n_se * np.where(ok, se, 0.0))
+    winner = int(np.flatnonzero(within)[0])
+    return winner, means, se
+
+
+def fit_estimator(
+    params: Mapping[str, Any], X, Xb, y, y_model, *, task: str, classes=None,
+    n_outputs: int, standardize=None, sample_weight=None,
+) -> tuple[FitResult, pd.DataFrame | None]:
+    """The fit behind both estimators: ``"auto"`` chooses, any other aggregator is fitted.
+
+    Returns
+    -------
+    result : FitResult
+    candidates : DataFrame or None
+        With ``"auto"``, one row per candidate (``candidates_``, as the
+        estimators document it); ``None`` otherwise.
+    """
+    kw = dict(task=task, classes=classes, n_outputs=n_outputs, standardize=standardize,
+              sample_weight=sample_weight)
+    if not (isinstance(params["aggregator"], str) and params["aggregator"] == "auto"):
+        return fit_one(params, X, Xb, y, y_model, **kw), None
+
+    if isinstance(params["hyperparams"], dict) or params["tune_ranges"]:
+        given = "hyperparams" if isinstance(params["hyperparams"], dict) else "tune_ranges"
+        raise ValueError(
+            f"{given} names hyperparameters of one aggregation function, but "
+            "aggregator='auto' chooses among several: pass the aggregator they belong "
+            "to (e.g. aggregator='stacking')."
+        )
+    n = X.shape[0]
+    if n < 2:
+        raise ValueError(
+            f"an aggregator needs at least 2 samples to fit; got n_samples = {n}."
+        )
+    # What can be checked before a base model runs is checked first.
+    estimators = check_pool(params["estimators"], reserved=params)
+    names = [name for name, _ in estimators]
+    ctx = AggregationContext(
+        task=task, n_models=len(names), n_outputs=n_outputs, n_features=X.shape[1],
+        model_names=names, classes=classes,
+    )
+    specs, skipped = [], {}
+    for name, make in CANDIDATES:
+        agg = make()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                agg.check_task(ctx)
+        except ValueError as e:
+            skipped[name] = str(e)
+            continue
+        specs.append((name, agg))
+
+    pool = fit_pool(
+        estimators, Xb, y, task=task, classes=classes, n_outputs=n_outputs,
+        prefit=params["prefit"], base_cv=params["base_cv"], sample_weight=sample_weight,
+    )
+    Z = pool.outputs
+    seed = int(check_random_state(params["random_state"]).randint(np.iinfo(np.int32).max))
+    y_strat = y_model if task == "classification" else None
+    folds = outer_folds(n, y_strat, seed)
+    dtype = torch.float64 if params["dtype"] == "float64" else torch.float32
+    fast = dict(cv=None, max_outer_iter=min(OUTER_STEPS, params["max_outer_iter"]),
+                random_state=seed)
+
+    losses = np.full((len(specs), n), np.nan)
+    seconds, errors = np.zeros(len(specs)), [""] * len(specs)
+    for i, (name, agg) in enumerate(specs):
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                # A short tuning on a fold may stop early; the estimate says how it fared.
+                warnings.simplefilter("ignore")
+                for tr, va in folds:
+                    fitted = _fit_on_outputs(params, agg, Z, X, y, y_model, tr, **kw, **fast)
+                    losses[i, va] = _held_out_losses(
+                        fitted, Z[va], X[va], y_model[va], task, standardize, dtype
+                    )
+        except (ValueError, RuntimeError, FloatingPointError) as e:
+            # A candidate that cannot be fitted on these rows is out of the race.
+            losses[i] = np.nan
+            errors[i] = f"{type(e).__name__}: {e}"
+        seconds[i] = time.perf_counter() - t0
+    winner, means, se = choose(losses, weights=sample_weight)
+
+    name, agg = specs[winner]
+    t0 = time.perf_counter()
+    result = _fit_on_outputs(params, agg, Z, X, y, y_model, np.arange(n), **kw)
+    final_seconds = time.perf_counter() - t0
+    # The stored columns stood in for the pool: the estimator keeps the real one.
+    result.base_models = pool.base_models
+    result.estimators = pool.estimators
+    result.named_estimators = pool.named_estimators
+    result.fitted_inside = pool.fitted_inside
+
+    table = pd.DataFrame({
+        "estimate": means,
+        "se_diff": se,
+        "fit_seconds": seconds,
+        "chosen": np.arange(len(specs)) == winner,
+        "error": errors,
+    }, index=pd.Index([s for s, _ in specs], name="candidate"))
+    table.loc[name, "fit_seconds"] += final_seconds
+    table.attrs.update(n_outer=len(folds), n_se=N_STANDARD_ERRORS, skipped=skipped)
+    return result, table

@@ -1,0 +1,241 @@
+"""aggregator="auto" (the default) and GreedySelection, its cheapest candidates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from sklearn.datasets import load_diabetes, load_iris
+from sklearn.dummy import DummyClassifier
+from sklearn.frozen import FrozenEstimator
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import log_loss
+from sklearn.naive_bayes import GaussianNB
+from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
+from aggregators import (
+    AggregatedClassifier,
+    AggregatedRegressor,
+    GreedySelection,
+    LearnedWeights,
+    Stacking,
+    load,
+    save,
+)
+from aggregators import auto as auto_module
+from aggregators.auto import choose
+
+CLASSIFIER_CANDIDATES = ["greedy", "single", "weights", "stacking", "choquet"]
+
+
+@pytest.fixture(scope="module")
+def auto_fit(request):
+    """The default estimator fitted on breast_cancer's aggregation rows."""
+    cancer = request.getfixturevalue("cancer_pool")
+    frozen = [(name, FrozenEstimator(m)) for name, m in cancer.pool.items()]
+    return AggregatedClassifier(frozen, random_state=0).fit(cancer.X_agg, cancer.y_agg), cancer
+
+
+def test_auto_is_the_default_of_both_estimators():
+    assert AggregatedClassifier([]).aggregator == "auto"
+    assert AggregatedRegressor([]).aggregator == "auto"
+    assert clone(AggregatedClassifier([("nb", GaussianNB())])).get_params()["aggregator"] == "auto"
+
+
+def test_candidates_table_names_one_winner_and_the_winner_is_fitted(auto_fit):
+    est, cancer = auto_fit
+    table = est.candidates_
+    assert list(table.index) == CLASSIFIER_CANDIDATES
+    assert {"estimate", "se_diff", "fit_seconds", "chosen", "error"} <= set(table.columns)
+    assert table["chosen"].sum() == 1
+    assert (table["error"] == "").all()
+    assert np.isfinite(table["estimate"]).all() and (table["fit_seconds"] > 0).all()
+    winner = table.index[table["chosen"]][0]
+    expected = dict(single=GreedySelection, greedy=GreedySelection, weights=LearnedWeights,
+                    stacking=Stacking).get(winner)
+    if expected is not None:
+        assert isinstance(est.aggregator_, expected)
+    # The one-standard-error rule: no simpler candidate is within one standard
+    # error of the best, and the winner is.
+    best = table["estimate"].min()
+    pos = list(table.index).index(winner)
+    assert table["estimate"].iloc[pos] <= best + table["se_diff"].iloc[pos] + 1e-12
+    for i in range(pos):
+        assert table["estimate"].iloc[i] > best + table["se_diff"].iloc[i]
+    proba = est.predict_proba(cancer.X_test)
+    assert proba.shape == (len(cancer.X_test), 2) and np.allclose(proba.sum(1), 1)
+
+
+def test_each_row_is_scored_by_fits_that_never_saw_it(monkeypatch, frozen_pool, cancer_pool):
+    fits = []
+    real = auto_module._fit_on_outputs
+
+    def spy(params, agg, Z, X, y, y_model, rows, **kw):
+        fits.append((type(agg).__name__, np.array(rows), kw.get("max_outer_iter")))
+        return real(params, agg, Z, X, y, y_model, rows, **kw)
+
+    monkeypatch.setattr(auto_module, "_fit_on_outputs", spy)
+    c = cancer_pool
+    est = AggregatedClassifier(frozen_pool, random_state=0).fit(c.X_agg, c.y_agg)
+    n = len(c.y_agg)
+    n_cand = len(est.candidates_)
+    k = est.candidates_.attrs["n_outer"]
+    assert len(fits) == n_cand * k + 1  # k outer fits per candidate, then the winner's
+    for i in range(n_cand):
+        train_sets = [rows for _, rows, _ in fits[i * k:(i + 1) * k]]
+        held_out = np.concatenate([np.setdiff1d(np.arange(n), rows) for rows in train_sets])
+        # Every row is held out by exactly one fit of each candidate.
+        np.testing.assert_array_equal(np.sort(held_out), np.arange(n))
+        assert all(steps == auto_module.OUTER_STEPS for _, _, steps in fits[i * k:(i + 1) * k])
+    _, final_rows, final_steps = fits[-1]
+    np.testing.assert_array_equal(final_rows, np.arange(n))
+    assert final_steps is None  # the winner is fitted as the estimator's parameters say
+
+
+def test_auto_is_at_or_near_the_best_single_model_on_test(auto_fit):
+    est, cancer = auto_fit
+    frozen = [(name, FrozenEstimator(m)) for name, m in cancer.pool.items()]
+    single = AggregatedClassifier(
+        frozen, aggregator=GreedySelection(n_rounds=1), random_state=0
+    ).fit(cancer.X_agg, cancer.y_agg)
+    ours = log_loss(cancer.y_test, est.predict_proba(cancer.X_test))
+    ref = log_loss(cancer.y_test, single.predict_proba(cancer.X_test))
+    assert ours <= 1.10 * ref
+
+
+def test_regression_skips_nothing_it_can_fit_and_is_deterministic():
+    X, y = load_diabetes(return_X_y=True)
+    pool = [("ridge", FrozenEstimator(Ridge().fit(X[:200], y[:200]))),
+            ("tree", FrozenEstimator(DecisionTreeRegressor(max_depth=3, random_state=0)
+                                     .fit(X[:200], y[:200])))]
+    a = AggregatedRegressor(pool, random_state=3).fit(X[200:350], y[200:350])
+    b = AggregatedRegressor(pool, random_state=3).fit(X[200:350], y[200:350])
+    assert "stacking" in a.candidates_.index and "weights" in a.candidates_.index
+    pd.testing.assert_series_equal(a.candidates_["estimate"], b.candidates_["estimate"])
+    np.testing.assert_allclose(a.predict(X[350:]), b.predict(X[350:]))
+    assert a.predict(X[350:]).shape == (len(X) - 350,)
+
+
+def test_auto_handles_a_handful_of_rows_per_class():
+    X, y = load_iris(return_X_y=True)
+    rows = np.concatenate([np.flatnonzero(y == k)[:3] for k in range(3)])
+    est = AggregatedClassifier(
+        [("nb", GaussianNB()), ("tree", DecisionTreeClassifier(max_depth=2, random_state=0))],
+        base_cv=2, random_state=0,
+    ).fit(X[rows], y[rows])
+    assert est.candidates_["chosen"].sum() == 1
+    assert est.predict_proba(X[:5]).shape == (5, 3)
+
+
+def test_a_candidate_that_fails_is_out_of_the_race(monkeypatch, frozen_pool, cancer_pool):
+    class Broken(LearnedWeights):
+        def init_params(self, ctx, Z, y, X=None):
+            raise ValueError("broken on purpose")
+
+    monkeypatch.setattr(
+        auto_module, "CANDIDATES", (("broken", Broken), *auto_module.CANDIDATES[:2])
+    )
+    est = AggregatedClassifier(frozen_pool, random_state=0).fit(
+        cancer_pool.X_agg, cancer_pool.y_agg
+    )
+    table = est.candidates_
+    assert "broken on purpose" in table.loc["broken", "error"]
+    assert not table.loc["broken", "chosen"] and np.isnan(table.loc["broken", "se_diff"])
+
+
+@pytest.mark.parametrize("params, match", [
+    (dict(hyperparams={"l2": 1.0}), "aggregator='auto' chooses among several"),
+    (dict(tune_ranges={"l2": (1e-3, 1.0, "log")}), "tune_ranges names hyperparameters"),
+])
+def test_hyperparameters_of_one_function_need_that_function(params, match, cancer_pool):
+    with pytest.raises(ValueError, match=match):
+        AggregatedClassifier([("nb", GaussianNB())], **params).fit(
+            cancer_pool.X_agg, cancer_pool.y_agg)
+
+
+def test_a_later_fit_with_another_aggregator_drops_candidates(frozen_pool, cancer_pool):
+    est = AggregatedClassifier(frozen_pool, random_state=0, max_outer_iter=2)
+    est.fit(cancer_pool.X_agg, cancer_pool.y_agg)
+    assert hasattr(est, "candidates_")
+    est.set_params(aggregator="weights").fit(cancer_pool.X_agg, cancer_pool.y_agg)
+    assert not hasattr(est, "candidates_")
+
+
+# -- choose: the one-standard-error rule ------------------------------------------------
+def test_choose_prefers_the_simplest_within_one_standard_error():
+    rng = np.random.default_rng(0)
+    base = rng.exponential(size=400)
+    noise = rng.normal(scale=0.05, size=400)
+    losses = np.stack([base + 0.001 + noise, base, base + 0.5])  # simplest first
+    winner, means, se = choose(losses)
+    assert winner == 0  # 0.001 above the best, well within its standard error
+    assert se[1] == 0 and se[0] > 0.001
+    assert choose(losses, n_se=0.0)[0] == 1  # the lowest mean
+
+
+def test_choose_keeps_a_clearly_better_candidate_and_skips_failed_ones():
+    base = np.linspace(0.1, 1.0, 50)
+    losses = np.stack([base + 0.2, np.full(50, np.nan), base])
+    winner, means, se = choose(losses)
+    assert winner == 2
+    assert np.isinf(means[1]) and np.isnan(se[1])
+    # The same difference on every row has no spread: it is not noise.
+    assert se[0] == pytest.approx(0.0)
+
+
+# -- GreedySelection ----------------------------------------------------------------
+def test_one_round_is_the_best_single_model_and_only_it_is_called(frozen_pool, cancer_pool):
+    c = cancer_pool
+    est = AggregatedClassifier(
+        frozen_pool, aggregator=GreedySelection(n_rounds=1), random_state=0
+    ).fit(c.X_agg, c.y_agg)
+    losses = {n: log_loss(c.y_agg, m.predict_proba(c.X_agg)) for n, m in c.pool.items()}
+    best = min(losses, key=losses.get)
+    w = est.aggregator_.weights_
+    assert w[best] == 1.0 and w.sum() == 1.0
+    proba = est.predict_proba(c.X_test)
+    np.testing.assert_allclose(
+        proba, np.clip(c.pool[best].predict_proba(c.X_test), 1e-6, None), atol=1e-6)
+    assert est.last_routing_[best] == len(c.X_test)
+    assert est.last_routing_.drop(best).eq(0).all()
+
+
+def test_greedy_weights_are_counts_over_rounds(frozen_pool, cancer_pool):
+    est = AggregatedClassifier(
+        frozen_pool, aggregator=GreedySelection(n_rounds=20), random_state=0
+    ).fit(cancer_pool.X_agg, cancer_pool.y_agg)
+    w = est.aggregator_.weights_
+    np.testing.assert_allclose(w.sum(), 1.0)
+    np.testing.assert_allclose(w * 20, np.round(w * 20))
+    assert np.isnan(est.validation_loss_)  # nothing is tuned
+
+
+def test_greedy_beats_or_ties_the_single_model_on_its_training_rows():
+    X, y = load_diabetes(return_X_y=True)
+    pool = [("ridge", FrozenEstimator(Ridge().fit(X[:200], y[:200]))),
+            ("tree", FrozenEstimator(DecisionTreeRegressor(max_depth=3, random_state=0)
+                                     .fit(X[:200], y[:200])))]
+    err = {}
+    for r in (1, 50):
+        est = AggregatedRegressor(pool, aggregator=GreedySelection(n_rounds=r)).fit(X[200:], y[200:])
+        err[r] = np.mean((est.predict(X[200:]) - y[200:]) ** 2)
+    assert err[50] <= err[1]
+
+
+@pytest.mark.parametrize("n_rounds", [0, 2.5, True])
+def test_greedy_rejects_bad_rounds(n_rounds, frozen_pool, cancer_pool):
+    with pytest.raises(ValueError, match="n_rounds must be an integer >= 1"):
+        AggregatedClassifier(frozen_pool, aggregator=GreedySelection(n_rounds=n_rounds)).fit(
+            cancer_pool.X_agg, cancer_pool.y_agg)
+
+
+@pytest.mark.parametrize("aggregator", ["greedy", "auto"])
+def test_greedy_and_auto_fits_save_and_load(aggregator, frozen_pool, cancer_pool, tmp_path):
+    est = AggregatedClassifier(frozen_pool, aggregator=aggregator, random_state=0).fit(
+        cancer_pool.X_agg, cancer_pool.y_agg)
+    back = load(save(est, tmp_path / "g.hyperagg"))
+    np.testing.assert_allclose(back.predict_proba(cancer_pool.X_test),
+                               est.predict_proba(cancer_pool.X_test))
+    if aggregator == "auto":
+        pd.testing.assert_frame_equal(back.candidates_, est.candidates_)
