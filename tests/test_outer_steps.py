@@ -127,3 +127,21 @@ def test_shared_stage_reaches_the_full_runs_loss(seed, monkeypatch):
     full = _per_model(pool, X, y)
     assert len(est.tuning_history_) <= SHARED_BUDGET
     assert est.validation_loss_ <= 1.005 * full.validation_loss_
+
+
+def test_shared_stage_is_skipped_where_the_entries_pull_apart():
+    centre = np.array([3.0, -3.0, 2.0, -2.0])
+    trail = []
+
+    def evaluate(h):
+        x = h.numpy()
+        trail.append(x.copy())
+        d = x - centre
+        return torch.tensor(float(np.sum(d**2))), torch.as_tensor(2 * d)
+
+    h0 = torch.zeros(4, dtype=torch.float64)
+    box = torch.full((4,), 10.0, dtype=torch.float64)
+    _run_lbfgs(evaluate, h0, -box, box, 30, 1e-8, {}, shared_stage=True)
+    assert np.ptp(trail[1]) > 1.0  # L-BFGS-B's per-entry step, not a common shift
+    assert len(trail) <= SHARED_BUDGET
+    assert np.max(np.abs(trail[-1] - centre)) < 1e-2

@@ -432,7 +432,7 @@ SHARED_COSINE = 0.5
 SHARED_SLOPE = 0.1
 
 
-def _shared_search(raw, x0, xlo, xhi, n_evals, tol):
+def _shared_search(raw, x0, xlo, xhi, n_evals):
     """1-D search for the best common shift ``t`` of every entry of ``x``.
 
     Minimises ``phi(t) = f(clip(x0 + t))`` from its slope
@@ -588,7 +588,7 @@ def _run_lbfgs(
             state["message"] = str(res.message)
 
     if shared_stage:
-        seen.extend(_shared_search(raw, x0, xlo, xhi, min(SHARED_EVALS, max_fun), tol))
+        seen.extend(_shared_search(raw, x0, xlo, xhi, min(SHARED_EVALS, max_fun)))
         ib = int(np.argmin([f for _, f, _ in seen]))
         left = max_fun - len(seen)
         if left >= 1:
