@@ -490,6 +490,7 @@ def fit_aggregated(
                     tol=params["tol"], max_inner_iter=params["max_inner_iter"],
                     callback=_Progress(len(splits)) if params["verbose"] else None,
                     inner_solver=_inner_solver(agg_spec), scale=space.scales(),
+                    shared_stage=getattr(agg_spec, "shared_stage", False),
                 )
             except InnerDivergenceError as e:
                 raise ValueError(

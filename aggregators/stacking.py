@@ -114,6 +114,9 @@ class Stacking(Aggregator):
     """
 
     short_name = "stacking"
+    #: The tuner first moves every L2 weight together (their common level
+    #: matters most), then refines them one by one, in few evaluations.
+    shared_stage = True
 
     def __init__(
         self,

@@ -169,6 +169,10 @@ class _Stalled(Exception):
     pass
 
 
+class _Budget(Exception):
+    pass
+
+
 #: Evaluations in a row that may fail to improve the best outer loss (by
 #: ``tol``, relatively) before L-BFGS-B is stopped. Where the inner solves
 #: stop short (non-smooth losses at their iteration bound, HOAG's loose early
@@ -210,6 +214,7 @@ def tune(
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     inner_solver: str = "auto",
     scale: torch.Tensor | None = None,
+    shared_stage: bool = False,
 ) -> TuningResult:
     """Minimise ``sum_k Q_k(theta_k*(h), h)`` over box-bounded ``h``.
 
@@ -263,6 +268,13 @@ def tune(
         largest entry ``FIRST_STEP`` units long: give the width of a range the
         user chose, so that step is measured in that range. ``None``: the
         units of ``h``.
+    shared_stage : bool, default=False
+        With ``optimizer="lbfgs"`` and more than one entry in ``h``: first
+        move every entry together (a 1-D search on a shared shift, in
+        ``h / scale``), then refine them one by one with L-BFGS-B, all in at
+        most ``SHARED_BUDGET`` evaluations (see :func:`_shared_search`). For
+        a vector of like hyperparameters (one L2 weight per base model),
+        whose common level matters most.
 
     Returns
     -------
@@ -351,7 +363,9 @@ def tune(
             evaluate(h0.detach())
             state["message"] = "no tuning asked for"
         elif optimizer == "lbfgs":
-            _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale)
+            _run_lbfgs(
+                evaluate, h0, lower, upper, max_outer_iter, tol, state, scale, shared_stage
+            )
         elif optimizer == "adam":
             _run_adam(evaluate, h0, lower, upper, max_outer_iter, outer_lr, tol, state, project)
         else:
@@ -398,7 +412,102 @@ BRACKET_STEPS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 FIRST_STEP = 1.0
 
 
-def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=None):
+#: Outer evaluations, all stages together, of a tuning with ``shared_stage``
+#: (or ``2 * max_outer_iter``, if fewer).
+SHARED_BUDGET = 8
+
+#: Of those, at most this many (the start included) go to the 1-D search on
+#: the shared shift; L-BFGS-B refines the entries one by one with the rest.
+SHARED_EVALS = 4
+
+#: The 1-D search is tried only where the hypergradient at the start lies
+#: within this cosine of the shared direction (all entries moving together):
+#: where some weights want to grow and others to shrink, a common shift gains
+#: little and its evaluations are better spent by L-BFGS-B.
+SHARED_COSINE = 0.5
+
+#: The 1-D search stops once the slope along the shared shift has fallen to
+#: this fraction of its value at the start: the common level is found to well
+#: within what the per-entry refinement moves next.
+SHARED_SLOPE = 0.1
+
+
+def _shared_search(raw, x0, xlo, xhi, n_evals):
+    """1-D search for the best common shift ``t`` of every entry of ``x``.
+
+    Minimises ``phi(t) = f(clip(x0 + t))`` from its slope
+    ``phi'(t) = sum of g over entries inside their bounds``: the first
+    trial is one unit (``FIRST_STEP``) downhill; while the slope keeps its
+    sign the next is a secant extrapolation (2 to 4 times the last step, as
+    a warm-started regularisation path would go), and once a sign change or
+    a rise of ``phi`` brackets the minimum, a safeguarded secant step inside
+    the bracket. ``raw`` is called at most ``n_evals`` times, the start
+    included. Only the start is evaluated where the hypergradient there is
+    not within ``SHARED_COSINE`` of the shared direction.
+
+    Returns
+    -------
+    list of (x, f, g)
+        Every point evaluated, the start first.
+    """
+    pts = []
+
+    def at(t):
+        x = np.clip(x0 + t, xlo, xhi)
+        f, g = raw(x)
+        free = ~((x <= xlo) & (g > 0) | (x >= xhi) & (g < 0))
+        pts.append((x.copy(), f, g))
+        return f, float(np.sum(g[free]))
+
+    f0, s0 = at(0.0)
+    g0 = pts[0][2]
+    norm = float(np.linalg.norm(g0))
+    if not (np.isfinite(s0) and norm > 0) or abs(s0) < SHARED_COSINE * np.sqrt(g0.size) * norm:
+        return pts  # the entries pull apart: the shared shift is no short cut
+    line = [(0.0, f0, s0)]  # (t, phi, phi')
+    t_next = -np.sign(s0) * FIRST_STEP
+    while len(pts) < n_evals:
+        f, sl = at(t_next)
+        line.append((t_next, f, sl))
+        tb, fb, sb = min(line, key=lambda p: p[1])
+        if abs(sb) <= SHARED_SLOPE * abs(s0):
+            break
+        if np.array_equal(pts[-1][0], pts[-2][0]):
+            break  # every entry at a bound: the line ends here
+        # The bracket: the best point and its nearest neighbour past which the
+        # slope turns up (or the loss rises).
+        ahead = [
+            p for p in line
+            if (p[0] - tb) * -sb > 0 and (np.sign(p[2]) != np.sign(sb) or p[1] > fb)
+        ]
+        if ahead:
+            tc, fc, sc = min(ahead, key=lambda p: abs(p[0] - tb))
+            if sc != sb and np.sign(sc) != np.sign(sb):
+                t_new = tb - sb * (tc - tb) / (sc - sb)
+            else:  # a rise without a sign change: the parabola through fb, sb, fc
+                d = tc - tb
+                curv = fc - fb - sb * d
+                t_new = tb - sb * d * d / (2 * curv) if curv > 0 else tb + d / 2
+            lo_t, hi_t = sorted((tb, tc))
+            w = hi_t - lo_t
+            t_new = float(np.clip(t_new, lo_t + 0.1 * w, hi_t - 0.1 * w))
+        else:
+            # Still downhill: extrapolate by the secant of the slope from the
+            # previous best, between 2 and 4 times the last step.
+            tp, _, sp = line[-2] if line[-1][0] == tb else line[-1]
+            step = tb - tp
+            if sp != sb and np.sign(sp) == np.sign(sb) and abs(sb) < abs(sp):
+                mult = float(np.clip(-sb / (sb - sp), 2.0, 4.0))
+            else:
+                mult = 4.0
+            t_new = tb + mult * abs(step) * -np.sign(sb)
+        t_next = t_new
+    return pts
+
+
+def _run_lbfgs(
+    evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=None, shared_stage=False
+):
     dtype, device = h0.dtype, h0.device
     lo, hi = lower.detach().cpu().numpy(), upper.detach().cpu().numpy()
     unit = np.ones_like(lo) if scale is None else scale.detach().cpu().numpy().astype(np.float64)
@@ -414,11 +523,20 @@ def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=Non
     seen: list = []  # (x, f, g) of every evaluation, line-search trials included
     accepted: list = []  # f at the iterates L-BFGS-B accepted
     max_fun = 2 * max_outer_iter
+    x0 = np.clip(h0.detach().cpu().numpy().astype(np.float64), lo, hi) / unit
+    shared_stage = shared_stage and x0.size > 1
+    if shared_stage:
+        max_fun = min(max_fun, SHARED_BUDGET)
+    n_raw = [0]
     # L-BFGS-B minimises gain * Q, gain fixed at the first evaluation (see FIRST_STEP).
     gain: list = [None]
 
     def raw(x):
         # Only the hyperparameter vector crosses to the host here.
+        if shared_stage and n_raw[0] >= max_fun:
+            state["message"] = f"reached the budget of {max_fun} outer evaluations"
+            raise _Budget  # L-BFGS-B's line search may overrun its maxfun
+        n_raw[0] += 1
         h = np.clip(x * unit, lo, hi)  # no rounding past a bound
         value, grad = evaluate(torch.as_tensor(h, dtype=dtype, device=device))
         f = float(value)
@@ -464,10 +582,31 @@ def _run_lbfgs(evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=Non
                 f"{STALL_EVALS} evaluations in a row did not improve the outer loss by tol: its "
                 "values are no longer precise enough for the line search"
             )
+        except _Budget:
+            pass
         else:
             state["message"] = str(res.message)
 
-    x0 = np.clip(h0.detach().cpu().numpy().astype(np.float64), lo, hi) / unit
+    if shared_stage:
+        seen.extend(_shared_search(raw, x0, xlo, xhi, min(SHARED_EVALS, max_fun)))
+        ib = int(np.argmin([f for _, f, _ in seen]))
+        left = max_fun - len(seen)
+        if left >= 1:
+            # L-BFGS-B from the best common level; its first call is answered
+            # without evaluating, and its relative test starts from there.
+            m = float(np.max(np.abs(seen[ib][2])))
+            if m > 0 and np.isfinite(m):
+                # Its first step one unit long again (see FIRST_STEP): the
+                # slope there is the per-entry spread, smaller than at the start.
+                k = FIRST_STEP / m
+                gain[0] *= k
+                seen[:] = [(x, f * k, g * k) for x, f, g in seen]
+            accepted.append(seen[ib][1])
+            seen.append(seen[ib])
+            run(seen[ib][0], max_outer_iter, left + 1)
+        elif not state["message"]:
+            state["message"] = f"reached the budget of {max_fun} outer evaluations"
+        return
     run(x0, max_outer_iter, max_fun)
     if not seen:
         return
