@@ -64,7 +64,7 @@ from sklearn.svm import SVC, SVR
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_sklearn import library_version, warm_up  # noqa: E402
+from _peers import library_version, warm_up  # noqa: E402
 
 from aggregators import AggregatedClassifier, AggregatedRegressor  # noqa: E402
 
