@@ -107,6 +107,8 @@ def run_size(task: str, n_rows: int, n_models: int, args) -> list[dict]:
     X_all = np.arange(n_rows + N_TEST, dtype=np.float64)[:, None]
     X, y, X_test, y_test = X_all[:n_rows], y_all[:n_rows], X_all[n_rows:], y_all[n_rows:]
     pool = pool_of(task, P)
+    if P.nbytes > 1e8:
+        print(f"  stored outputs: {P.nbytes / 1e9:.2f} GB", flush=True)
     Est = AggregatedClassifier if task == "cls" else AggregatedRegressor
     rows = []
 

@@ -293,7 +293,8 @@ def stored_peers(task: str, pool: dict, classes) -> list[Method]:
             else:
                 w = rule(pool_predict(pool, X), y)
                 predict = lambda Xn: w @ pool_predict(pool, Xn)  # noqa: E731
-            method.info["weights"] = {k: round(float(v), 3) for k, v in zip(pool, w) if v > 0}
+            kept = {k: round(float(v), 3) for k, v in zip(pool, w)}
+            method.info["weights"] = {k: v for k, v in kept.items() if v > 0}
             return predict
 
         method = Method(name, "peer", fit)
