@@ -1,4 +1,4 @@
-"""Size sweep: how the fit time of tuned stacking grows with the aggregation rows (issue 20, item 3).
+"""Size sweep: how the fit time of tuned stacking grows with the rows (issue 20, item 3).
 
 Base-model outputs are generated directly, so that no real model has to run
 on a million rows: a latent true class ``y`` (5 classes), and for model ``m``
@@ -148,7 +148,6 @@ def run_size(task: str, n_rows: int, n_models: int, args) -> list[dict]:
             m = RidgeCV(alphas=np.logspace(-4, 4, 20)).fit(features(X), y)
             return lambda Xn: m.predict(features(Xn))
         record("LRCV stacking" if task == "cls" else "RidgeCV stacking", fit_peer)
-    del P
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The default estimator against the obvious alternatives, on data and pools the other benchmarks never use.
+"""The default estimator against the obvious alternatives, on data and pools seen nowhere else.
 
 The other benchmarks run classification on four datasets with one pool of
 six classifiers. This one checks that the defaults carry over: other bundled
@@ -205,7 +205,9 @@ def methods_for(task: str, frozen: dict, classes, multi: bool, seed: int, args, 
             if cls:
                 P = np.stack([m.predict_proba(X) for m in with_proba.values()])
                 w = rule(P, np.searchsorted(classes, y))
-                return lambda Xn: blend(np.stack([m.predict_proba(Xn) for m in with_proba.values()]), w)
+                return lambda Xn: blend(
+                    np.stack([m.predict_proba(Xn) for m in with_proba.values()]), w
+                )
             P = np.stack([np.reshape(m.predict(X), np.shape(y)) for m in frozen.values()])
             w = rule(P, y)
             return lambda Xn: np.tensordot(w, np.stack(
@@ -247,7 +249,8 @@ def methods_for(task: str, frozen: dict, classes, multi: bool, seed: int, args, 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
 
             def objective(trial):
-                est = clone(stack).set_params(**{param: trial.suggest_float("v", 1e-4, 1e4, log=True)})
+                value = trial.suggest_float("v", 1e-4, 1e4, log=True)
+                est = clone(stack).set_params(**{param: value})
                 return cross_val_score(est, X, y, cv=folds, scoring=scoring).mean()
 
             study = optuna.create_study(direction="maximize",
@@ -281,7 +284,9 @@ def run_dataset(task: str, name: str, X, y, seed: int, args) -> list[dict]:
         row = {"task": task, "dataset": name, "seed": seed, "method": method, "kind": kind}
         info.clear()
         try:
-            predict, seconds, runs, kinds = timed(lambda f=fit: f(X_agg, y_agg), repeats=args.repeats)
+            predict, seconds, runs, kinds = timed(
+                lambda f=fit: f(X_agg, y_agg), repeats=args.repeats
+            )
             pred = predict(X_test)
         except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
             print(f"   {method:26s} ERROR {type(e).__name__}: {e}", flush=True)

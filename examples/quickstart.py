@@ -139,7 +139,8 @@ def main(
             if agg in first:
                 print(f"\ntuned hyperparameters of hyperagg {agg} (split {seed}):")
                 for k, v in first[agg].hyperparams_.items():
-                    print(f"  {k}: {v.round(5).to_dict() if hasattr(v, 'to_dict') else round(v, 5)}")
+                    shown_v = v.round(5).to_dict() if hasattr(v, "to_dict") else round(v, 5)
+                    print(f"  {k}: {shown_v}")
         if "weights" in first:
             print(f"\nlearned weights (split {seed}):")
             print(first["weights"].aggregator_.weights_.round(3).to_string())
