@@ -111,6 +111,7 @@ def run_size(task: str, n_rows: int, n_models: int, args) -> list[dict]:
         print(f"  stored outputs: {P.nbytes / 1e9:.2f} GB", flush=True)
     Est = AggregatedClassifier if task == "cls" else AggregatedRegressor
     rows = []
+    steps = {}  # outer steps of our last fit
 
     def record(method, fit):
         try:
@@ -121,16 +122,19 @@ def run_size(task: str, n_rows: int, n_models: int, args) -> list[dict]:
         pred = predict(X_test)
         loss = log_loss(y_test, pred, labels=np.arange(N_CLASSES)) if task == "cls" \
             else rmse(pred, y_test)
+        n_steps = steps.pop("n", None)
         print(f"  {task} {n_rows:>9,d} rows {n_models:2d} models  {method:14s} "
-              f"{seconds:8.2f} s  test {loss:.4f}", flush=True)
+              f"{seconds:8.2f} s  test {loss:.4f}"
+              + (f"  outer steps {n_steps}" if n_steps is not None else ""), flush=True)
         rows.append({"task": task, "rows": n_rows, "models": n_models, "method": method,
                      "fit_s": seconds, "runs": runs, "test_loss": loss,
-                     "warnings": ",".join(kinds)})
+                     "outer_steps": n_steps, "warnings": ",".join(kinds)})
 
     for method, params in (("ours tuned", {}), ("ours untuned", {"hyperparams": "fixed"})):
         def fit(params=params):
             est = Est(pool, aggregator="stacking", device=args.device, random_state=args.seed,
                       **params).fit(X, y)
+            steps["n"] = int(getattr(est, "n_iter_", 0) or 0)
             return est.predict_proba if task == "cls" else est.predict
         record(method, fit)
 
