@@ -596,8 +596,9 @@ def report(table: pd.DataFrame, header: str, notes: list[str], seconds: float) -
     buf.write("\n### the default against the obvious alternatives (issue 14; mean over seeds, "
               "1 % tolerance)\n\n")
     buf.write(to_markdown(issue14_summary(table)) + "\n")
-    buf.write(f"\ntotal run time {seconds / 60:.1f} min; load average at the end "
-              f"{load_average()}\n")
+    if np.isfinite(seconds):
+        buf.write(f"\ntotal run time {seconds / 60:.1f} min; load average at the end "
+                  f"{load_average()}\n")
     return buf.getvalue()
 
 
@@ -626,8 +627,17 @@ def main(argv=None) -> pd.DataFrame:
                         help="run only the methods whose name contains one of these "
                              "(case-insensitive)")
     parser.add_argument("--out", type=Path,
-                        help="write the report (.md) or the per-seed rows (.csv)")
+                        help="write the report (.md; the per-seed rows go to the same "
+                             "name with .csv, after each dataset) or only the rows (.csv)")
+    parser.add_argument("--report", type=Path, metavar="CSV",
+                        help="only print the tables of the rows in CSV (written by an "
+                             "earlier run's --out, possibly cut short) and exit")
     args = parser.parse_args(argv)
+    if args.report:
+        table = pd.read_csv(args.report, keep_default_na=False, na_values=[""])
+        table["info"] = table["info"].astype(str)
+        print(report(table, f"bench_vs_sklearn: rows of {args.report}", [], math.nan))
+        return table
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4])
 
     import torch
@@ -652,12 +662,17 @@ def main(argv=None) -> pd.DataFrame:
         print(f"note: {note}")
     print(f"torch warm-up: {warm_up(seeds[0]):.2f} s (not timed)")
     rows = []
+    # The rows so far, after each dataset: a run cut short still leaves its
+    # figures (``--report`` turns them into the tables).
+    partial = args.out.with_suffix(".csv") if args.out else None
     # One thread everywhere (BLAS, OpenMP, torch): the comparison is per core.
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore")  # counted per fit by timed(), not printed
         for i, seed in enumerate(seeds):
             for name in args.datasets:
                 rows += run_dataset(name, seed, args, i < args.costly_seeds, bbai_note)
+                if partial is not None:
+                    pd.DataFrame(rows).to_csv(partial, index=False)
     table = pd.DataFrame(rows)
     seconds = time.perf_counter() - start
     text = report(table, header, notes, seconds)
