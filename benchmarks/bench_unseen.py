@@ -45,7 +45,7 @@ its fit no slower than the grid's. A fit that raises is reported, not hidden.
 
 Run: ``python benchmarks/bench_unseen.py [--seeds 0 1 2 3 4] [--task cls|reg|both]
 [--aggregators stacking weights ...] [--optuna 15] [--out unseen.md|.csv]``.
-The default takes about 10 minutes on a loaded 2-core machine.
+The default took 26 minutes on a 2-core machine at load 9-12 (other jobs).
 """
 
 from __future__ import annotations
