@@ -68,7 +68,8 @@ stacking (1 % tolerance), and is its fit no slower than the grid.
 
 Run: ``python benchmarks/bench_vs_sklearn.py [--quick] [--seeds 0 1 2 3 4]
 [--datasets wine digits ...] [--out results.md] [--choquet]``. The default
-(5 seeds, all six datasets) takes about 15 minutes on a loaded 2-core machine;
+(5 seeds, all six datasets) used about 6 minutes of CPU; it took 46 minutes
+of wall time on a 2-core machine at load 12-16 (other jobs), so run it on a quiet one;
 ``--quick`` (2 seeds, smaller synth5 and friedman1, fewer Optuna trials) a few.
 Before the closing-note run, check the total it prints.
 The header records the library commit and the load average: timings on a
@@ -524,7 +525,8 @@ def issue14_summary(table: pd.DataFrame, tol: float = 0.01) -> pd.DataFrame:
             CARUANA: m.get(CARUANA, math.nan),
             CONVEX: m.get(CONVEX, math.nan),
             GRID_PREFIT: m.get(GRID_PREFIT, math.nan),
-            OPTUNA: m.get(OPTUNA, math.nan),
+            f"{OPTUNA} ({int(t[t.method == OPTUNA].loss.count())} seeds)":
+                m.get(OPTUNA, math.nan),
             "<= single": at_or_below(SINGLE),
             "<= Caruana": at_or_below(CARUANA),
             "<= grid": at_or_below(GRID_PREFIT),
