@@ -211,8 +211,10 @@ def main(argv=None) -> pd.DataFrame:
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
         print("\nfit seconds:")
         print(wide.to_string())
-        print("\ngrowth exponent of the fit time with rows (1 = linear):")
-        print(growth(table).to_string(index=False))
+        grown = growth(table)
+        if len(grown):
+            print("\ngrowth exponent of the fit time with rows (1 = linear):")
+            print(grown.to_string(index=False))
     print(f"\ntotal {(time.perf_counter() - start) / 60:.1f} min; load average {load_average()}")
     if args.out:
         table.to_csv(args.out, index=False)
