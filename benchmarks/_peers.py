@@ -15,6 +15,16 @@ new rows are ``sum_m w_m P_m`` (:func:`blend`).
   log-loss, fitted by SciPy's L-BFGS-B with the analytic gradient; no
   regularisation, no tuning.
 
+The regression counterparts (``*_sq``) take the models' predictions ``P`` of
+shape ``(n_models, n_rows, n_targets)`` and real targets ``y`` of shape
+``(n_rows, n_targets)``, and minimise the mean squared error instead.
+
+:class:`BbaiLogisticClassifier` and :class:`BbaiRidgeRegressor` wrap bbai's
+GLMs (optional; tuned by approximate leave-one-out CV, Burn 2020) as
+scikit-learn estimators, so that they can be a stacking's final estimator.
+The rest of the module holds what several benchmarks share: the torch
+warm-up, the library's version, and a timer.
+
 References
 ----------
 R. Caruana, A. Niculescu-Mizil, G. Crew, A. Ksikes, "Ensemble selection from
@@ -23,11 +33,31 @@ libraries of models", ICML 2004.
 
 from __future__ import annotations
 
+import os
+import statistics
+import subprocess
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 from scipy.optimize import minimize
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 
 __all__ = [
     "EPS",
+    "BbaiLogisticClassifier",
+    "BbaiRidgeRegressor",
+    "best_single_sq",
+    "caruana_selection_sq",
+    "convex_weights_sq",
+    "bbai_available",
+    "library_version",
+    "load_average",
+    "rmse",
+    "timed",
+    "warm_up",
     "best_single",
     "blend",
     "caruana_selection",
@@ -161,3 +191,188 @@ def softmax_weights_lbfgs(
     )
     e = np.exp(res.x - res.x.max())
     return e / e.sum()
+
+
+# -- regression ----------------------------------------------------------------------
+def _as_3d(P: np.ndarray) -> np.ndarray:
+    P = np.asarray(P, dtype=float)
+    return P[:, :, None] if P.ndim == 2 else P
+
+
+def _as_2d(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y, dtype=float)
+    return y[:, None] if y.ndim == 1 else y
+
+
+def rmse(pred: np.ndarray, y: np.ndarray) -> float:
+    """Root mean squared error over all rows and targets."""
+    return float(np.sqrt(np.mean((_as_2d(pred) - _as_2d(y)) ** 2)))
+
+
+def best_single_sq(P: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One-hot weight on the model with the lowest mean squared error."""
+    P, y = _as_3d(P), _as_2d(y)
+    losses = np.mean((P - y[None]) ** 2, axis=(1, 2))
+    w = np.zeros(len(P))
+    w[int(np.argmin(losses))] = 1.0
+    return w
+
+
+def caruana_selection_sq(P: np.ndarray, y: np.ndarray, n_rounds: int = 50) -> np.ndarray:
+    """Greedy ensemble selection with replacement on the mean squared error.
+
+    As :func:`caruana_selection`, with the squared error of the averaged
+    predictions as the criterion (what AutoGluon uses for regression).
+    """
+    P, y = _as_3d(P), _as_2d(y)
+    running = np.zeros_like(y)
+    counts = np.zeros(len(P))
+    for k in range(1, n_rounds + 1):
+        cand = (running[None] + P) / k
+        losses = np.mean((cand - y[None]) ** 2, axis=(1, 2))
+        best = int(np.argmin(losses))
+        counts[best] += 1
+        running += P[best]
+    return counts / n_rounds
+
+
+def convex_weights_sq(
+    P: np.ndarray, y: np.ndarray, *, max_iter: int = 500, tol: float = 1e-10
+) -> np.ndarray:
+    """Convex weights ``softmax(a)`` minimising the mean squared error, by L-BFGS-B.
+
+    The regression counterpart of :func:`softmax_weights_lbfgs`: untuned,
+    unregularised, started at the uniform average.
+    """
+    P, y = _as_3d(P), _as_2d(y)
+    flat = P.reshape(len(P), -1)  # (n_models, n_rows * n_targets)
+    target = y.ravel()
+
+    def fun(a: np.ndarray) -> tuple[float, np.ndarray]:
+        e = np.exp(a - a.max())
+        w = e / e.sum()
+        resid = w @ flat - target
+        loss = np.mean(resid**2)
+        g_w = 2.0 * flat @ resid / len(target)
+        return float(loss), w * (g_w - w @ g_w)
+
+    res = minimize(
+        fun, np.zeros(len(P)), jac=True, method="L-BFGS-B",
+        options={"maxiter": max_iter, "ftol": tol, "gtol": tol},
+    )
+    e = np.exp(res.x - res.x.max())
+    return e / e.sum()
+
+
+# -- bbai's GLMs as scikit-learn estimators ------------------------------------------
+class BbaiLogisticClassifier(ClassifierMixin, BaseEstimator):
+    """bbai's ``LogisticRegression`` with its C tuned by approximate LOO-CV.
+
+    bbai's estimators have ``get_params`` but no scikit-learn tags, which
+    ``StackingClassifier`` needs; this adapter only forwards ``fit`` and
+    ``predict_proba``.
+    """
+
+    def fit(self, X, y):
+        from bbai.glm import LogisticRegression
+
+        self.model_ = LogisticRegression().fit(np.asarray(X, dtype=float), y)
+        self.classes_ = np.asarray(self.model_.classes_)
+        self.C_ = self.model_.C_
+        return self
+
+    def predict_proba(self, X):
+        return self.model_.predict_proba(np.asarray(X, dtype=float))
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+class BbaiRidgeRegressor(RegressorMixin, BaseEstimator):
+    """bbai's ``RidgeRegression`` with its alpha tuned by exact LOO-CV."""
+
+    def fit(self, X, y):
+        from bbai.glm import RidgeRegression
+
+        self.model_ = RidgeRegression().fit(np.asarray(X, dtype=float), y)
+        self.alpha_ = self.model_.alpha_
+        return self
+
+    def predict(self, X):
+        return self.model_.predict(np.asarray(X, dtype=float))
+
+
+def bbai_available() -> str | None:
+    """``None`` if bbai imports, else why not (its rows are then skipped)."""
+    try:
+        import bbai.glm  # noqa: F401
+    except ImportError as e:
+        return f"bbai not importable ({e}); its rows are skipped"
+    return None
+
+
+# -- shared by the benchmarks --------------------------------------------------------
+def timed(fit: Callable, repeats: int = 3, short: float = 1.0):
+    """Run ``fit()`` once (the result evaluated); repeat fits under ``short``
+    seconds up to ``repeats`` times in all. Returns ``(result, median seconds,
+    runs, warning categories)``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        result = fit()
+        times = [time.perf_counter() - t0]
+        while times[0] < short and len(times) < repeats:
+            t0 = time.perf_counter()
+            fit()
+            times.append(time.perf_counter() - t0)
+    kinds = sorted({w.category.__name__ for w in caught})
+    return result, statistics.median(times), len(times), kinds
+
+
+def warm_up(seed: int = 0) -> float:
+    """One small untimed fit of each of our default, stacking and weights,
+    so that torch's one-time start-up cost (first autograd and L-BFGS calls,
+    about 1 s) is not charged to the first method timed."""
+    from sklearn.datasets import make_classification
+    from sklearn.frozen import FrozenEstimator
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.naive_bayes import GaussianNB
+
+    from aggregators import AggregatedClassifier
+
+    X, y = make_classification(
+        150, 5, n_informative=3, n_redundant=0, n_classes=3, random_state=seed
+    )
+    pool = [
+        ("lr", FrozenEstimator(LogisticRegression().fit(X, y))),
+        ("nb", FrozenEstimator(GaussianNB().fit(X, y))),
+    ]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        AggregatedClassifier(pool, random_state=seed).fit(X, y)
+        for agg in ("stacking", "weights"):
+            AggregatedClassifier(pool, aggregator=agg, random_state=seed).fit(X, y)
+    return time.perf_counter() - t0
+
+
+def library_version() -> str:
+    """Commit of the checkout, and whether the library has uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "aggregators", "base_models"], cwd=root,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted library changes" if dirty else "")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` shows them."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
