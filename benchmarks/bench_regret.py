@@ -19,7 +19,7 @@ regression). Printed per dataset, as means over the seeds:
   lowest tuned validation loss (``by val. loss``), the lowest estimate
   (``argmin``), the first candidate in auto's order within 0.5, 1 or 2
   standard errors of the lowest estimate (``1 se`` is auto's rule), and
-  ``1 se`` with the single model before greedy selection; and auto's fit
+  ``1 se`` with greedy selection before the single model; and auto's fit
   time over stacking's.
 
 Hyperparameters tuned: ``weights`` 3 (few), ``stacking`` one per model plus
@@ -62,7 +62,7 @@ from aggregators import AggregatedClassifier, AggregatedRegressor, GreedySelecti
 from aggregators import auto as auto_module
 from aggregators.auto import CANDIDATES
 
-SINGLE_FIRST = ["single", "greedy", "weights", "stacking", "choquet"]
+GREEDY_FIRST = ["greedy", "single", "weights", "stacking", "choquet"]
 CLASSIFICATION = ["breast_cancer", "wine", "iris", "digits", "synthetic"]
 REGRESSION = ["diabetes", "friedman1"]
 #: The candidates of "auto", fitted on their own (same names as ``candidates_``).
@@ -187,7 +187,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         rules = {"by val. loss": choice(g, "val"), "argmin": choice(g, "argmin"),
                  "0.5 se": choice(g, "se", 0.5), "1 se": choice(g, "se", 1.0),
                  "2 se": choice(g, "se", 2.0),
-                 "1 se, single first": choice(g, "se", 1.0, SINGLE_FIRST)}
+                 "1 se, greedy first": choice(g, "se", 1.0, GREEDY_FIRST)}
         tests = {**t.to_dict(), **{k: t[v] for k, v in rules.items()}}
         cands = g[g["method"].isin(METHODS)]
         row = {"dataset": name, "seed": seed}
@@ -211,7 +211,7 @@ def report(df: pd.DataFrame) -> None:
     s = summarise(df)
     pd.set_option("display.width", 250, "display.max_columns", 40, "display.precision", 4)
     methods = [*METHODS, "auto", "by val. loss", "argmin", "0.5 se", "1 se", "2 se",
-               "1 se, single first"]
+               "1 se, greedy first"]
     for ref in ("vs single", "vs greedy"):
         tab = s.groupby("dataset", sort=False)[[f"{m}|{ref}" for m in methods]].mean()
         tab.columns = methods

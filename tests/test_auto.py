@@ -26,7 +26,7 @@ from aggregators import (
 from aggregators import auto as auto_module
 from aggregators.auto import choose
 
-CLASSIFIER_CANDIDATES = ["greedy", "single", "weights", "stacking", "choquet"]
+CLASSIFIER_CANDIDATES = ["single", "greedy", "weights", "stacking", "choquet"]
 
 
 @pytest.fixture(scope="module")
