@@ -509,6 +509,8 @@ def make_linear_cv_problem(
     full: Split,
     splits: list[tuple[np.ndarray, np.ndarray]],
     space: HyperSpace,
+    *,
+    check: bool = True,
 ) -> tuple[BilevelProblem | None, Callable | None, list[tuple[ParamPacker, Params]], str]:
     """Exact cross-fitting in closed form, where the training loss is a quadratic.
 
@@ -528,6 +530,9 @@ def make_linear_cv_problem(
     full : Split
         All tuning rows.
     splits : list of (train, validation) row indices
+    check : bool, default=True
+        Check that the forward pass is the design and the penalty a quadratic
+        (``False``: known already, as for the refit after tuning).
 
     Returns
     -------
@@ -582,6 +587,9 @@ def make_linear_cv_problem(
 
     # The design must be what the forward pass computes (checked at a random
     # point), and the penalty a quadratic: then each fit is one linear solve.
+    if not check:
+        kind = quadratic_penalty_kind(penalty, p, [h0], dtype=full.Z.dtype, device=full.Z.device)
+        return _closed_form(designs, full, n, train, val, penalty, kind, parts, "")
     gen = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(p, generator=gen, dtype=torch.float64).to(full.Z.dtype).to(full.Z.device)
     out = agg.forward({**packer.unflatten(probe), **buffers}, space.values(h0), full.Z, full.X)
@@ -596,14 +604,18 @@ def make_linear_cv_problem(
     kind = quadratic_penalty_kind(penalty, p, hs, dtype=full.Z.dtype, device=full.Z.device)
     if kind is None:
         return None, None, [], f"{name}'s penalty is not quadratic in its parameters"
+    return _closed_form(designs, full, n, train, val, penalty, kind, parts, (
+        f"{name} is linear in its {p} parameters with squared loss and a quadratic "
+        "penalty: each split's fit in closed form"
+    ))
+
+
+def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason):
     problem, solutions = linear_kfold_problem(
         torch.stack(designs), full.y.reshape(n), torch.stack(train), torch.stack(val),
         penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
     )
-    return problem, solutions, parts, (
-        f"{name} is linear in its {p} parameters with squared loss and a quadratic "
-        "penalty: each split's fit in closed form"
-    )
+    return problem, solutions, parts, reason
 
 
 def linear_full_fit(
@@ -613,7 +625,7 @@ def linear_full_fit(
     applies), flat in the packer's order: the refit's starting point."""
     n = full.y.shape[0]
     idx = np.arange(n)
-    _, solutions, _, _ = make_linear_cv_problem(agg, ctx, full, [(idx, idx)], space)
+    _, solutions, _, _ = make_linear_cv_problem(agg, ctx, full, [(idx, idx)], space, check=False)
     return solutions(u)[0].detach()
 
 
