@@ -593,15 +593,19 @@ def make_linear_cv_problem(
     gen = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(p, generator=gen, dtype=torch.float64).to(full.Z.dtype).to(full.Z.device)
     out = agg.forward({**packer.unflatten(probe), **buffers}, space.values(h0), full.Z, full.X)
+    # Tolerances scale with the precision: float32 rounds at ~1e-7.
+    tol = max(1e-8, 100 * torch.finfo(full.Z.dtype).eps)
     if out.reshape(n, -1).shape[1] != 1 or not torch.allclose(
-        out.reshape(-1), designs[0] @ probe, rtol=1e-6, atol=1e-8
+        out.reshape(-1), designs[0] @ probe, rtol=tol, atol=tol
     ):
         return None, None, [], f"{name}'s forward pass is not its linear design"
     # Checked at the start and at the box's ends (where their ends are finite).
     lower, upper = space.bounds()
     hs = [h0, torch.where(torch.isfinite(lower), lower, h0),
           torch.where(torch.isfinite(upper), upper, h0)]
-    kind = quadratic_penalty_kind(penalty, p, hs, dtype=full.Z.dtype, device=full.Z.device)
+    kind = quadratic_penalty_kind(
+        penalty, p, hs, dtype=full.Z.dtype, device=full.Z.device, rtol=tol
+    )
     if kind is None:
         return None, None, [], f"{name}'s penalty is not quadratic in its parameters"
     return _closed_form(designs, full, n, train, val, penalty, kind, parts, (

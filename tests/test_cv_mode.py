@@ -380,3 +380,14 @@ def test_approx_asked_for_keeps_the_newton_step():
     est = Est(pool, aggregator="stacking", cv=CV, cv_mode="approx", max_outer_iter=1,
               random_state=0)
     assert est.fit(X, y).tuning_history_.attrs["cv_solver"] == "newton-step"
+
+
+def test_closed_form_in_float32():
+    """The checks of the design and the penalty allow float32's rounding."""
+    pool, X, y = _regression_data()
+    fits = [
+        AggregatedRegressor(pool, dtype=dtype, max_outer_iter=3, random_state=0).fit(X, y)
+        for dtype in ("float32", "float64")
+    ]
+    assert [f.tuning_history_.attrs["cv_solver"] for f in fits] == ["closed-form"] * 2
+    assert fits[0].validation_loss_ == pytest.approx(fits[1].validation_loss_, rel=1e-4)
