@@ -638,6 +638,8 @@ def test_quadratic_penalty_kind():
                                   dtype=DT) == "dense"
     assert quadratic_penalty_kind(lambda t, h: t.pow(4).sum(), 2, h, dtype=DT) is None
     assert quadratic_penalty_kind(None, 2, h, dtype=DT) == "diagonal"
+    constant = torch.tensor(1.0, dtype=DT)  # no graph to theta at all
+    assert quadratic_penalty_kind(lambda t, h: constant, 2, h, dtype=DT) == "diagonal"
 
 
 def test_closed_form_kfold_rejects_empty_splits(ridge):

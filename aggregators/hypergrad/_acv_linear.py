@@ -383,7 +383,12 @@ def quadratic_penalty_terms(
         with torch.enable_grad():
             t = torch.stack([zero, torch.ones_like(zero)]).requires_grad_(True)
             total = penalty(t[0], h) + penalty(t[1], h)
-            (g,) = torch.autograd.grad(total, t, create_graph=True)
+            g = (
+                torch.autograd.grad(total, t, create_graph=True, allow_unused=True)[0]
+                if total.requires_grad else None
+            )
+        if g is None:  # a penalty that does not depend on theta
+            return zero.new_zeros(p, p), zero
         return torch.diag(g[1] - g[0]), g[0]
     r = grad(lambda t: penalty(t, h))(zero)
     R = hessian(lambda t: penalty(t, h))(zero)
@@ -393,7 +398,7 @@ def quadratic_penalty_terms(
 def quadratic_penalty_kind(
     penalty: Penalty | None,
     p: int,
-    hs: "list[torch.Tensor]",
+    hs: list[torch.Tensor],
     *,
     dtype=None,
     device=None,
