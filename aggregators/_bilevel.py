@@ -558,6 +558,9 @@ def make_linear_cv_problem(
     h0 = space.initial()
     for tr, va in splits:
         rows = full.take(torch.as_tensor(tr, device=full.Z.device))
+        if full.w is not None:  # the iterative folds' error for a weightless split
+            rows.mean_weights()
+            full.take(torch.as_tensor(va, device=full.Z.device)).mean_weights()
         buffers = agg.fit_buffers(ctx, rows.Z, rows.y, rows.X)
         init = agg.init_params(ctx, rows.Z, rows.y, rows.X)
         packer = ParamPacker(init)

@@ -391,3 +391,10 @@ def test_closed_form_in_float32():
     ]
     assert [f.tuning_history_.attrs["cv_solver"] for f in fits] == ["closed-form"] * 2
     assert fits[0].validation_loss_ == pytest.approx(fits[1].validation_loss_, rel=1e-4)
+
+
+def test_closed_form_split_without_weight_is_an_error():
+    pool, X, y = _regression_data()
+    sw = np.r_[np.ones(len(y) // 2), np.zeros(len(y) - len(y) // 2)]
+    with pytest.raises(ValueError, match="total sample weight of 0"):
+        AggregatedRegressor(pool, cv=KFold(2), random_state=0).fit(X, y, sample_weight=sw)
