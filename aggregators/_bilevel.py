@@ -23,10 +23,11 @@ from .hypergrad import (
     linear_acv_problem,
     stack_problems,
 )
+from .hypergrad._acv_linear import linear_kfold_problem, quadratic_penalty_kind
 
 __all__ = [
     "HyperSpace", "ParamPacker", "Split", "data_loss", "make_acv_problem",
-    "make_fold_problems", "make_problem", "parse_range",
+    "make_fold_problems", "make_linear_cv_problem", "make_problem", "parse_range",
 ]
 
 
@@ -500,6 +501,139 @@ def make_acv_problem(
         return acv_fold_params(row_loss, theta, u, fold_ids, **options)
 
     return problem, packer, buffers, fold_params
+
+
+def make_linear_cv_problem(
+    agg: Aggregator,
+    ctx: AggregationContext,
+    full: Split,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    space: HyperSpace,
+    *,
+    check: bool = True,
+) -> tuple[BilevelProblem | None, Callable | None, list[tuple[ParamPacker, Params]], str]:
+    """Exact cross-fitting in closed form, where the training loss is a quadratic.
+
+    A regressor whose aggregation function is linear in its parameters
+    (:meth:`~Aggregator.linear_design`: stacking on one target), trained on
+    squared loss with a penalty quadratic in its parameters and no
+    :meth:`~Aggregator.data_penalty`, has each split's fit in closed form
+    (:func:`~aggregators.hypergrad._acv_linear.linear_kfold_problem`): the
+    same fits, validation loss and hypergradient as the iterative folds of
+    :func:`make_fold_problems`, for one batched ``p x p`` factorisation per
+    outer step. Buffers are computed on each split's training rows, as the
+    iterative folds do, so each split has its own design.
+
+    Parameters
+    ----------
+    agg, ctx, space
+    full : Split
+        All tuning rows.
+    splits : list of (train, validation) row indices
+    check : bool, default=True
+        Check that the forward pass is the design and the penalty a quadratic
+        (``False``: known already, as for the refit after tuning).
+
+    Returns
+    -------
+    problem : BilevelProblem or None
+        ``None`` where the closed form does not apply; the problem has no
+        inner parameters (the fits are its outer loss's business).
+    solutions : callable or None
+        ``solutions(u)``: the splits' flat parameters, ``(K, n_params)``.
+    parts : list of (ParamPacker, dict)
+        Each split's packer and buffers (empty when ``problem`` is ``None``).
+    reason : str
+        Why the closed form applies, or why not.
+    """
+    name = type(agg).__name__
+    if ctx.task != "regression":
+        return None, None, [], "the training loss (cross-entropy) is not quadratic"
+    if any(va is None for _, va in splits):
+        return None, None, [], "there is no validation split"
+    agg.bind(ctx)
+    n = full.y.shape[0]
+    w = full.w if full.w is not None else full.Z.new_ones(n)
+    designs, train, val, parts = [], [], [], []
+    h0 = space.initial()
+    for tr, va in splits:
+        rows = full.take(torch.as_tensor(tr, device=full.Z.device))
+        if full.w is not None:  # the iterative folds' error for a weightless split
+            rows.mean_weights()
+            full.take(torch.as_tensor(va, device=full.Z.device)).mean_weights()
+        buffers = agg.fit_buffers(ctx, rows.Z, rows.y, rows.X)
+        init = agg.init_params(ctx, rows.Z, rows.y, rows.X)
+        packer = ParamPacker(init)
+        if agg.data_penalty({**init, **buffers}, space.values(h0), rows.Z, rows.X) is not None:
+            return None, None, [], f"{name} adds a data_penalty (not a quadratic loss)"
+        design = agg.linear_design(buffers, full.Z, full.X)
+        if design is None:
+            return None, None, [], (
+                f"{name} has no single linear design (several targets, each with "
+                "its own coefficients, or not linear in its parameters)"
+            )
+        if design.shape[1] != sum(packer.sizes):
+            return None, None, [], f"{name}'s linear design does not match its parameters"
+        mask_tr = torch.zeros(n, dtype=w.dtype, device=w.device)
+        mask_tr[torch.as_tensor(tr, device=w.device)] = 1.0
+        mask_va = torch.zeros_like(mask_tr)
+        mask_va[torch.as_tensor(va, device=w.device)] = 1.0
+        designs.append(design)
+        train.append(mask_tr * w)
+        val.append(mask_va * w)
+        parts.append((packer, buffers))
+    packer, buffers = parts[0]
+    p = designs[0].shape[1]
+
+    def penalty(theta, u):
+        return agg.penalty(packer.unflatten(theta), space.values(u))
+
+    # The design must be what the forward pass computes (checked at a random
+    # point), and the penalty a quadratic: then each fit is one linear solve.
+    if not check:
+        kind = quadratic_penalty_kind(penalty, p, [h0], dtype=full.Z.dtype, device=full.Z.device)
+        return _closed_form(designs, full, n, train, val, penalty, kind, parts, "")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(p, generator=gen, dtype=torch.float64).to(full.Z.dtype).to(full.Z.device)
+    out = agg.forward({**packer.unflatten(probe), **buffers}, space.values(h0), full.Z, full.X)
+    # Tolerances scale with the precision: float32 rounds at ~1e-7.
+    tol = max(1e-8, 100 * torch.finfo(full.Z.dtype).eps)
+    if out.reshape(n, -1).shape[1] != 1 or not torch.allclose(
+        out.reshape(-1), designs[0] @ probe, rtol=tol, atol=tol
+    ):
+        return None, None, [], f"{name}'s forward pass is not its linear design"
+    # Checked at the start and at the box's ends (where their ends are finite).
+    lower, upper = space.bounds()
+    hs = [h0, torch.where(torch.isfinite(lower), lower, h0),
+          torch.where(torch.isfinite(upper), upper, h0)]
+    kind = quadratic_penalty_kind(
+        penalty, p, hs, dtype=full.Z.dtype, device=full.Z.device, rtol=tol
+    )
+    if kind is None:
+        return None, None, [], f"{name}'s penalty is not quadratic in its parameters"
+    return _closed_form(designs, full, n, train, val, penalty, kind, parts, (
+        f"{name} is linear in its {p} parameters with squared loss and a quadratic "
+        "penalty: each split's fit in closed form"
+    ))
+
+
+def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason):
+    problem, solutions = linear_kfold_problem(
+        torch.stack(designs), full.y.reshape(n), torch.stack(train), torch.stack(val),
+        penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
+    )
+    return problem, solutions, parts, reason
+
+
+def linear_full_fit(
+    agg: Aggregator, ctx: AggregationContext, full: Split, space: HyperSpace, u: torch.Tensor
+) -> torch.Tensor:
+    """The closed-form fit on all rows at ``u`` (where :func:`make_linear_cv_problem`
+    applies), flat in the packer's order: the refit's starting point."""
+    n = full.y.shape[0]
+    idx = np.arange(n)
+    _, solutions, _, _ = make_linear_cv_problem(agg, ctx, full, [(idx, idx)], space, check=False)
+    return solutions(u)[0].detach()
 
 
 def _batched_problem(agg, ctx, folds, space, parts, joint) -> BilevelProblem | None:

@@ -39,8 +39,10 @@ from ._base import AggregationContext
 from ._bilevel import (
     HyperSpace,
     Split,
+    linear_full_fit,
     make_acv_problem,
     make_fold_problems,
+    make_linear_cv_problem,
     make_problem,
     parse_range,
 )
@@ -158,6 +160,12 @@ def make_splits(n: int, y_strat, seed: int, cv, validation_fraction: float) -> l
         splitter = check_cv(cv, y_strat, classifier=y_strat is not None)
     return list(splitter.split(np.zeros((n, 1)), y_strat))
 
+
+#: Whether exact cross-fitting solves the splits in closed form where the
+#: training loss is a quadratic (:func:`make_linear_cv_problem`: regression
+#: stacking on one target). ``False`` keeps the iterative inner solves, which
+#: give the same fits (the tests compare the two).
+LINEAR_CLOSED_FORM = True
 
 #: Most parameters for which ``cv_mode="auto"`` picks approximate cross-validation.
 #: Its fold Hessians are dense ``p x p`` matrices, formed (without a
@@ -456,12 +464,28 @@ def fit_aggregated(
             _record_hessian(history, final.hessian)
             history.attrs["cv_mode"] = None  # nothing is validated
             history.attrs["cv_mode_reason"] = "max_outer_iter=0"
+            history.attrs["cv_solver"] = None
             tuning_time, validation_loss, n_iter, fold_aggregators = 0.0, float("nan"), 0, []
         else:
-            cv_mode, cv_mode_reason = _cv_mode(
-                params.get("cv_mode", "exact"), agg_spec, ctx, full, space, splits
-            )
-            if cv_mode == "approx":
+            requested = params.get("cv_mode", "exact")
+            linear, linear_solutions = None, None
+            if requested != "approx" and LINEAR_CLOSED_FORM:
+                # A quadratic training loss: the splits' exact fits in closed form,
+                # so "auto" needs no approximation either.
+                linear, linear_solutions, linear_parts, linear_reason = (
+                    make_linear_cv_problem(agg_spec, ctx, full, splits, space)
+                )
+            if linear is not None:
+                cv_mode, cv_mode_reason, cv_solver = "exact", linear_reason, "closed-form"
+                joint, split_theta, fold_parts = linear, None, linear_parts
+            else:
+                cv_mode, cv_mode_reason = _cv_mode(
+                    requested, agg_spec, ctx, full, space, splits
+                )
+                cv_solver = "newton-step" if cv_mode == "approx" else "iterative"
+            if linear is not None:
+                pass  # built above
+            elif cv_mode == "approx":
                 # One full-data inner solve per outer step stands in for the K
                 # fold solves; the folds' parameters are Newton steps from it.
                 fold_ids = torch.as_tensor(acv_fold_ids(splits, n), device=device)
@@ -508,8 +532,12 @@ def fit_aggregated(
             history = _history_frame(result.history, space, len(splits))
             history.attrs["cv_mode"] = cv_mode
             history.attrs["cv_mode_reason"] = cv_mode_reason
+            history.attrs["cv_solver"] = cv_solver
             _record_hessian(history, joint.hessian)
-            if split_theta is None:  # approximate CV: the tuned fit is on all rows already
+            if linear_solutions is not None:  # closed form: every fit is one solve
+                fold_thetas = list(linear_solutions(result.h).detach())
+                warm = linear_full_fit(agg_spec, ctx, full, space, result.h)
+            elif split_theta is None:  # approximate CV: the tuned fit is on all rows already
                 warm = result.thetas[0]
                 fold_thetas = list(acv_fold_thetas(warm, result.h).detach())
             else:

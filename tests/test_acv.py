@@ -573,3 +573,79 @@ def test_other_errors_in_the_fold_hessians_are_not_swallowed(ridge, monkeypatch)
     monkeypatch.setattr(acv_module, "jacrev", oom)
     with pytest.raises(torch.OutOfMemoryError):
         acv_loss(ridge.rows, theta, h, ridge.ids, penalty=ridge.penalty)
+
+
+# -- exact K-fold ridge in closed form (linear_kfold_problem) -------------------------
+def _kfold_masks(ridge: RidgeData, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    val = torch.stack([(ridge.ids == k).to(DT) for k in range(ridge.n_folds)])
+    return (1 - val) * w, val * w
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_closed_form_kfold_equals_exact_kfold(ridge, weighted):
+    """Value and derivative in log lambda equal the refit per fold (FORMULAS.md,
+    ridge identities) to 1e-10; the loss here has no 0.5, so the penalty doubles."""
+    from aggregators.hypergrad._acv_linear import linear_kfold_problem
+
+    w = ridge.w if weighted else torch.ones(ridge.n, dtype=DT)
+    train, val = _kfold_masks(ridge, w)
+    problem, solutions = linear_kfold_problem(
+        ridge.X, ridge.y, train, val, lambda t, h: 2 * ridge.penalty(t, h),
+        diagonal_penalty=True,
+    )
+    for log_lam in (-3.0, 0.0, 1.5):
+        h = torch.tensor([log_lam], dtype=DT, requires_grad=True)
+        want = 2 * ridge.exact_cv(h, w, "fold", "folds")
+        (d_want,) = torch.autograd.grad(want, h)
+        got = problem.outer_loss(problem.theta0, h)
+        assert rel(got, want) < 1e-10
+        res = hypergradient(problem, problem.theta0, h.detach(), "implicit-cg")
+        assert rel(res.grad, d_want) < 1e-10
+        for k in range(ridge.n_folds):
+            tr = ridge.ids != k
+            theta_k = ridge.fit(h.detach(), tr, w, 1.0 / w[tr].sum())
+            assert rel(solutions(h.detach())[k], theta_k) < 1e-10
+
+
+@pytest.mark.parametrize("diagonal", [True, False], ids=["diagonal", "dense"])
+def test_closed_form_leave_one_out_is_press(ridge, diagonal):
+    """With every row its own fold the validation residuals are PRESS's (Allen),
+    and the dense-penalty path gives what the diagonal one does."""
+    from aggregators.hypergrad._acv_linear import linear_kfold_problem
+
+    n = ridge.n
+    val = torch.eye(n, dtype=DT)
+    _, solutions = linear_kfold_problem(
+        ridge.X, ridge.y, 1 - val, val, lambda t, h: 0.5 * h.exp().sum() * t @ t,
+        diagonal_penalty=diagonal,
+    )
+    h = torch.tensor([-1.0], dtype=DT)
+    loo = ridge.y - (ridge.X * solutions(h)).sum(1)
+    # Mean loss over n - 1 rows with 0.5 lam ||theta||^2 is the summed loss with
+    # alpha = 0.5 (n - 1) lam.
+    press = ridge_loo_residuals(ridge.X, ridge.y, 0.5 * (n - 1) * h.exp())
+    assert rel(loo, press) < 1e-10
+
+
+def test_quadratic_penalty_kind():
+    from aggregators.hypergrad._acv_linear import quadratic_penalty_kind
+
+    h = [torch.tensor([0.3], dtype=DT)]
+    A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=DT)
+    assert quadratic_penalty_kind(lambda t, h: h.exp().sum() * t @ t + t.sum(), 2, h,
+                                  dtype=DT) == "diagonal"
+    assert quadratic_penalty_kind(lambda t, h: h.exp().sum() * t @ A @ t, 2, h,
+                                  dtype=DT) == "dense"
+    assert quadratic_penalty_kind(lambda t, h: t.pow(4).sum(), 2, h, dtype=DT) is None
+    assert quadratic_penalty_kind(None, 2, h, dtype=DT) == "diagonal"
+    constant = torch.tensor(1.0, dtype=DT)  # no graph to theta at all
+    assert quadratic_penalty_kind(lambda t, h: constant, 2, h, dtype=DT) == "diagonal"
+
+
+def test_closed_form_kfold_rejects_empty_splits(ridge):
+    from aggregators.hypergrad._acv_linear import linear_kfold_problem
+
+    train, val = _kfold_masks(ridge, torch.ones(ridge.n, dtype=DT))
+    val[0] = 0.0
+    with pytest.raises(ValueError, match="positive total weight"):
+        linear_kfold_problem(ridge.X, ridge.y, train, val)

@@ -5,13 +5,17 @@ Hessians of :mod:`._acv` follow from the ``C x C`` Hessians of the loss in the
 predictions, in one pass over the rows instead of ``K p`` backward passes, and
 the leave-one-out Newton step has a closed form: Sherman-Morrison for one
 output, Woodbury for several, PRESS (``r_i / (1 - h_i)``) for squared loss.
+:func:`linear_kfold_problem` is exact cross-validation in closed form for
+squared loss and a quadratic penalty (ridge regression, regression stacking).
 Conventions and references as in :mod:`._acv`.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-from torch.func import grad
+from torch.func import grad, hessian
 
 from ._acv import (
     ACV_METHODS,
@@ -25,12 +29,13 @@ from ._acv import (
     _reduce,
     fold_membership,
 )
-from ._problem import BilevelProblem
+from ._problem import BilevelProblem, HessianDecision, InnerDivergenceError
 
 __all__ = [
     "linear_acv_fold_params",
     "linear_acv_loss",
     "linear_acv_problem",
+    "linear_kfold_problem",
     "linear_loo_predictions",
     "ridge_loo_residuals",
 ]
@@ -351,3 +356,202 @@ def linear_loo_predictions(
     eye = torch.eye(n_out, dtype=X.dtype, device=X.device)
     shift = lev @ torch.linalg.solve(eye - d2 @ lev, d1[..., None])
     return (zz + shift[..., 0]).reshape((n,) + tuple(theta.shape[1:]))
+
+
+def quadratic_penalty_terms(
+    penalty: Penalty | None,
+    p: int,
+    h: torch.Tensor,
+    *,
+    diagonal: bool = False,
+    dtype=None,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, r)`` with ``penalty(theta, h) = 0.5 theta^T R theta + r^T theta + const``.
+
+    Read off the gradient at ``theta = 0`` and the Hessian, so exact only for
+    a penalty quadratic in ``theta`` (see :func:`quadratic_penalty_kind`);
+    differentiable in ``h``. ``diagonal=True`` (a penalty known to have a
+    diagonal Hessian, as a per-coefficient L2 has) reads ``R``'s diagonal from
+    the gradient at ``theta = 1`` instead: two gradients rather than ``p``
+    Hessian columns, which on a few coefficients is most of an outer step.
+    """
+    zero = torch.zeros(p, dtype=dtype, device=device)
+    if penalty is None:
+        return zero.new_zeros(p, p), zero
+    if diagonal:
+        with torch.enable_grad():
+            t = torch.stack([zero, torch.ones_like(zero)]).requires_grad_(True)
+            total = penalty(t[0], h) + penalty(t[1], h)
+            g = (
+                torch.autograd.grad(total, t, create_graph=True, allow_unused=True)[0]
+                if total.requires_grad else None
+            )
+        if g is None:  # a penalty that does not depend on theta
+            return zero.new_zeros(p, p), zero
+        return torch.diag(g[1] - g[0]), g[0]
+    r = grad(lambda t: penalty(t, h))(zero)
+    R = hessian(lambda t: penalty(t, h))(zero)
+    return 0.5 * (R + R.T), r
+
+
+def quadratic_penalty_kind(
+    penalty: Penalty | None,
+    p: int,
+    hs: list[torch.Tensor],
+    *,
+    dtype=None,
+    device=None,
+    rtol: float = 1e-8,
+) -> str | None:
+    """``"diagonal"``, ``"dense"`` or ``None``: whether ``penalty`` is quadratic in ``theta``.
+
+    Checked at each hyperparameter vector of ``hs`` and two random points
+    ``theta``; ``"diagonal"`` when its Hessian is diagonal at every one.
+    ``None``: not a quadratic (no closed-form fit).
+    """
+    if penalty is None:
+        return "diagonal"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    points = [
+        torch.randn(p, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+        for _ in range(2)
+    ]
+
+    def matches(h, R, r) -> bool:
+        base = penalty(torch.zeros(p, dtype=dtype, device=device), h).detach()
+        for t in points:
+            want = penalty(t, h).detach() - base
+            got = 0.5 * t @ R @ t + r @ t
+            if not bool(torch.isfinite(want)) or not bool(
+                (want - got).abs() <= rtol * (want.abs() + got.abs() + 1)
+            ):
+                return False
+        return True
+
+    kind = "diagonal"
+    for h in hs:
+        h = h.detach()
+        # The diagonal form first (two gradients); the dense Hessian, p backward
+        # passes, only where that form does not match at the random points.
+        R, r = quadratic_penalty_terms(penalty, p, h, diagonal=True, dtype=dtype, device=device)
+        if matches(h, R.detach(), r.detach()):
+            continue
+        with torch.enable_grad():
+            t0 = torch.zeros(p, dtype=dtype, device=device, requires_grad=True)
+            (r,) = torch.autograd.grad(penalty(t0, h), t0, create_graph=True)
+            cols = []
+            for j in range(p):
+                col = (
+                    torch.autograd.grad(r[j], t0, retain_graph=True, allow_unused=True)[0]
+                    if r.requires_grad else None
+                )
+                cols.append(torch.zeros_like(t0) if col is None else col)
+        if not matches(h, torch.stack(cols).detach(), r.detach()):
+            return None
+        kind = "dense"
+    return kind
+
+
+def linear_kfold_problem(
+    designs: torch.Tensor,
+    y: torch.Tensor,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    penalty: Penalty | None = None,
+    *,
+    diagonal_penalty: bool = False,
+    reduction: str = "folds",
+) -> tuple[BilevelProblem, Callable[[torch.Tensor], torch.Tensor]]:
+    """Exact K-fold cross-validation of squared loss and a quadratic penalty, in closed form.
+
+    Split ``k`` fits ``theta_k = argmin sum_i t_ki (x_ki^T theta - y_i)^2 /
+    sum_i t_ki + P(theta; h)`` and is judged on ``sum_i v_ki (x_ki^T theta_k -
+    y_i)^2 / sum_i v_ki``, with ``t`` and ``v`` the splits' training and
+    validation row weights (0 off the split). With ``P = 0.5 theta^T R(h)
+    theta + r(h)^T theta + c`` the fit solves ``(2 G_k + R) theta_k = 2 b_k -
+    r`` with ``G_k = X_k^T T_k X_k / sum t_k`` and ``b_k = X_k^T T_k y /
+    sum t_k``: the Gram matrices of the training rows are formed once, and
+    each outer step costs one batched Cholesky factorisation of ``K`` ``p x p``
+    matrices, whatever the number of rows. This is the refit that Woodbury
+    (``H - D_k^T W_k D_k``) or NS describe, without the ``n_k x n_k``
+    inverse Woodbury needs: ``p`` is small here (stacking: the models plus an
+    intercept).
+
+    The validation loss is differentiable in ``h`` through the small linear
+    algebra, so the bilevel problem it returns has no inner parameters
+    (``theta0`` is empty): the engine's inner solve is a no-op and its
+    hypergradient is the direct derivative.
+
+    Parameters
+    ----------
+    designs : Tensor
+        ``(n, p)``, or ``(K, n, p)`` when each split has its own design (its
+        features standardised on its own training rows).
+    y : Tensor
+        ``(n,)`` targets.
+    train, val : Tensor
+        ``(K, n)`` non-negative row weights of each split's training and
+        validation rows (each row of each positive in total).
+    penalty : callable, default=None
+        ``(theta, h) -> scalar``, quadratic in ``theta`` of shape ``(p,)``
+        (checked by :func:`quadratic_penalty_kind` by the caller).
+    diagonal_penalty : bool, default=False
+        The penalty's Hessian is diagonal (see :func:`quadratic_penalty_terms`).
+    reduction : {"folds", "mean"}, default="folds"
+        Sum of the splits' validation losses (as the engine's stacked fold
+        problems return) or their mean.
+
+    Returns
+    -------
+    problem : BilevelProblem
+        ``outer_loss(theta, h)`` ignores its empty ``theta``.
+    solutions : callable
+        ``solutions(h)``: the splits' parameters, ``(K, p)``, differentiable.
+    """
+    _check_choice("reduction", reduction, ("folds", "mean"))
+    K, n = train.shape
+    if designs.dim() == 2:
+        designs = designs.expand(K, n, designs.shape[1])
+    p = designs.shape[2]
+    w_tr, w_va = train.sum(1), val.sum(1)
+    if not (bool((w_tr > 0).all()) and bool((w_va > 0).all())):
+        raise ValueError(
+            "every split needs training and validation rows of positive total weight."
+        )
+    # Moments of each split's training rows, formed once.
+    gram = torch.einsum("ki,kij,kil->kjl", train, designs, designs) / w_tr[:, None, None]
+    moment = torch.einsum("ki,kij,i->kj", train, designs, y) / w_tr[:, None]
+    dtype, device = designs.dtype, designs.device
+
+    def solutions(h: torch.Tensor) -> torch.Tensor:
+        R, r = quadratic_penalty_terms(
+            penalty, p, h, diagonal=diagonal_penalty, dtype=dtype, device=device
+        )
+        A = 2.0 * gram + R
+        chol, info = torch.linalg.cholesky_ex(0.5 * (A + A.transpose(1, 2)))
+        if bool((info > 0).any()):
+            raise InnerDivergenceError(
+                "the training loss of a split is not strictly convex at these "
+                "hyperparameters (its Gram matrix plus penalty is singular)."
+            )
+        return torch.cholesky_solve((2.0 * moment - r)[..., None], chol)[..., 0]
+
+    def outer(theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        thetas = solutions(h)
+        resid = torch.einsum("kij,kj->ki", designs, thetas) - y
+        per_split = (val * resid.pow(2)).sum(1) / w_va
+        return per_split.sum() if reduction == "folds" else per_split.mean()
+
+    def inner(theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        # No inner parameters (the fits are in closed form); h enters so that
+        # methods differentiating L in h get a zero, not an error.
+        return theta.pow(2).sum() + 0.0 * h.sum()
+
+    empty = torch.zeros(0, dtype=dtype, device=device)
+    # Decided here: the engine would otherwise probe the Hessian of no parameters
+    # (and there is no Hessian block to form: its linear solves are empty).
+    decision = HessianDecision(
+        False, "the splits' fits are in closed form: no inner parameters, no Hessian blocks"
+    )
+    return BilevelProblem(inner, outer, empty, hessian=decision), solutions
