@@ -310,7 +310,10 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
     cv_mode : {"exact", "approx", "auto"}, default="exact"
         How the cross-fitted validation loss is computed while tuning.
         ``"exact"``: the aggregation function is fitted on each fold's
-        training rows (``cv`` inner solves per outer step). ``"approx"``:
+        training rows (``cv`` inner solves per outer step; for a regressor
+        whose function is linear in its parameters with a quadratic penalty,
+        such as single-target stacking, the same fits in closed form, one
+        batched Cholesky factorisation per outer step). ``"approx"``:
         approximate cross-validation, one fit on all rows per outer step and
         one Newton step from it per fold (:func:`aggregators.hypergrad.acv_problem`);
         it needs folds that partition the rows and a smooth training loss
@@ -324,15 +327,20 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         are ``smooth`` and ``second_order``, have no ``data_penalty`` and no
         buffers, are linear in their parameters (``linear_design``: stacking
         without passthrough) and have at most
-        ``aggregators._fit.ACV_MAX_PARAMS`` parameters; ``"exact"``
-        otherwise. ``cv=None`` (one split) is always exact.
-        ``tuning_history_.attrs["cv_mode"]`` records the mode used.
+        ``aggregators._fit.ACV_MAX_PARAMS`` parameters, except where the
+        exact folds have the closed form above; ``"exact"`` otherwise.
+        ``cv=None`` (one split) is always exact.
+        ``tuning_history_.attrs["cv_mode"]`` records the mode used and
+        ``attrs["cv_solver"]`` how the folds were solved (``"closed-form"``,
+        ``"iterative"`` or ``"newton-step"``).
     validation_fraction : float, default=0.25
         Validation share when ``cv=None``.
     max_outer_iter : int, default=30
         Bound on outer (hyperparameter) iterations. With ``optimizer="lbfgs"``
         the line search may evaluate up to twice as many points, each a row
-        of ``tuning_history_``. ``0`` neither tunes nor validates: the
+        of ``tuning_history_``; an aggregation function that declares
+        ``shared_stage = True`` (``Stacking``) is tuned in at most 8
+        evaluations (its L2 weights moved together first, then L-BFGS-B). ``0`` neither tunes nor validates: the
         parameters are fitted on all rows at the initial (or fixed)
         hyperparameters, and ``validation_loss_`` is NaN.
     max_inner_iter : int, default=100

@@ -290,10 +290,11 @@ def test_closed_form_equals_iterative_folds(options, monkeypatch):
     fit_params = {}
     if options.pop("sample_weight", False):
         fit_params["sample_weight"] = np.random.default_rng(0).uniform(0.2, 2.0, len(y))
-    if options.pop("aggregator", None):
-        options["aggregator"] = Stacking(passthrough=True)
+    options["aggregator"] = (
+        Stacking(passthrough=True) if options.pop("aggregator", None) else "stacking"
+    )
     hyper = {"l2": np.array([1e-3, 3e-2, 1.0])}
-    if "aggregator" in options:
+    if not isinstance(options["aggregator"], str):
         hyper["l2_passthrough"] = 0.2
     kwargs = dict(random_state=0, max_inner_iter=500, **options)
     closed = AggregatedRegressor(pool, hyperparams=hyper, **kwargs).fit(X, y, **fit_params)
@@ -387,7 +388,8 @@ def test_closed_form_in_float32():
     """The checks of the design and the penalty allow float32's rounding."""
     pool, X, y = _regression_data()
     fits = [
-        AggregatedRegressor(pool, dtype=dtype, max_outer_iter=3, random_state=0).fit(X, y)
+        AggregatedRegressor(pool, aggregator="stacking", dtype=dtype, max_outer_iter=3,
+                            random_state=0).fit(X, y)
         for dtype in ("float32", "float64")
     ]
     assert [f.tuning_history_.attrs["cv_solver"] for f in fits] == ["closed-form"] * 2
@@ -398,4 +400,5 @@ def test_closed_form_split_without_weight_is_an_error():
     pool, X, y = _regression_data()
     sw = np.r_[np.ones(len(y) // 2), np.zeros(len(y) - len(y) // 2)]
     with pytest.raises(ValueError, match="total sample weight of 0"):
-        AggregatedRegressor(pool, cv=KFold(2), random_state=0).fit(X, y, sample_weight=sw)
+        AggregatedRegressor(pool, aggregator="stacking", cv=KFold(2), random_state=0).fit(
+            X, y, sample_weight=sw)
