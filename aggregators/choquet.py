@@ -259,10 +259,11 @@ class Choquet(Aggregator):
 
     Notes
     -----
-    For ``k <= 2`` the forward pass is ``x . m_1 + F . m_2`` with
-    ``F`` the pairwise minima of the inputs, which do not depend on the
-    parameters: while fitting they are computed once per data tensor and kept
-    (up to 3 GiB), so each L-BFGS step is one matrix-vector product. For
+    For ``k <= 2`` the forward pass is ``[x, F] . [m_1, m_2]`` with
+    ``F`` the pairwise minima of the inputs; ``[x, F]`` does not depend on the
+    parameters: while fitting it is computed once per data tensor and kept
+    (up to 3 GiB), so each forward pass is one matrix-vector product (and a
+    Hessian block one batched matrix product). For
     ``k >= 3`` the sort-based formula with the capacity on the lattice is
     used (``O(m log m)`` per row).
 
