@@ -161,7 +161,9 @@ def main() -> None:
         seconds=("seconds", "median"), test=("test", "mean"))
     if args.grid:
         summary["x grid"] = summary.seconds / summary.loc["grid stacking", "seconds"]
-    print("\nmedian fit seconds, mean test log-loss over seeds:")
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nload average {load_end:.2f} at the end")
+    print("median fit seconds, mean test log-loss over seeds:")
     print(summary.round(4).to_string())
 
 
