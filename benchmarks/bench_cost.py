@@ -131,7 +131,8 @@ def run(args) -> pd.DataFrame:
             test = log_loss(y_test, est.predict_proba(X_test), labels=labels)
             extra = ""
             if method != "grid stacking":
-                extra = f"  n_iter {est.n_iter_}, inner {int(est.tuning_history_['inner_iter'].sum())}"
+                inner = int(est.tuning_history_["inner_iter"].sum())
+                extra = f"  n_iter {est.n_iter_}, inner {inner}"
             msgs = sorted({type(w.message).__name__ for w in caught
                            if not issubclass(w.category, (DeprecationWarning, FutureWarning))})
             print(f"   {method:14s} {seconds:8.2f} s  test {test:.4f}{extra}"
