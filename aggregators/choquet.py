@@ -79,7 +79,7 @@ __all__ = [
     "shapley_from_mobius",
 ]
 
-#: Bytes of pairwise-minimum features kept between forward passes while fitting.
+#: Bytes of features (inputs and pairwise minima) kept between forward passes while fitting.
 _CACHE_BYTES = 3 * 2**30
 
 
@@ -259,10 +259,11 @@ class Choquet(Aggregator):
 
     Notes
     -----
-    For ``k <= 2`` the forward pass is ``x . m_1 + F . m_2`` with
-    ``F`` the pairwise minima of the inputs, which do not depend on the
-    parameters: while fitting they are computed once per data tensor and kept
-    (up to 3 GiB), so each L-BFGS step is one matrix-vector product. For
+    For ``k <= 2`` the forward pass is ``[x, F] . [m_1, m_2]`` with
+    ``F`` the pairwise minima of the inputs; ``[x, F]`` does not depend on the
+    parameters: while fitting it is computed once per data tensor and kept
+    (up to 3 GiB), so each forward pass is one matrix-vector product (and a
+    Hessian block one batched matrix product). For
     ``k >= 3`` the sort-based formula with the capacity on the lattice is
     used (``O(m log m)`` per row).
 
@@ -407,28 +408,29 @@ class Choquet(Aggregator):
         if "singleton_raw" not in params:
             return _sorted_integral(x, self._capacity_lattice(params, m))
         masses = self._masses(params, m)  # (cap, m [+ m(m-1)/2])
-        out = (x * masses[:, :m]).sum(-1)
-        if masses.shape[1] > m:
-            m2 = masses[:, m:]
-            feats = self._pair_features(x, Z)
-            if m2.shape[0] == 1:
-                out = out + feats @ m2[0]
-            else:
-                out = out + torch.einsum("ncp,cp->nc", feats, m2)
-        return out
+        # Linear in the masses: one product with the features [x, pairwise minima].
+        # (An elementwise x * masses would cost the Hessian's probes a copy of x
+        # each in the backward of the backward; a matrix product does not.)
+        feats = self._features(x, Z, masses.shape[1] > m)
+        if masses.shape[0] == 1:
+            return feats @ masses[0]
+        return torch.einsum("ncp,cp->nc", feats, masses)
 
-    def _pair_features(self, x: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
-        # The pairwise minima do not depend on the parameters; while fitting, the
-        # same data tensor goes through hundreds of forward passes, so they are
+    def _features(self, x: torch.Tensor, Z: torch.Tensor, pairs: bool) -> torch.Tensor:
+        """``(n, c, m [+ m(m-1)/2])``: ``x`` and, with ``pairs``, its pairwise minima."""
+        if not pairs:
+            return x
+        # The features do not depend on the parameters; while fitting, the same
+        # data tensor goes through hundreds of forward passes, so they are
         # computed once per tensor (looked up by identity, dropped with it).
         if not torch.is_grad_enabled():
-            return _pairwise_min(x)
+            return torch.cat([x, _pairwise_min(x)], -1)
         cache = self.__dict__.setdefault("_feature_cache", {})
         key = id(Z)
         hit = cache.get(key)
         if hit is not None and hit[0]() is Z and hit[1].shape[:-1] == x.shape[:-1]:
             return hit[1]
-        feats = _pairwise_min(x)
+        feats = torch.cat([x, _pairwise_min(x)], -1)
         used = sum(v[1].numel() * v[1].element_size() for v in cache.values())
         if used + feats.numel() * feats.element_size() <= _CACHE_BYTES:
             cache[key] = (weakref.ref(Z), feats)
