@@ -340,9 +340,11 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         the line search may evaluate up to twice as many points, each a row
         of ``tuning_history_``; an aggregation function that declares
         ``shared_stage = True`` (``Stacking``) is tuned in at most 8
-        evaluations (its L2 weights moved together first, then L-BFGS-B). ``0`` neither tunes nor validates: the
-        parameters are fitted on all rows at the initial (or fixed)
-        hyperparameters, and ``validation_loss_`` is NaN.
+        evaluations (its L2 weights moved together first, then L-BFGS-B).
+        ``0`` neither tunes nor validates: the parameters are fitted on all
+        rows at the initial (or fixed) hyperparameters, and
+        ``validation_loss_`` is NaN (as for a function with neither
+        hyperparameters nor parameters, such as ``GreedySelection``).
     max_inner_iter : int, default=100
         Bound on L-BFGS iterations of each inner solve while tuning. Solves
         are warm-started from the previous outer step, so the bound limits the

@@ -453,6 +453,10 @@ def fit_aggregated(
         None if sample_weight is None else to_tensor(sample_weight, device, dtype),
     )
     refit_iter = 10 * params["max_inner_iter"]
+    if max_outer_iter > 0 and not specs and not agg_spec.init_params(ctx, full.Z, full.y, full.X):
+        # Neither hyperparameters nor parameters (greedy selection): there is
+        # nothing to tune, and no problem for the engine to validate.
+        max_outer_iter = 0
 
     with small_problem_threads(Z.size, device):
         if max_outer_iter == 0:
@@ -483,9 +487,7 @@ def fit_aggregated(
                     requested, agg_spec, ctx, full, space, splits
                 )
                 cv_solver = "newton-step" if cv_mode == "approx" else "iterative"
-            if linear is not None:
-                pass  # built above
-            elif cv_mode == "approx":
+            if cv_solver == "newton-step":
                 # One full-data inner solve per outer step stands in for the K
                 # fold solves; the folds' parameters are Newton steps from it.
                 fold_ids = torch.as_tensor(acv_fold_ids(splits, n), device=device)
@@ -494,7 +496,7 @@ def fit_aggregated(
                 )
                 split_theta = None
                 fold_parts = [(acv_packer, acv_buffers)] * len(splits)
-            else:
+            elif cv_solver == "iterative":
                 # The folds' problems share h and nothing else: one joint solve
                 # (same optimum and hypergradient, a fraction of the solver overhead).
                 joint, split_theta, fold_parts = make_fold_problems(

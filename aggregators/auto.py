@@ -47,10 +47,7 @@ __all__ = ["CANDIDATES", "choose", "fit_estimator"]
 #: (Caruana, 50 rounds), convex weights, stacking, a Choquet integral. The
 #: single model comes first because it tunes and blends nothing: where greedy
 #: selection's gain is within the noise, the rule keeps the model it mostly
-#: picks. (Over ``benchmarks/bench_regret.py``'s datasets the two orders' mean
-#: regrets differ by 0.1 percentage point; on breast_cancer, where one base
-#: model is hard to beat, greedy-first blended in weaker models.) One that
-#: cannot serve the task (its ``check_task`` raises) is skipped.
+#: picks. One that cannot serve the task (its ``check_task`` raises) is skipped.
 CANDIDATES: tuple[tuple[str, Any], ...] = (
     ("single", lambda: GreedySelection(n_rounds=1)),
     ("greedy", lambda: GreedySelection(n_rounds=50)),
@@ -86,26 +83,13 @@ class _StoredColumn(BaseModel):
         return self.outputs[np.asarray(X)[:, 0].astype(np.intp)]
 
 
-def _nothing_to_tune(agg) -> bool:
-    """An aggregation function the engine has no parameter to fit for (greedy selection)."""
-    return isinstance(agg, GreedySelection)
-
-
-def fit_one(params: Mapping[str, Any], X, Xb, y, y_model, **kw) -> FitResult:
-    """:func:`fit_aggregated`, without tuning for a function that has nothing to tune."""
-    agg = params["aggregator"]
-    if _nothing_to_tune(resolve_aggregator(agg)):
-        params = {**params, "max_outer_iter": 0}
-    return fit_aggregated(params, X, Xb, y, y_model, **kw)
-
-
 def _fit_on_outputs(params, agg, Z, X, y, y_model, rows, *, task, classes, n_outputs,
                     standardize, sample_weight, **overrides) -> FitResult:
     """Fit ``agg`` on the stored outputs ``Z[rows]`` (no base model is called)."""
     names = [name for name, _ in params["estimators"]]
     pool = [(name, _StoredColumn(Z[rows, m], task, classes)) for m, name in enumerate(names)]
     p = {**params, **overrides, "aggregator": agg, "estimators": pool, "verbose": 0}
-    return fit_one(
+    return fit_aggregated(
         p, X[rows], np.arange(len(rows))[:, None], y[rows], y_model[rows],
         task=task, classes=classes, n_outputs=n_outputs, standardize=standardize,
         sample_weight=None if sample_weight is None else sample_weight[rows],
@@ -190,7 +174,7 @@ def fit_estimator(
     kw = dict(task=task, classes=classes, n_outputs=n_outputs, standardize=standardize,
               sample_weight=sample_weight)
     if not (isinstance(params["aggregator"], str) and params["aggregator"] == "auto"):
-        return fit_one(params, X, Xb, y, y_model, **kw), None
+        return fit_aggregated(params, X, Xb, y, y_model, **kw), None
 
     if isinstance(params["hyperparams"], dict) or params["tune_ranges"]:
         given = "hyperparams" if isinstance(params["hyperparams"], dict) else "tune_ranges"

@@ -170,7 +170,7 @@ class _Stalled(Exception):
 
 
 class _Budget(Exception):
-    pass
+    """The evaluation budget of a tuning with ``shared_stage`` is spent."""
 
 
 #: Evaluations in a row that may fail to improve the best outer loss (by
