@@ -65,13 +65,6 @@ N_OUTER = 3
 #: Bound on the outer (hyperparameter) steps of a candidate fitted on an outer
 #: fold: the estimate needs a good fit, not the last digit of the tuning.
 OUTER_STEPS = 3
-#: Inner cross-validation of the candidate fits on the outer folds, per task:
-#: ``None``, one validation split; ``"same"``, the estimator's own ``cv``.
-#: Regression fits are cheap (stacking's is closed-form), and tuning them on
-#: one split was noisy enough to hide stacking's gain (friedman1: 3-6 % lower
-#: test RMSE, yet a higher estimate on 3 seeds of 5); classification fits
-#: cost several times more under ``cv=5`` and were ranked well without it.
-FOLD_CV = {"classification": None, "regression": "same"}
 #: Standard errors of the paired difference within which a simpler candidate
 #: is preferred to the one with the lowest estimate.
 N_STANDARD_ERRORS = 0.5
@@ -259,12 +252,8 @@ def fit_estimator(
     y_strat = y_model if task == "classification" else None
     folds = outer_folds(n, y_strat, seed)
     dtype = torch.float64 if params["dtype"] == "float64" else torch.float32
-    fast = dict(max_outer_iter=min(OUTER_STEPS, params["max_outer_iter"]), random_state=seed)
-    cv = params["cv"]
-    fold_rows = min(len(tr) for tr, _ in folds)
-    # The estimator's own folds where each would keep a few rows; else one split.
-    if FOLD_CV[task] != "same" or (isinstance(cv, (int, np.integer)) and fold_rows < 5 * cv):
-        fast["cv"] = None
+    fast = dict(cv=None, max_outer_iter=min(OUTER_STEPS, params["max_outer_iter"]),
+                random_state=seed)
 
     # Fold by fold, every candidate still in the race (racing): after a fold,
     # one clearly worse than the best on the rows scored so far is dropped.

@@ -129,36 +129,6 @@ def test_regression_skips_nothing_it_can_fit_and_is_deterministic():
     assert a.predict(X[350:]).shape == (len(X) - 350,)
 
 
-@pytest.mark.parametrize("task", ["classification", "regression"])
-def test_outer_fold_fits_tune_on_the_folds_the_task_calls_for(task, monkeypatch):
-    seen = []
-    real = auto_module._fit_on_outputs
-
-    def spy(params, agg, Z, X, y, y_model, rows, **kw):
-        if kw.get("max_outer_iter") is not None:  # an outer-fold fit
-            seen.append(kw.get("cv", params["cv"]))
-        return real(params, agg, Z, X, y, y_model, rows, **kw)
-
-    monkeypatch.setattr(auto_module, "_fit_on_outputs", spy)
-    monkeypatch.setattr(auto_module, "CANDIDATES", auto_module.CANDIDATES[3:4])  # stacking
-    if task == "regression":
-        X, y = load_diabetes(return_X_y=True)
-        pool = [("ridge", FrozenEstimator(Ridge().fit(X[:200], y[:200]))),
-                ("tree", FrozenEstimator(DecisionTreeRegressor(max_depth=3, random_state=0)
-                                         .fit(X[:200], y[:200])))]
-        AggregatedRegressor(pool, cv=3, random_state=0).fit(X[200:], y[200:])
-        assert seen and all(cv == 3 for cv in seen)  # the estimator's own cv
-        seen.clear()
-        AggregatedRegressor(pool, cv=3, random_state=0).fit(X[200:220], y[200:220])
-        assert seen and all(cv is None for cv in seen)  # too few rows for it: one split
-    else:
-        X, y = load_iris(return_X_y=True)
-        pool = [("nb", FrozenEstimator(GaussianNB().fit(X[::2], y[::2]))),
-                ("lr", FrozenEstimator(LogisticRegression(max_iter=500).fit(X[::2], y[::2])))]
-        AggregatedClassifier(pool, cv=3, random_state=0).fit(X[1::2], y[1::2])
-        assert seen and all(cv is None for cv in seen)
-
-
 def test_auto_handles_a_handful_of_rows_per_class():
     X, y = load_iris(return_X_y=True)
     rows = np.concatenate([np.flatnonzero(y == k)[:3] for k in range(3)])
