@@ -18,9 +18,11 @@ regression). Printed per dataset, as means over the seeds:
 * ``auto`` as fitted, next to other rules applied to the same fits: the
   lowest tuned validation loss (``by val. loss``), the lowest estimate
   (``argmin``), the first candidate in auto's order within 0.5, 1 or 2
-  standard errors of the lowest estimate (``1 se`` is auto's rule), and
+  standard errors of the lowest estimate (``0.5 se`` is auto's rule), and
   ``1 se`` with greedy selection before the single model; and auto's fit
-  time over stacking's.
+  time over stacking's. The estimate is auto's (``candidates_["estimate"]``:
+  held-out losses charged for the errors the rows cannot show); a candidate
+  raced out after a fold has no standard error and is never picked.
 
 Hyperparameters tuned: ``weights`` 3 (few), ``stacking`` one per model plus
 one (many), ``choquet`` 3; the single model and greedy selection none.
@@ -157,10 +159,14 @@ def run(name: str, seed: int, reuse: list[dict] | None = None) -> list[dict]:
         r = next(r for r in rows if r["method"] == method)
         r["estimate"] = cand.loc[method, "estimate"]
         r["se_diff"] = cand.loc[method, "se_diff"]
+        r["held_out_loss"] = cand.loc[method, "held_out_loss"]
+        r["folds"] = cand.loc[method, "folds"]
         r["test_std"] = r["test"] / scale  # standardised units, as the estimates
     rows.append({**base, "method": "auto", "seconds": sec, "test": test_loss(est),
                  "chosen": str(cand.index[cand["chosen"]][0]),
-                 "n_outer": auto_module.N_OUTER, "outer_steps": auto_module.OUTER_STEPS})
+                 "n_outer": auto_module.N_OUTER, "outer_steps": auto_module.OUTER_STEPS,
+                 "n_se": auto_module.N_STANDARD_ERRORS,
+                 "race_se": auto_module.RACE_STANDARD_ERRORS})
     return rows
 
 
@@ -171,12 +177,14 @@ def choice(group: pd.DataFrame, rule: str, n_se: float = 1.0, order=None) -> str
     cands = group[group["method"].isin(METHODS)].set_index("method")
     order = [name for name, _ in CANDIDATES] if order is None else order
     cands = cands.loc[[m for m in order if m in cands.index]]
+    if rule != "val" and "folds" in cands and cands["folds"].notna().all():
+        cands = cands[cands["folds"] == cands["folds"].max()]  # not the raced-out ones
     if rule == "val":
         return str(cands["val_loss"].idxmin())
     L = cands["estimate"].to_numpy()
     gap = L - L.min()
     se = cands["se_diff"].to_numpy()
-    ok = gap <= (n_se * se if rule == "se" else 0.0) + 1e-15
+    ok = gap <= (n_se * np.nan_to_num(se, nan=-np.inf) if rule == "se" else 0.0) + 1e-15
     return str(cands.index[np.flatnonzero(ok)[0]])
 
 
@@ -246,6 +254,8 @@ def main(argv=None) -> None:
                         help="set aggregators.auto.OUTER_STEPS (to measure the trade-off)")
     parser.add_argument("--n-outer", type=int, default=None,
                         help="set aggregators.auto.N_OUTER")
+    parser.add_argument("--race-se", type=float, default=None,
+                        help="set aggregators.auto.RACE_STANDARD_ERRORS (inf: no racing)")
     args = parser.parse_args(argv)
     if args.src:
         report(pd.read_csv(args.src))
@@ -254,6 +264,8 @@ def main(argv=None) -> None:
         auto_module.OUTER_STEPS = args.outer_steps
     if args.n_outer is not None:
         auto_module.N_OUTER = args.n_outer
+    if args.race_se is not None:
+        auto_module.RACE_STANDARD_ERRORS = args.race_se
     reuse = None if args.reuse is None else pd.read_csv(args.reuse).to_dict("records")
     torch_threads()
     rows = []
