@@ -22,7 +22,11 @@ from .hypergrad import (
     linear_acv_problem,
     stack_problems,
 )
-from .hypergrad._acv_linear import linear_kfold_problem, quadratic_penalty_kind
+from .hypergrad._acv_linear import (
+    linear_kfold_problem,
+    linear_penalty_terms,
+    quadratic_penalty_kind,
+)
 
 __all__ = [
     "HyperSpace", "ParamPacker", "Split", "data_loss", "make_acv_problem",
@@ -594,7 +598,7 @@ def make_linear_cv_problem(
     # point), and the penalty a quadratic: then each fit is one linear solve.
     if not check:
         kind = quadratic_penalty_kind(penalty, p, [h0], dtype=full.Z.dtype, device=full.Z.device)
-        return _closed_form(designs, full, n, train, val, penalty, kind, parts, "")
+        return _closed_form(designs, full, n, train, val, penalty, kind, parts, "", None)
     gen = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(p, generator=gen, dtype=torch.float64).to(full.Z.dtype).to(full.Z.device)
     out = agg.forward({**packer.unflatten(probe), **buffers}, space.values(h0), full.Z, full.X)
@@ -613,16 +617,49 @@ def make_linear_cv_problem(
     )
     if kind is None:
         return None, None, [], f"{name}'s penalty is not quadratic in its parameters"
+    values, as_hyper, n_values = _tuned_values(space)
+    terms = linear_penalty_terms(
+        lambda theta, v: agg.penalty(packer.unflatten(theta), as_hyper(v)), values, p,
+        n_values, hs, diagonal=kind == "diagonal", dtype=full.Z.dtype, device=full.Z.device,
+    )
     return _closed_form(designs, full, n, train, val, penalty, kind, parts, (
         f"{name} is linear in its {p} parameters with squared loss and a quadratic "
         "penalty: each split's fit in closed form"
-    ))
+    ), terms)
 
 
-def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason):
+def _tuned_values(space: HyperSpace):
+    """``(values, as_hyper, n)``: the tuned hyperparameters' values as one vector.
+
+    ``values(u)`` is what :meth:`HyperSpace.values` gives the tuned entries
+    (``exp`` of the log-scaled ones), concatenated; ``as_hyper(v)`` the dict
+    the aggregation function takes, the fixed ones included.
+    """
+    sizes = [(s.name, s.size, s.log) for s in space.tuned]
+    n = sum(size for _, size, _ in sizes)
+
+    def values(u: torch.Tensor) -> torch.Tensor:
+        parts, off = [], 0
+        for _, size, log in sizes:
+            seg = u[off : off + size]
+            off += size
+            parts.append(torch.exp(seg) if log else seg)
+        return torch.cat(parts) if parts else u[:0]
+
+    def as_hyper(v: torch.Tensor) -> Params:
+        out, off = dict(space.constants), 0
+        for name, size, _ in sizes:
+            out[name] = v[off : off + size]
+            off += size
+        return out
+
+    return values, as_hyper, n
+
+
+def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, terms):
     problem, solutions = linear_kfold_problem(
         torch.stack(designs), full.y.reshape(n), torch.stack(train), torch.stack(val),
-        penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
+        penalty, diagonal_penalty=kind == "diagonal", reduction="folds", penalty_terms=terms,
     )
     return problem, solutions, parts, reason
 
