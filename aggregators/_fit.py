@@ -330,22 +330,32 @@ def _record_hessian(history: pd.DataFrame, decision) -> None:
         )
 
 
-def _refit(agg_spec, ctx, full, space, specs, h, theta0, max_iter: int):
+def _refit(agg_spec, ctx, full, space, specs, h, theta0, max_iter: int, warm_is_fit=False):
     """The aggregation function fitted on all rows at hyperparameters ``h``.
 
+    ``warm_is_fit``: ``theta0`` is that fit already (in closed form); it is
+    kept without an inner solve where its gradient meets the tolerance, as
+    the solve would return it unchanged.
+
     Returns the fitted aggregator and the problem (whose Hessian decision
-    the history records).
+    the history records, where the solve ran).
     """
     final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
     if theta0 is None:
         theta0 = final.theta0
     _declare_first_order(agg_spec, final)
+    tol = 1e-6  # predictions do not move below this; 1e-7 is for hypergradients
+    kept = False
+    if warm_is_fit:
+        g = final.inner_grad(theta0, h.detach())
+        kept = bool(torch.isfinite(g).all()) and bool(g.abs().max() <= tol)
     try:
-        theta, n_iter, converged = solve_inner(
-            final, h, theta0, max_iter=max_iter,
-            tol=1e-6,  # predictions do not move below this; 1e-7 is for hypergradients
-            solver=_inner_solver(agg_spec),
-        )
+        if kept:
+            theta, n_iter, converged = theta0, 0, True
+        else:
+            theta, n_iter, converged = solve_inner(
+                final, h, theta0, max_iter=max_iter, tol=tol, solver=_inner_solver(agg_spec),
+            )
     except InnerDivergenceError as e:
         raise ValueError(f"refitting the aggregator on all rows diverged: {e}") from e
     out_of_iterations = n_iter >= max_iter
@@ -538,7 +548,9 @@ def fit_aggregated(
             _record_hessian(history, joint.hessian)
             if linear_solutions is not None:  # closed form: every fit is one solve
                 fold_thetas = list(linear_solutions(result.h).detach())
-                warm = linear_full_fit(agg_spec, ctx, full, space, result.h)
+                warm = linear_full_fit(
+                    agg_spec, ctx, full, space, result.h, like=linear_solutions
+                )
             elif split_theta is None:  # approximate CV: the tuned fit is on all rows already
                 warm = result.thetas[0]
                 fold_thetas = list(acv_fold_thetas(warm, result.h).detach())
@@ -546,7 +558,8 @@ def fit_aggregated(
                 fold_thetas = split_theta(result.thetas[0])
                 warm = fold_thetas[0]
             aggregator, _ = _refit(
-                agg_spec, ctx, full, space, specs, result.h, warm, refit_iter
+                agg_spec, ctx, full, space, specs, result.h, warm, refit_iter,
+                warm_is_fit=linear_solutions is not None,
             )
             # Each fold's solution at the tuned hyperparameters: the aggregator
             # fitted on that fold's training rows (what cross-validated scores need),

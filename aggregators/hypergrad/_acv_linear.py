@@ -428,17 +428,35 @@ def linear_penalty_terms(
     if n_values == 0:
         return None
 
-    def terms(v: torch.Tensor) -> torch.Tensor:
-        R, r = quadratic_penalty_terms(
-            lambda t, h: penalty(t, v), p, v, diagonal=diagonal, dtype=dtype, device=device
-        )
-        R = torch.diagonal(R) if diagonal else R.reshape(-1)
-        return torch.cat([R, r]).detach()
-
-    with torch.no_grad():
-        base = terms(torch.zeros(n_values, dtype=dtype, device=device))
-        eye = torch.eye(n_values, dtype=dtype, device=device)
-        slopes = torch.stack([terms(eye[i]) - base for i in range(n_values)], dim=1)
+    # The terms at v = 0 and at each unit vector.
+    basis = torch.cat([
+        torch.zeros(1, n_values, dtype=dtype, device=device),
+        torch.eye(n_values, dtype=dtype, device=device),
+    ])
+    if diagonal:
+        # quadratic_penalty_terms' diagonal reading (gradients at theta = 0
+        # and 1) at every basis point, from one backward pass.
+        with torch.enable_grad():
+            t = torch.zeros(2 * len(basis), p, dtype=dtype, device=device)
+            t[1::2] = 1.0
+            t.requires_grad_(True)
+            total = sum(penalty(t[i], basis[i // 2]) for i in range(len(t)))
+            g = (
+                torch.autograd.grad(total, t, allow_unused=True)[0]
+                if isinstance(total, torch.Tensor) and total.requires_grad else None
+            )
+        if g is None:  # a penalty that does not depend on theta
+            g = torch.zeros(2 * len(basis), p, dtype=dtype, device=device)
+        table = torch.cat([g[1::2] - g[0::2], g[0::2]], dim=1)
+    else:
+        table = torch.stack([
+            torch.cat([R.reshape(-1), r]) for R, r in (
+                quadratic_penalty_terms(
+                    lambda th, h, v=v: penalty(th, v), p, v, dtype=dtype, device=device
+                ) for v in basis
+            )
+        ]).detach()
+    base, slopes = table[0], (table[1:] - table[0]).T
     if not bool(torch.isfinite(base).all() and torch.isfinite(slopes).all()):
         return None
     n_R = p if diagonal else p * p
