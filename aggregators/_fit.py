@@ -293,20 +293,25 @@ def held_and_ranged(specs, hyperparams, tune_ranges) -> dict:
 
 def _history_frame(history, space: HyperSpace, n_folds: int) -> pd.DataFrame:
     names = space.entry_names()
-    rows = []
-    for step, e in enumerate(history):
-        vals = space.flat_values(torch.as_tensor(e["h"], dtype=space.dtype, device=space.device))
-        row = {
-            "step": step,
-            "validation_loss": e["outer_loss"] / n_folds,
-            "hypergrad_norm": e["hypergrad_norm"],
-            "inner_iter": e["inner_iter"],
-            "seconds": e["seconds"],
-        }
-        row.update(dict(zip(names, vals)))
-        rows.append(row)
-    columns = ["step", "validation_loss", "hypergrad_norm", "inner_iter", "seconds", *names]
-    return pd.DataFrame(rows, columns=columns)
+    if not history:  # no evaluation: the empty frame as it always was (object columns)
+        return pd.DataFrame(
+            [], columns=["step", "validation_loss", "hypergrad_norm", "inner_iter", "seconds",
+                         *names],
+        )
+    values = np.array([
+        space.flat_values(torch.as_tensor(e["h"], dtype=space.dtype, device=space.device))
+        for e in history
+    ], dtype=np.float64).reshape(len(history), len(names))
+    # Built by columns: a frame from one dict per row costs several times more.
+    columns = {
+        "step": np.arange(len(history)),
+        "validation_loss": np.array([e["outer_loss"] / n_folds for e in history], dtype=float),
+        "hypergrad_norm": np.array([e["hypergrad_norm"] for e in history], dtype=float),
+        "inner_iter": np.array([e["inner_iter"] for e in history], dtype=np.int64),
+        "seconds": np.array([e["seconds"] for e in history], dtype=float),
+    }
+    columns.update({name: values[:, j] for j, name in enumerate(names)})
+    return pd.DataFrame(columns)
 
 
 def _record_hessian(history: pd.DataFrame, decision) -> None:
