@@ -11,6 +11,7 @@ trailing underscore).
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Mapping
@@ -571,8 +572,11 @@ def fit_aggregated(
             # or with approximate CV the Newton step that stood in for that fit.
             hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
             fold_aggregators = []
+            # One clone; the folds get deep copies of it (the same unfitted
+            # object, several times cheaper than cloning each).
+            unfitted = clone(agg_spec)
             for (packer_k, buffers_k), theta_k in zip(fold_parts, fold_thetas):
-                agg_k = clone(agg_spec)
+                agg_k = copy.deepcopy(unfitted)
                 agg_k._set_fitted(ctx, packer_k.unflatten(theta_k), buffers_k, hyper, specs)
                 fold_aggregators.append(agg_k)
             validation_loss = result.value / len(splits)

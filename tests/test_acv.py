@@ -724,8 +724,15 @@ def test_linear_penalty_terms_refuse_a_nonlinear_penalty():
     v = hs[1].exp()
     torch.testing.assert_close(torch.diagonal(R), v)
     torch.testing.assert_close(r, torch.stack([v[0], v[0]]))
-    # No tuned values: nothing to read off (the caller keeps autograd's terms).
-    assert linear_penalty_terms(linear, values, 2, 0, hs, diagonal=True, dtype=DT) is None
+    # No tuned values (hyperparams="fixed"): constant terms, differentiable in
+    # the empty h all the same (the engine takes a gradient in it).
+    empty = torch.zeros(0, dtype=DT)
+    fixed = lambda t, v: 0.5 * 3.0 * t @ t + t.sum()  # noqa: E731
+    const = linear_penalty_terms(fixed, values, 2, 0, [empty], diagonal=True, dtype=DT)
+    R, r = const(empty.clone().requires_grad_(True))
+    torch.testing.assert_close(R, 3.0 * torch.eye(2, dtype=DT))
+    torch.testing.assert_close(r, torch.ones(2, dtype=DT))
+    assert R.requires_grad
 
 
 @pytest.mark.parametrize("method", ["implicit-cg", "hoag", "implicit-neumann"])

@@ -77,3 +77,29 @@ def test_estimator_task_of_a_duck_typed_model():
             return np.zeros(len(X))
 
     assert _estimator_task(Duck()) == "regression"
+
+
+def test_fold_aggregators_are_independent_copies():
+    """The folds' aggregators are deep copies of one clone: none shares a
+    nested aggregation function with another, the fitted one or the spec."""
+    from sklearn.datasets import make_regression
+    from sklearn.linear_model import Ridge
+    from sklearn.tree import DecisionTreeRegressor
+
+    from aggregators import AggregatedRegressor, ModelSelection, Stacking
+
+    X, y = make_regression(120, 4, noise=5.0, random_state=0)
+    inner = Stacking()
+    spec = ModelSelection(inner)
+    est = AggregatedRegressor(
+        [("ridge", Ridge()), ("tree", DecisionTreeRegressor(max_depth=2, random_state=0))],
+        aggregator=spec, cv=3, max_outer_iter=1, random_state=0,
+    ).fit(X, y)
+    folds = est.fold_aggregators_
+    assert len(folds) == 3
+    nested = [f.aggregator for f in folds] + [est.aggregator_.aggregator, inner]
+    assert len({id(a) for a in nested}) == len(nested)
+    assert len({id(f) for f in folds}) == 3
+    for f in folds:
+        assert not hasattr(spec, "params_") and hasattr(f, "params_")
+        assert f.get_params().keys() == spec.get_params().keys()

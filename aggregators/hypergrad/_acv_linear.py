@@ -422,11 +422,10 @@ def linear_penalty_terms(
     Checked at every ``h`` of ``hs`` (the penalty against its quadratic form
     at two random ``theta``, to ``rtol``); ``None`` where they differ or are
     not finite (a penalty not linear in ``v``, or undefined at ``v = 0``):
-    the caller then forms the terms by autograd, as it does without tuned
-    values (``n_values = 0``: one outer evaluation, nothing to save).
+    the caller then forms the terms by autograd. Without tuned values
+    (``n_values = 0``) the terms are constants, still a function of ``h``
+    for autograd.
     """
-    if n_values == 0:
-        return None
 
     # The terms at v = 0 and at each unit vector.
     basis = torch.cat([
