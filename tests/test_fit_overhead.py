@@ -32,14 +32,15 @@ def _rowwise(history, space, n_folds):
     return pd.DataFrame(rows, columns=columns)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n_steps", [0, 1, 6])
-def test_history_frame_by_columns_equals_by_rows(n_steps):
+def test_history_frame_by_columns_equals_by_rows(n_steps, dtype):
     specs = [
         Hyperparameter("l2", np.full(3, 0.1), 1e-4, 1e2, size=3, labels=("a", "b", "c")),
         Hyperparameter("temperature", 1.0, 0.5, 2.0),
         Hyperparameter("shift", 0.0, -1.0, 1.0, log=False),
     ]
-    space = HyperSpace(specs, {"temperature": 1.5}, torch.device("cpu"), torch.float64)
+    space = HyperSpace(specs, {"temperature": 1.5}, torch.device("cpu"), dtype)
     gen = np.random.default_rng(0)
     history = [
         {"h": gen.normal(size=4), "outer_loss": float(gen.random()) * 5,
