@@ -755,3 +755,22 @@ def test_no_inner_parameters_take_the_direct_hypergradient(ridge, method):
         got = _direct_hypergradient(problem, problem.theta0, h)
         assert torch.equal(got.value, want.value)
         assert torch.equal(got.grad, want.grad)
+
+
+def test_linear_penalty_terms_without_vmap_are_the_same():
+    """A penalty that does not run under vmap (a float taken from a tensor) gets
+    its terms from one backward pass instead: the same numbers."""
+    from aggregators.hypergrad._acv_linear import linear_penalty_terms
+
+    hs = [torch.tensor([0.3, -1.0], dtype=DT), torch.tensor([2.0, 1.0], dtype=DT)]
+    batched = lambda t, v: 0.5 * (v * t.pow(2)).sum() + v[0] * t.sum()  # noqa: E731
+
+    def unbatchable(t, v):
+        scale = float(v.sum()) * 0 + 1.0  # .item() on a batched tensor fails under vmap
+        return scale * batched(t, v)
+
+    a = linear_penalty_terms(batched, torch.exp, 2, 2, hs, diagonal=True, dtype=DT)
+    b = linear_penalty_terms(unbatchable, torch.exp, 2, 2, hs, diagonal=True, dtype=DT)
+    for h in hs:
+        for x, y in zip(a(h), b(h)):
+            assert torch.equal(x, y)

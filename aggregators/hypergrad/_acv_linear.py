@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.func import grad, hessian
+from torch.func import grad, hessian, vmap
 
 from ._acv import (
     ACV_METHODS,
@@ -432,9 +432,18 @@ def linear_penalty_terms(
         torch.zeros(1, n_values, dtype=dtype, device=device),
         torch.eye(n_values, dtype=dtype, device=device),
     ])
+    g = None
     if diagonal:
         # quadratic_penalty_terms' diagonal reading (gradients at theta = 0
-        # and 1) at every basis point, from one backward pass.
+        # and 1) at every basis point: one batched gradient where the penalty
+        # runs under vmap, else one backward pass through each point's penalty.
+        t = torch.zeros(2 * len(basis), p, dtype=dtype, device=device)
+        t[1::2] = 1.0
+        try:
+            g = vmap(grad(lambda tt, v: penalty(tt, v)))(t, basis.repeat_interleave(2, dim=0))
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            g = None  # a penalty that does not batch (or not depend on theta)
+    if diagonal and g is None:
         with torch.enable_grad():
             t = torch.zeros(2 * len(basis), p, dtype=dtype, device=device)
             t[1::2] = 1.0
@@ -446,6 +455,7 @@ def linear_penalty_terms(
             )
         if g is None:  # a penalty that does not depend on theta
             g = torch.zeros(2 * len(basis), p, dtype=dtype, device=device)
+    if diagonal:
         table = torch.cat([g[1::2] - g[0::2], g[0::2]], dim=1)
     else:
         table = torch.stack([
