@@ -67,8 +67,7 @@ def setups(name: str, seeds) -> list[dict]:
     out = []
     for seed in seeds:
         X, y = B.load(name, False, seed)
-        _, _, X_agg, y_agg, _, _ = (parts := B.split(X, y, seed, stratify=task == "cls"))
-        X_pool, y_pool = parts[0], parts[1]
+        X_pool, y_pool, X_agg, y_agg, _, _ = B.split(X, y, seed, stratify=task == "cls")
         pool = (B.regressor_pool if task == "reg" else B.pretrained_pool)(X_pool, y_pool, seed)
         out.append(dict(
             task=task, seed=seed, pool=pool, X=X_agg, y=y_agg,
