@@ -22,7 +22,11 @@ from .hypergrad import (
     linear_acv_problem,
     stack_problems,
 )
-from .hypergrad._acv_linear import linear_kfold_problem, quadratic_penalty_kind
+from .hypergrad._acv_linear import (
+    linear_kfold_problem,
+    linear_penalty_terms,
+    quadratic_penalty_kind,
+)
 
 __all__ = [
     "HyperSpace", "ParamPacker", "Split", "data_loss", "make_acv_problem",
@@ -513,6 +517,7 @@ def make_linear_cv_problem(
     space: HyperSpace,
     *,
     check: bool = True,
+    like: "LinearSolutions | None" = None,
 ) -> tuple[BilevelProblem | None, Callable | None, list[tuple[ParamPacker, Params]], str]:
     """Exact cross-fitting in closed form, where the training loss is a quadratic.
 
@@ -535,13 +540,16 @@ def make_linear_cv_problem(
     check : bool, default=True
         Check that the forward pass is the design and the penalty a quadratic
         (``False``: known already, as for the refit after tuning).
+    like : LinearSolutions, default=None
+        With ``check=False``: the solutions of a problem on the same function
+        and hyperparameters, whose penalty's form is reused (not probed again).
 
     Returns
     -------
     problem : BilevelProblem or None
         ``None`` where the closed form does not apply; the problem has no
         inner parameters (the fits are its outer loss's business).
-    solutions : callable or None
+    solutions : LinearSolutions or None
         ``solutions(u)``: the splits' flat parameters, ``(K, n_params)``.
     parts : list of (ParamPacker, dict)
         Each split's packer and buffers (empty when ``problem`` is ``None``).
@@ -592,9 +600,15 @@ def make_linear_cv_problem(
 
     # The design must be what the forward pass computes (checked at a random
     # point), and the penalty a quadratic: then each fit is one linear solve.
+    dtype, device = full.Z.dtype, full.Z.device
     if not check:
-        kind = quadratic_penalty_kind(penalty, p, [h0], dtype=full.Z.dtype, device=full.Z.device)
-        return _closed_form(designs, full, n, train, val, penalty, kind, parts, "")
+        if like is not None:  # the checks made for the splits hold here
+            return _closed_form(
+                designs, full, n, train, val, penalty, like.penalty_kind, parts, "",
+                like.penalty_terms,
+            )
+        kind = quadratic_penalty_kind(penalty, p, [h0], dtype=dtype, device=device)
+        return _closed_form(designs, full, n, train, val, penalty, kind, parts, "", None)
     gen = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(p, generator=gen, dtype=torch.float64).to(full.Z.dtype).to(full.Z.device)
     out = agg.forward({**packer.unflatten(probe), **buffers}, space.values(h0), full.Z, full.X)
@@ -608,34 +622,107 @@ def make_linear_cv_problem(
     lower, upper = space.bounds()
     hs = [h0, torch.where(torch.isfinite(lower), lower, h0),
           torch.where(torch.isfinite(upper), upper, h0)]
-    kind = quadratic_penalty_kind(
-        penalty, p, hs, dtype=full.Z.dtype, device=full.Z.device, rtol=tol
+    # A penalty affine in its tuned values with a diagonal Hessian (an L2 weight
+    # per coefficient) is read off once, and that check at hs is the same test
+    # quadratic_penalty_kind makes; any other is probed by it as before.
+    values, as_hyper, n_values = _tuned_values(space)
+
+    def penalty_v(theta, v):
+        return agg.penalty(packer.unflatten(theta), as_hyper(v))
+
+    terms = linear_penalty_terms(
+        penalty_v, values, p, n_values, hs, diagonal=True, dtype=dtype, device=device, rtol=tol
     )
-    if kind is None:
-        return None, None, [], f"{name}'s penalty is not quadratic in its parameters"
+    if terms is not None:
+        kind = "diagonal"
+    else:
+        kind = quadratic_penalty_kind(penalty, p, hs, dtype=dtype, device=device, rtol=tol)
+        if kind is None:
+            return None, None, [], f"{name}'s penalty is not quadratic in its parameters"
+        if kind == "dense":
+            terms = linear_penalty_terms(
+                penalty_v, values, p, n_values, hs, dtype=dtype, device=device, rtol=tol
+            )
     return _closed_form(designs, full, n, train, val, penalty, kind, parts, (
         f"{name} is linear in its {p} parameters with squared loss and a quadratic "
         "penalty: each split's fit in closed form"
-    ))
+    ), terms)
 
 
-def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason):
+def _tuned_values(space: HyperSpace):
+    """``(values, as_hyper, n)``: the tuned hyperparameters' values as one vector.
+
+    ``values(u)`` is what :meth:`HyperSpace.values` gives the tuned entries
+    (``exp`` of the log-scaled ones), concatenated; ``as_hyper(v)`` the dict
+    the aggregation function takes, the fixed ones included.
+    """
+    sizes = [(s.name, s.size, s.log) for s in space.tuned]
+    n = sum(size for _, size, _ in sizes)
+
+    def values(u: torch.Tensor) -> torch.Tensor:
+        parts, off = [], 0
+        for _, size, log in sizes:
+            seg = u[off : off + size]
+            off += size
+            parts.append(torch.exp(seg) if log else seg)
+        return torch.cat(parts) if parts else u[:0]
+
+    def as_hyper(v: torch.Tensor) -> Params:
+        out, off = dict(space.constants), 0
+        for name, size, _ in sizes:
+            out[name] = v[off : off + size]
+            off += size
+        return out
+
+    return values, as_hyper, n
+
+
+@dataclass(frozen=True)
+class LinearSolutions:
+    """``u -> (K, n_params)``: the splits' closed-form fits, and the penalty's form.
+
+    ``penalty_kind`` (``"diagonal"`` or ``"dense"``) and ``penalty_terms``
+    (see :func:`~aggregators.hypergrad._acv_linear.linear_penalty_terms`) let
+    the fit on all rows skip the checks that found them.
+    """
+
+    fits: Callable[[torch.Tensor], torch.Tensor]
+    penalty_kind: str
+    penalty_terms: Callable | None = None
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return self.fits(u)
+
+
+def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, terms):
     problem, solutions = linear_kfold_problem(
         torch.stack(designs), full.y.reshape(n), torch.stack(train), torch.stack(val),
-        penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
+        penalty, diagonal_penalty=kind == "diagonal", reduction="folds", penalty_terms=terms,
     )
-    return problem, solutions, parts, reason
+    return problem, LinearSolutions(solutions, kind, terms), parts, reason
 
 
 def linear_full_fit(
-    agg: Aggregator, ctx: AggregationContext, full: Split, space: HyperSpace, u: torch.Tensor
+    agg: Aggregator,
+    ctx: AggregationContext,
+    full: Split,
+    space: HyperSpace,
+    u: torch.Tensor,
+    *,
+    like: LinearSolutions | None = None,
 ) -> torch.Tensor:
     """The closed-form fit on all rows at ``u`` (where :func:`make_linear_cv_problem`
-    applies), flat in the packer's order: the refit's starting point."""
+    applies), flat in the packer's order: the refit's starting point.
+
+    ``like``: the splits' solutions, whose penalty checks hold here too.
+    """
     n = full.y.shape[0]
     idx = np.arange(n)
-    _, solutions, _, _ = make_linear_cv_problem(agg, ctx, full, [(idx, idx)], space, check=False)
-    return solutions(u)[0].detach()
+    _, solutions, _, _ = make_linear_cv_problem(
+        agg, ctx, full, [(idx, idx)], space, check=False, like=like
+    )
+    with torch.no_grad():
+        return solutions(u)[0].detach()
 
 
 def _batched_problem(agg, ctx, folds, space, parts, joint) -> BilevelProblem | None:

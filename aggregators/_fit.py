@@ -11,6 +11,7 @@ trailing underscore).
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Mapping
@@ -291,22 +292,42 @@ def held_and_ranged(specs, hyperparams, tune_ranges) -> dict:
     return {**policy, **ranges}
 
 
+def _flat_value_rows(space: HyperSpace, H: np.ndarray) -> np.ndarray:
+    """:meth:`HyperSpace.flat_values` of every row of ``H`` (tuned vectors), at once."""
+    U = torch.as_tensor(H, dtype=space.dtype).reshape(len(H), -1)
+    tuned, off = {}, 0
+    for s in space.tuned:
+        seg = U[:, off : off + s.size]
+        off += s.size
+        tuned[s.name] = torch.exp(seg) if s.log else seg
+    cols = [
+        tuned[s.name] if s.name in tuned
+        else space.constants[s.name].detach().cpu().reshape(1, -1).expand(len(H), -1)
+        for s in space.specs
+    ]
+    if not cols:
+        return np.zeros((len(H), 0))
+    return torch.cat(cols, dim=1).numpy()
+
+
 def _history_frame(history, space: HyperSpace, n_folds: int) -> pd.DataFrame:
     names = space.entry_names()
-    rows = []
-    for step, e in enumerate(history):
-        vals = space.flat_values(torch.as_tensor(e["h"], dtype=space.dtype, device=space.device))
-        row = {
-            "step": step,
-            "validation_loss": e["outer_loss"] / n_folds,
-            "hypergrad_norm": e["hypergrad_norm"],
-            "inner_iter": e["inner_iter"],
-            "seconds": e["seconds"],
-        }
-        row.update(dict(zip(names, vals)))
-        rows.append(row)
-    columns = ["step", "validation_loss", "hypergrad_norm", "inner_iter", "seconds", *names]
-    return pd.DataFrame(rows, columns=columns)
+    if not history:  # no evaluation: the empty frame as it always was (object columns)
+        return pd.DataFrame(
+            [], columns=["step", "validation_loss", "hypergrad_norm", "inner_iter", "seconds",
+                         *names],
+        )
+    values = _flat_value_rows(space, np.stack([e["h"] for e in history]))
+    # Built by columns: a frame from one dict per row costs several times more.
+    columns = {
+        "step": np.arange(len(history)),
+        "validation_loss": np.array([e["outer_loss"] / n_folds for e in history], dtype=float),
+        "hypergrad_norm": np.array([e["hypergrad_norm"] for e in history], dtype=float),
+        "inner_iter": np.array([e["inner_iter"] for e in history], dtype=np.int64),
+        "seconds": np.array([e["seconds"] for e in history], dtype=float),
+    }
+    columns.update({name: values[:, j] for j, name in enumerate(names)})
+    return pd.DataFrame(columns)
 
 
 def _record_hessian(history: pd.DataFrame, decision) -> None:
@@ -330,22 +351,32 @@ def _record_hessian(history: pd.DataFrame, decision) -> None:
         )
 
 
-def _refit(agg_spec, ctx, full, space, specs, h, theta0, max_iter: int):
+def _refit(agg_spec, ctx, full, space, specs, h, theta0, max_iter: int, warm_is_fit=False):
     """The aggregation function fitted on all rows at hyperparameters ``h``.
 
+    ``warm_is_fit``: ``theta0`` is that fit already (in closed form); it is
+    kept without an inner solve where its gradient meets the tolerance, as
+    the solve would return it unchanged.
+
     Returns the fitted aggregator and the problem (whose Hessian decision
-    the history records).
+    the history records, where the solve ran).
     """
     final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
     if theta0 is None:
         theta0 = final.theta0
     _declare_first_order(agg_spec, final)
+    tol = 1e-6  # predictions do not move below this; 1e-7 is for hypergradients
+    kept = False
+    if warm_is_fit:
+        g = final.inner_grad(theta0, h.detach())
+        kept = bool(torch.isfinite(g).all()) and bool(g.abs().max() <= tol)
     try:
-        theta, n_iter, converged = solve_inner(
-            final, h, theta0, max_iter=max_iter,
-            tol=1e-6,  # predictions do not move below this; 1e-7 is for hypergradients
-            solver=_inner_solver(agg_spec),
-        )
+        if kept:
+            theta, n_iter, converged = theta0, 0, True
+        else:
+            theta, n_iter, converged = solve_inner(
+                final, h, theta0, max_iter=max_iter, tol=tol, solver=_inner_solver(agg_spec),
+            )
     except InnerDivergenceError as e:
         raise ValueError(f"refitting the aggregator on all rows diverged: {e}") from e
     out_of_iterations = n_iter >= max_iter
@@ -538,7 +569,9 @@ def fit_aggregated(
             _record_hessian(history, joint.hessian)
             if linear_solutions is not None:  # closed form: every fit is one solve
                 fold_thetas = list(linear_solutions(result.h).detach())
-                warm = linear_full_fit(agg_spec, ctx, full, space, result.h)
+                warm = linear_full_fit(
+                    agg_spec, ctx, full, space, result.h, like=linear_solutions
+                )
             elif split_theta is None:  # approximate CV: the tuned fit is on all rows already
                 warm = result.thetas[0]
                 fold_thetas = list(acv_fold_thetas(warm, result.h).detach())
@@ -546,15 +579,19 @@ def fit_aggregated(
                 fold_thetas = split_theta(result.thetas[0])
                 warm = fold_thetas[0]
             aggregator, _ = _refit(
-                agg_spec, ctx, full, space, specs, result.h, warm, refit_iter
+                agg_spec, ctx, full, space, specs, result.h, warm, refit_iter,
+                warm_is_fit=linear_solutions is not None,
             )
             # Each fold's solution at the tuned hyperparameters: the aggregator
             # fitted on that fold's training rows (what cross-validated scores need),
             # or with approximate CV the Newton step that stood in for that fit.
             hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
             fold_aggregators = []
+            # One clone; the folds get deep copies of it (the same unfitted
+            # object, several times cheaper than cloning each).
+            unfitted = clone(agg_spec)
             for (packer_k, buffers_k), theta_k in zip(fold_parts, fold_thetas):
-                agg_k = clone(agg_spec)
+                agg_k = copy.deepcopy(unfitted)
                 agg_k._set_fitted(ctx, packer_k.unflatten(theta_k), buffers_k, hyper, specs)
                 fold_aggregators.append(agg_k)
             validation_loss = result.value / len(splits)

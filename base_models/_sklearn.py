@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.base import is_classifier, is_regressor
 from sklearn.exceptions import NotFittedError
+from sklearn.utils import get_tags
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import OUTPUT_METHODS, BaseModel, UnfittedBaseModelError
@@ -36,16 +36,14 @@ def is_fitted_estimator(estimator) -> bool:
 def _estimator_task(estimator) -> str | None:
     """"classification", "regression" or None, also for duck-typed estimators."""
     try:
-        if is_classifier(estimator):
-            return "classification"
-        if is_regressor(estimator):
-            return "regression"
-        return None
+        # What is_classifier / is_regressor read, from one get_tags call
+        # (a FrozenEstimator's tags deep-copy those of the model inside).
+        kind = get_tags(estimator).estimator_type
     except (AttributeError, TypeError):
         # Not a BaseEstimator (no __sklearn_tags__): fall back to the old
         # ``_estimator_type`` convention that third-party models still follow.
         kind = getattr(estimator, "_estimator_type", None)
-        return {"classifier": "classification", "regressor": "regression"}.get(kind)
+    return {"classifier": "classification", "regressor": "regression"}.get(kind)
 
 
 class SklearnModel(BaseModel):

@@ -649,3 +649,128 @@ def test_closed_form_kfold_rejects_empty_splits(ridge):
     val[0] = 0.0
     with pytest.raises(ValueError, match="positive total weight"):
         linear_kfold_problem(ridge.X, ridge.y, train, val)
+
+
+def _stacking_penalty_parts(passthrough: bool):
+    """Stacking's penalty on 4 models (+ 2 passthrough features) as the closed form sees it."""
+    from aggregators import Stacking
+    from aggregators._base import AggregationContext
+    from aggregators._bilevel import HyperSpace, ParamPacker, _tuned_values
+
+    agg = Stacking(passthrough=passthrough)
+    ctx = AggregationContext(
+        task="regression", n_models=4, n_outputs=1, n_features=2, model_names=list("abcd"),
+        classes=None, device=torch.device("cpu"), dtype=DT,
+        generator=torch.Generator().manual_seed(0), n_train=50,
+    )
+    agg.bind(ctx)
+    Z = torch.randn(50, 4, 1, dtype=DT, generator=torch.Generator().manual_seed(1))
+    X = torch.randn(50, 2, dtype=DT, generator=torch.Generator().manual_seed(2))
+    init = agg.init_params(ctx, Z, torch.zeros(50, 1, dtype=DT), X)
+    packer = ParamPacker(init)
+    space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
+    values, as_hyper, n_values = _tuned_values(space)
+    p = sum(packer.sizes)
+
+    def penalty(t, u):
+        return agg.penalty(packer.unflatten(t), space.values(u))
+
+    def penalty_v(t, v):
+        return agg.penalty(packer.unflatten(t), as_hyper(v))
+
+    return penalty, penalty_v, values, n_values, p, space
+
+
+@pytest.mark.parametrize("passthrough", [False, True], ids=["stacking", "passthrough"])
+def test_linear_penalty_terms_are_the_autograd_terms(passthrough):
+    """Stacking's L2 weights enter its penalty linearly: the terms read off once
+    are the same numbers (value and derivative in h) as autograd's at every h."""
+    from aggregators.hypergrad._acv_linear import linear_penalty_terms, quadratic_penalty_terms
+
+    penalty, penalty_v, values, n_values, p, space = _stacking_penalty_parts(passthrough)
+    lower, upper = space.bounds()
+    affine = linear_penalty_terms(
+        penalty_v, values, p, n_values, [space.initial(), lower, upper], diagonal=True, dtype=DT
+    )
+    assert affine is not None
+    gen = torch.Generator().manual_seed(3)
+    for shift in (-2.0, 0.0, 3.0):
+        u = space.initial() + shift + 0.5 * torch.randn(n_values, dtype=DT, generator=gen)
+        uu = u.clone().requires_grad_(True)
+        R, r = affine(uu)
+        R_ref, r_ref = quadratic_penalty_terms(penalty, p, uu, diagonal=True, dtype=DT)
+        assert torch.equal(R.detach(), R_ref.detach()) and torch.equal(r.detach(), r_ref.detach())
+        weights = torch.linspace(0.5, 2.0, p, dtype=DT)
+        (g,) = torch.autograd.grad((weights * torch.diagonal(R)).sum(), uu)
+        (g_ref,) = torch.autograd.grad((weights * torch.diagonal(R_ref)).sum(), uu)
+        torch.testing.assert_close(g, g_ref, rtol=1e-15, atol=0)
+
+
+def test_linear_penalty_terms_refuse_a_nonlinear_penalty():
+    """A penalty not affine in its values (l2 squared, a series combination) or
+    undefined at 0 gets ``None``: the closed form then uses autograd's terms."""
+    from aggregators.hypergrad._acv_linear import linear_penalty_terms
+
+    hs = [torch.tensor([0.3, -1.0], dtype=DT), torch.tensor([2.0, 1.0], dtype=DT)]
+    values = torch.exp
+    squared = lambda t, v: 0.5 * (v.pow(2) * t.pow(2)).sum()  # noqa: E731
+    series = lambda t, v: 0.5 * (v[0] * v[1] / (v[0] + v[1])) * t @ t  # noqa: E731
+    linear = lambda t, v: 0.5 * (v * t.pow(2)).sum() + v[0] * t.sum()  # noqa: E731
+    assert linear_penalty_terms(squared, values, 2, 2, hs, diagonal=True, dtype=DT) is None
+    assert linear_penalty_terms(series, values, 2, 2, hs, diagonal=True, dtype=DT) is None
+    affine = linear_penalty_terms(linear, values, 2, 2, hs, diagonal=True, dtype=DT)
+    assert affine is not None
+    R, r = affine(hs[1])
+    v = hs[1].exp()
+    torch.testing.assert_close(torch.diagonal(R), v)
+    torch.testing.assert_close(r, torch.stack([v[0], v[0]]))
+    # No tuned values (hyperparams="fixed"): constant terms, differentiable in
+    # the empty h all the same (the engine takes a gradient in it).
+    empty = torch.zeros(0, dtype=DT)
+    fixed = lambda t, v: 0.5 * 3.0 * t @ t + t.sum()  # noqa: E731
+    const = linear_penalty_terms(fixed, values, 2, 0, [empty], diagonal=True, dtype=DT)
+    R, r = const(empty.clone().requires_grad_(True))
+    torch.testing.assert_close(R, 3.0 * torch.eye(2, dtype=DT))
+    torch.testing.assert_close(r, torch.ones(2, dtype=DT))
+    assert R.requires_grad
+
+
+@pytest.mark.parametrize("method", ["implicit-cg", "hoag", "implicit-neumann"])
+def test_no_inner_parameters_take_the_direct_hypergradient(ridge, method):
+    """Without inner parameters (splits fitted in closed form) tune() takes the
+    outer loss's derivative in one backward pass: the same value and
+    hypergradient as the implicit methods' empty linear solves give."""
+    from aggregators.hypergrad._acv_linear import linear_kfold_problem
+    from aggregators.hypergrad._tuner import _direct_hypergradient
+
+    train, val = _kfold_masks(ridge, torch.ones(ridge.n, dtype=DT))
+    problem, _ = linear_kfold_problem(
+        ridge.X, ridge.y, train, val, lambda t, h: 0.5 * h.exp().sum() * t @ t,
+        diagonal_penalty=True,
+    )
+    for log_lam in (-3.0, 0.5):
+        h = torch.tensor([log_lam], dtype=DT)
+        opts = {"iteration": 2} if method == "hoag" else {}
+        want = hypergradient(problem, problem.theta0, h, method, **opts)
+        got = _direct_hypergradient(problem, problem.theta0, h)
+        assert torch.equal(got.value, want.value)
+        assert torch.equal(got.grad, want.grad)
+
+
+def test_linear_penalty_terms_without_vmap_are_the_same():
+    """A penalty that does not run under vmap (a float taken from a tensor) gets
+    its terms from one backward pass instead: the same numbers."""
+    from aggregators.hypergrad._acv_linear import linear_penalty_terms
+
+    hs = [torch.tensor([0.3, -1.0], dtype=DT), torch.tensor([2.0, 1.0], dtype=DT)]
+    batched = lambda t, v: 0.5 * (v * t.pow(2)).sum() + v[0] * t.sum()  # noqa: E731
+
+    def unbatchable(t, v):
+        scale = float(v.sum()) * 0 + 1.0  # .item() on a batched tensor fails under vmap
+        return scale * batched(t, v)
+
+    a = linear_penalty_terms(batched, torch.exp, 2, 2, hs, diagonal=True, dtype=DT)
+    b = linear_penalty_terms(unbatchable, torch.exp, 2, 2, hs, diagonal=True, dtype=DT)
+    for h in hs:
+        for x, y in zip(a(h), b(h)):
+            assert torch.equal(x, y)

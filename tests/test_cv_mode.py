@@ -402,3 +402,72 @@ def test_closed_form_split_without_weight_is_an_error():
     with pytest.raises(ValueError, match="total sample weight of 0"):
         AggregatedRegressor(pool, aggregator="stacking", cv=KFold(2), random_state=0).fit(
             X, y, sample_weight=sw)
+
+
+@pytest.mark.parametrize("passthrough", [False, True], ids=["stacking", "passthrough"])
+def test_closed_form_refit_keeps_its_fit(monkeypatch, passthrough):
+    """After closed-form tuning the fit on all rows is the closed form's: kept
+    without an inner solve, the same numbers the solve returns from it."""
+    import aggregators._fit as fit_module
+    from aggregators import Stacking
+
+    pool, X, y = _regression_data()
+    calls = []
+    solve = fit_module.solve_inner
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "solve_inner", counting)
+    make = lambda: AggregatedRegressor(  # noqa: E731
+        pool, aggregator=Stacking(passthrough=passthrough), cv=CV, max_outer_iter=3,
+        random_state=0,
+    ).fit(X, y)
+    kept = make()
+    assert kept.tuning_history_.attrs["cv_solver"] == "closed-form"
+    assert not calls
+    refit = fit_module._refit
+    monkeypatch.setattr(
+        fit_module, "_refit", lambda *a, warm_is_fit=False: refit(*a, warm_is_fit=False)
+    )
+    solved = make()
+    assert calls  # the inner solve ran, from the closed-form fit
+    for name, value in solved.aggregator_.params_.items():
+        np.testing.assert_array_equal(kept.aggregator_.params_[name], value)
+    np.testing.assert_array_equal(kept.predict(X), solved.predict(X))
+
+
+def test_full_fit_reuses_the_splits_penalty_checks():
+    """linear_full_fit with the splits' solutions gives the fit it gives alone."""
+    import torch
+
+    from aggregators import Stacking
+    from aggregators._base import AggregationContext
+    from aggregators._bilevel import (
+        HyperSpace,
+        Split,
+        linear_full_fit,
+        make_linear_cv_problem,
+    )
+
+    pool, X, y = _regression_data()
+    Z = np.column_stack([clone(m).fit(X[:120], y[:120]).predict(X) for _, m in pool])
+    dt = torch.float64
+    full = Split(
+        torch.as_tensor(((Z - y.mean()) / y.std())[:, :, None], dtype=dt),
+        torch.as_tensor(((y - y.mean()) / y.std())[:, None], dtype=dt),
+        torch.as_tensor(X, dtype=dt),
+    )
+    agg = Stacking(passthrough=True)
+    ctx = AggregationContext(
+        task="regression", n_models=3, n_outputs=1, n_features=X.shape[1],
+        model_names=["a", "b", "c"], classes=None, device=torch.device("cpu"), dtype=dt,
+        generator=torch.Generator().manual_seed(0), n_train=192,
+    )
+    space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), dt)
+    _, solutions, _, reason = make_linear_cv_problem(agg, ctx, full, list(CV.split(X)), space)
+    assert solutions.penalty_kind == "diagonal" and solutions.penalty_terms is not None, reason
+    u = space.initial() + 0.7
+    alone = linear_full_fit(agg, ctx, full, space, u)
+    assert torch.equal(linear_full_fit(agg, ctx, full, space, u, like=solutions), alone)

@@ -124,6 +124,19 @@ def _per_step(method: str, step: int, inner_tol: float, options: dict) -> tuple[
     return max(hoag_tolerance(step, **sched), inner_tol), {**options, "iteration": step}
 
 
+def _direct_hypergradient(
+    problem: BilevelProblem, theta: torch.Tensor, h: torch.Tensor
+) -> HypergradResult:
+    """``Q`` and ``dQ/dh`` of a problem without inner parameters (one backward pass)."""
+    with torch.enable_grad():
+        hh = h.detach().requires_grad_(True)
+        q = problem.outer_loss(theta.detach(), hh)
+        (g,) = torch.autograd.grad(q, hh, allow_unused=True)
+    return HypergradResult(
+        value=q.detach(), grad=torch.zeros_like(h) if g is None else g, theta=theta, info={}
+    )
+
+
 @dataclass
 class TuningResult:
     """Outcome of :func:`tune`.
@@ -322,8 +335,14 @@ def tune(
                     inner_iter += n_it
                 else:
                     theta = prob.theta0
-                opts = {**step_options, "v0": cg_starts[k]} if warm_cg else step_options
-                res = hypergradient(prob, theta, h, method, **opts)
+                if needs_optimum and theta.numel() == 0:
+                    # No inner parameters (splits fitted in closed form inside
+                    # the outer loss): every method's hypergradient is the
+                    # direct derivative; its linear solves would be empty.
+                    res = _direct_hypergradient(prob, theta, h)
+                else:
+                    opts = {**step_options, "v0": cg_starts[k]} if warm_cg else step_options
+                    res = hypergradient(prob, theta, h, method, **opts)
             except InnerDivergenceError as e:
                 state.update(diverged=True, message=str(e))
                 raise _Stop from e
