@@ -385,13 +385,18 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
     candidates_ : DataFrame
         Only with ``aggregator="auto"``: one row per candidate, simplest
         first, indexed by name: ``estimate`` (mean held-out loss over the
-        outer folds: log-loss, or a regressor's squared error in standardised
-        units), ``se_diff`` (standard error of its row-by-row difference to
-        the lowest estimate; NaN for a candidate that failed), ``fit_seconds``
-        (its outer-fold fits, plus the final fit for the winner), ``chosen``
-        and ``error`` (why a candidate could not be fitted, else empty).
-        ``attrs`` holds ``n_outer``, ``n_se`` and the ``skipped`` candidates
-        with the reason.
+        outer folds it ran, each row charged ``1 / (n + 1)`` of the loss of
+        an error at the candidate's confidence: log-loss, or a regressor's
+        squared error in standardised units), ``held_out_loss`` (the same
+        without the charge), ``se_diff`` (standard error of its row-by-row
+        difference to the lowest estimate; NaN for a candidate that failed or
+        was raced out), ``folds`` (outer folds it was fitted on: fewer than
+        ``attrs["n_outer"]`` means it was raced out), ``fit_seconds`` (its
+        outer-fold fits, plus the final fit for the winner), ``chosen`` and
+        ``error`` (why a candidate could not be fitted, else empty).
+        ``attrs`` holds ``n_outer``, ``n_se``, the ``skipped`` candidates
+        with the reason, and the held-out ``row_losses`` and ``error_losses``
+        (candidates x rows; NaN where not fitted).
     hyperparams_ : dict
         Tuned hyperparameters: ``name -> float``, or a Series by base model.
     tuning_history_ : DataFrame
