@@ -168,6 +168,9 @@ def block_hessian(
     blocks : Tensor
         ``(n_blocks, width, width)``, see :func:`hessian_blocks`.
     """
+    if problem.inner_value_grad is not None and problem.inner_hessian is not None:
+        loss, g = problem.inner_value_grad(theta.detach(), h.detach())
+        return loss, g, problem.inner_hessian(theta.detach(), h.detach())
     with torch.enable_grad():
         loss, g, th = _loss_and_grad_graph(problem, theta, h)
         blocks = hessian_blocks(g, th, block_sizes(problem, theta))
@@ -253,11 +256,16 @@ def newton_solve(
     theta = (problem.theta0 if theta0 is None else theta0).detach().clone()
     sizes = block_sizes(problem, theta)
     damping = 0.0
+    # Closed-form derivatives where the problem has them (no graph to build).
+    analytic = problem.inner_value_grad is not None and problem.inner_hessian is not None
     for it in range(max_iter + 1):
         with torch.enable_grad():
-            loss, g_graph, th = _loss_and_grad_graph(problem, theta, h)
-            g = g_graph.detach()
-            loss = loss.detach()
+            if analytic:
+                loss, g = problem.inner_value_grad(theta, h)
+            else:
+                loss, g_graph, th = _loss_and_grad_graph(problem, theta, h)
+                g = g_graph.detach()
+                loss = loss.detach()
             if not (torch.isfinite(loss) and torch.isfinite(g).all()):
                 raise InnerDivergenceError(
                     f"the inner solve diverged: the inner loss became {float(loss)}."
@@ -269,7 +277,10 @@ def newton_solve(
                 return theta, it, True
             if it == max_iter:
                 break
-            blocks = hessian_blocks(g_graph, th, sizes).detach()
+            if analytic:
+                blocks = problem.inner_hessian(theta, h)
+            else:
+                blocks = hessian_blocks(g_graph, th, sizes).detach()
         try:
             step, damping = block_solve(blocks, -g, sizes, damping)
         except torch.linalg.LinAlgError:
@@ -278,7 +289,10 @@ def newton_solve(
         t = 1.0
         with torch.no_grad():
             while True:
-                new = problem.inner_loss(theta + t * step, h)
+                new = (
+                    problem.inner_value_grad(theta + t * step, h)[0] if analytic
+                    else problem.inner_loss(theta + t * step, h)
+                )
                 if torch.isfinite(new) and new <= loss + 1e-4 * t * slope:
                     break
                 t *= 0.5
