@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 from torch.func import grad as func_grad
-from torch.func import hessian as func_hessian
 
 from ._base import AggregationContext, Aggregator
 from .hypergrad import BilevelProblem, is_out_of_memory
@@ -34,7 +33,7 @@ ANALYTIC = True
 #: Largest number of parameters per fold whose penalty Hessian is formed as a
 #: matrix (once per hyperparameter vector); above it the penalty's
 #: derivatives come from autograd on the penalty alone.
-PENALTY_MATRIX_MAX = 4096
+PENALTY_MATRIX_MAX = 2048
 
 #: Largest ``rows x parameters x outputs`` of a fold for which the Hessian
 #: blocks are formed in closed form (the einsum's size).
@@ -133,7 +132,10 @@ class _PenaltyModel:
                 if self._matches(R, r, c, like):
                     self.R, self.r, self.c = R, r, c
                     return
-            R = func_hessian(lambda t: penalty(t, h))(zero)
+            # Columns R e_j = grad(e_j) - grad(0): reverse mode only (jacfwd's
+            # first use registers decompositions through the deprecated torch.jit).
+            eye = torch.eye(p, dtype=like.dtype, device=like.device)
+            R = torch.func.vmap(func_grad(lambda t: penalty(t, h)))(eye) - r
         except (RuntimeError, TypeError) as e:  # a penalty torch.func cannot transform
             if is_out_of_memory(e):
                 raise
