@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.func import grad as func_grad
 
 from ._base import AggregationContext, Aggregator
 from .hypergrad import BilevelProblem, is_out_of_memory
@@ -73,20 +72,25 @@ class _Sparsity:
         self.colour = torch.as_tensor(colour, device=R.device)
         self.probes = torch.zeros(len(used), p, dtype=R.dtype, device=R.device)
         self.probes[self.colour, torch.arange(p, device=R.device)] = 1.0
-        self.sparse = p >= 64 and rows.numel() <= 0.05 * p * p
+        # Gather and scatter-add cost ~50 us whatever the size: dense below ~400.
+        self.sparse = p >= 384 and rows.numel() <= 0.05 * p * p
 
-    def hessian(self, penalty: Callable, h: torch.Tensor) -> torch.Tensor:
-        """The Hessian at ``h`` from one gradient per colour (dense or CSR)."""
+    def hessian(self, r_graph: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The Hessian from the penalty's gradient ``r_graph`` at ``t`` (built with
+        ``create_graph``): one batched backward pass, one probe per colour."""
         p = self.probes.shape[1]
-        points = torch.cat([self.probes.new_zeros(1, p), self.probes])
-        g = torch.func.vmap(func_grad(lambda t: penalty(t, h)))(points)
-        cols = g[1:] - g[:1]  # (colours, p): R @ probe
+        (cols,) = torch.autograd.grad(r_graph, t, self.probes, is_grads_batched=True,
+                                      retain_graph=True)  # (colours, p): R @ probe
         values = cols[self.colour[self.cols], self.rows]
         if self.sparse:
             return _SparseSym(self.rows, self.cols, values, p)
         R = self.probes.new_zeros(p, p)
         R[self.rows, self.cols] = values
         return R
+
+
+#: Penalty sparsity patterns by (aggregation function type, parameters, h shape, dtype).
+_PATTERNS: dict = {}
 
 
 class _SparseSym:
@@ -123,31 +127,41 @@ class _PenaltyModel:
         self.R = None
         if p > PENALTY_MATRIX_MAX or state.get("failed"):
             return
-        zero = like.new_zeros(p)
         try:
-            r = func_grad(lambda t: penalty(t, h))(zero)
-            c = penalty(zero, h)
-            if "sparsity" in state:
-                R = state["sparsity"].hessian(penalty, h)
-                if self._matches(R, r, c, like):
-                    self.R, self.r, self.c = R, r, c
-                    return
-            # Columns R e_j = grad(e_j) - grad(0): reverse mode only (jacfwd's
-            # first use registers decompositions through the deprecated torch.jit).
-            eye = torch.eye(p, dtype=like.dtype, device=like.device)
-            R = torch.func.vmap(func_grad(lambda t: penalty(t, h)))(eye) - r
-        except (RuntimeError, TypeError) as e:  # a penalty torch.func cannot transform
+            with torch.enable_grad():
+                t = like.new_zeros(p).requires_grad_(True)
+                c = penalty(t, h)
+                (r,) = torch.autograd.grad(c, t, create_graph=True, allow_unused=True)
+                R = None
+                if r is None or not r.requires_grad:  # constant or linear in t
+                    r = like.new_zeros(p) if r is None else r
+                    R = like.new_zeros(p, p)
+                elif "sparsity" in state:
+                    R = state["sparsity"].hessian(r, t)
+                if R is not None and not self._matches(R, r.detach(), c.detach(), like):
+                    R = None  # its pattern changed with h
+                fresh = R is None
+                if fresh:  # every column from one batched backward pass
+                    eye = torch.eye(p, dtype=like.dtype, device=like.device)
+                    (R,) = torch.autograd.grad(r, t, eye, is_grads_batched=True)
+        except RuntimeError as e:  # a penalty whose second derivatives do not batch
             if is_out_of_memory(e):
                 raise
             state["failed"] = True
             return
-        R = 0.5 * (R + R.T)
-        if not self._matches(R, r, c, like):
-            state["failed"] = True  # not a quadratic: autograd from now on
-            return
-        state["sparsity"] = sparsity = _Sparsity(R)
-        if sparsity.sparse:
-            R = _SparseSym(sparsity.rows, sparsity.cols, R[sparsity.rows, sparsity.cols], p)
+        c, r = c.detach(), r.detach()
+        if fresh:
+            R = 0.5 * (R + R.T)
+            if not self._matches(R, r, c, like):
+                state["failed"] = True  # not a quadratic: autograd from now on
+                return
+            state["sparsity"] = sparsity = _Sparsity(R)
+            if "key" in state:
+                if len(_PATTERNS) >= 64:
+                    _PATTERNS.clear()
+                _PATTERNS[state["key"]] = sparsity
+            if sparsity.sparse:
+                R = _SparseSym(sparsity.rows, sparsity.cols, R[sparsity.rows, sparsity.cols], p)
         self.R, self.r, self.c = R, r, c
 
     def _matches(self, R, r, c, like) -> bool:
@@ -325,7 +339,13 @@ def attach_linear_derivatives(
     train = _stack_rows(ctx.task, train_parts, c)
     val = _stack_rows(ctx.task, val_parts, c)
     cache: dict = {}
-    state: dict = {}  # the penalty Hessian's sparsity, shared by every h
+    # The penalty Hessian's sparsity, shared by every h and by the problems of
+    # one kind (the folds' and the refit's): a pattern that no longer fits is
+    # caught by the check at every h and found again.
+    key = (type(agg), p, tuple(hs[0].shape), problem.theta0.dtype)
+    state: dict = {"key": key}
+    if key in _PATTERNS:
+        state["sparsity"] = _PATTERNS[key]
 
     def model(h: torch.Tensor) -> _PenaltyModel:
         # The penalty's quadratic is read off once per hyperparameter vector.
