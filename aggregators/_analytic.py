@@ -258,15 +258,24 @@ class _LinearRows:
         return product
 
     def hessian(self, P: torch.Tensor | None) -> torch.Tensor:
-        """``(F, q c, q c)``: ``sum_i w_i x_i x_i^T (x) B_i`` in ``Theta``'s row-major order."""
+        """``(F, q c, q c)``: ``sum_i w_i x_i x_i^T (x) B_i`` in ``Theta``'s row-major order,
+        ``B_i = diag(p_i) - p_i p_i^T`` (softmax) or ``2 / c`` times the identity."""
         F, n, q = self.D.shape
         c = self.c
-        if P is None:
-            B = (2.0 / c) * torch.eye(c, dtype=self.D.dtype, device=self.D.device).expand(F, n, c, c)
-        else:
-            B = torch.diag_embed(P) - P[..., :, None] * P[..., None, :]
-        H = torch.einsum("kn,knj,kncd,knl->kjcld", self.w, self.D, B, self.D)
-        return H.reshape(F, q * c, q * c)
+        eye = torch.eye(c, dtype=self.D.dtype, device=self.D.device)
+        if P is None:  # squared loss: (D^T W D) (x) (2 / c) I
+            gram = torch.bmm(self.Dt, self.w[..., None] * self.D)
+            H = (2.0 / c) * gram[:, :, None, :, None] * eye[None, None, :, None, :]
+            return H.reshape(F, q * c, q * c)
+        # Two batched products instead of one einsum over (row, q, c, q, c):
+        # sum_i w_i p_ic x_i x_i^T on the class diagonal, minus Kw^T K with
+        # K_i = x_i (x) p_i and Kw_i = w_i K_i.
+        Kw = (self.D[..., None] * (self.w[..., None] * P)[:, :, None, :]).reshape(F, n, q * c)
+        KwT = Kw.transpose(1, 2)
+        diag = torch.bmm(KwT, self.D).reshape(F, q, c, q)
+        H = (diag[..., None] * eye[None, None, :, None, :]).reshape(F, q * c, q * c)
+        K = (self.D[..., None] * P[:, :, None, :]).reshape(F, n, q * c)
+        return H - torch.bmm(KwT, K)
 
 
 def _stack_rows(task, parts, c) -> _LinearRows:

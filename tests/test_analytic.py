@@ -123,7 +123,7 @@ def test_callables_equal_autograd(task, n_classes, weighted, agg):
     torch.testing.assert_close(joint.mixed_product(theta, u, v), ref_mixed, rtol=0, atol=ATOL)
 
     # The hypergradient at the inner optimum, by each linear solve, both ways.
-    theta_star, _, converged = solve_inner(joint, u, joint.theta0, tol=1e-12, max_iter=5000)
+    theta_star, _, converged = solve_inner(joint, u, joint.theta0, tol=1e-10, max_iter=5000)
     assert converged
     for solver in ("direct", "cg"):
         got = implicit_hypergradient(joint, theta_star, u, solver=solver, tol=1e-14,
