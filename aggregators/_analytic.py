@@ -4,7 +4,7 @@ Where the forward pass is ``design @ Theta`` (:meth:`~Aggregator.linear_design`:
 stacking), the training loss cross-entropy or squared error with row weights,
 and the penalty a quadratic in the parameters, the loss and its gradient
 take one pass (the softmax once), a Hessian-vector product two matrix
-products, and the Hessian blocks one ``einsum``. Autograd computes the same
+products, and the Hessian blocks two batched matrix products. Autograd computes the same
 numbers, but on the small tensors of a stacking meta-learner its fixed cost
 per call is most of the time: the inner L-BFGS and the conjugate gradient of
 the hypergradient make hundreds of such calls per fit.
@@ -34,9 +34,15 @@ ANALYTIC = True
 #: derivatives come from autograd on the penalty alone.
 PENALTY_MATRIX_MAX = 2048
 
-#: Largest ``rows x parameters x outputs`` of a fold for which the Hessian
-#: blocks are formed in closed form (the einsum's size).
+#: Largest ``rows x parameters`` (and ``parameters ** 2``) of a fold for
+#: which the Hessian blocks are formed in closed form.
 HESSIAN_MAX_ENTRIES = 2**24
+
+#: Largest number of design entries, all folds' training and validation rows
+#: together, for which the closed form is given: it copies the designs, and
+#: above this the arithmetic, not autograd's fixed cost per call, takes the
+#: time (the same reasoning as ``_bilevel.BATCHED_MAX_ENTRIES``).
+DESIGN_MAX_ENTRIES = 2**24
 
 
 class _Sparsity:
@@ -330,6 +336,12 @@ def attach_linear_derivatives(
         c = ctx.n_outputs
     else:
         c = 1
+    rows = sum(part[0].shape[0] for _, train, val in folds for part in (train, val))
+    first = agg.linear_design(folds[0][0], folds[0][1][0], folds[0][1][1])
+    if first is None:
+        return f"{type(agg).__name__} has no linear design here"
+    if rows * first.shape[1] > DESIGN_MAX_ENTRIES:
+        return f"the designs would hold more than DESIGN_MAX_ENTRIES = {DESIGN_MAX_ENTRIES} entries"
     train_parts, val_parts = [], []
     for buffers, train, val in folds:
         designs = []
@@ -410,7 +422,7 @@ def attach_linear_derivatives(
                                           allow_unused=True)
         return torch.zeros_like(h) if prod is None else prod.detach()
 
-    blocks_ok = train.D.shape[1] * p * c <= HESSIAN_MAX_ENTRIES
+    blocks_ok = max(train.D.shape[1], p) * p <= HESSIAN_MAX_ENTRIES
     # The closed form must be what the problem computes: values and gradients
     # at a random point, at each h checked; anything else leaves autograd.
     gen = torch.Generator(device="cpu").manual_seed(1)
