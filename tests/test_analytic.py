@@ -31,7 +31,8 @@ DT = torch.float64
 ATOL = 1e-10
 
 
-def _data(task: str, n_classes: int, weighted: bool, n: int = 90, m: int = 3, d: int = 4):
+def _data(task: str, n_classes: int, weighted: bool, n: int = 90, m: int = 3, d: int = 4,
+          device: str = "cpu"):
     rng = np.random.default_rng(0)
     if task == "classification":
         Z = rng.dirichlet(np.ones(n_classes), size=(n, m))
@@ -41,10 +42,12 @@ def _data(task: str, n_classes: int, weighted: bool, n: int = 90, m: int = 3, d:
         y = torch.as_tensor(rng.normal(size=(n, 1)), dtype=DT)
     X = torch.as_tensor(rng.normal(size=(n, d)), dtype=DT)
     w = torch.as_tensor(rng.uniform(0.2, 2.0, n), dtype=DT) if weighted else None
-    full = Split(torch.as_tensor(Z, dtype=DT), y, X, w)
+    dev = torch.device(device)
+    full = Split(torch.as_tensor(Z, dtype=DT).to(dev), y.to(dev), X.to(dev),
+                 None if w is None else w.to(dev))
     ctx = AggregationContext(
         task=task, n_models=m, n_outputs=n_classes if task == "classification" else 1,
-        n_features=d, model_names=[f"m{i}" for i in range(m)], dtype=DT,
+        n_features=d, model_names=[f"m{i}" for i in range(m)], dtype=DT, device=dev,
         generator=torch.Generator().manual_seed(0), n_train=int(0.8 * n),
     )
     return full, ctx
@@ -133,6 +136,28 @@ def test_callables_equal_autograd(task, n_classes, weighted, agg):
         assert got.info["analytic"] and not want.info["analytic"]
         torch.testing.assert_close(got.value, want.value, rtol=0, atol=ATOL)
         torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=ATOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_callables_equal_autograd_on_cuda():
+    full, ctx = _data("classification", 4, True, device="cuda")
+    agg = Stacking(passthrough=True)
+    space = HyperSpace(agg.hyperparameters(ctx), {}, ctx.device, DT)
+    idx = np.arange(full.y.shape[0])
+    folds = [(full.take(torch.as_tensor(tr, device=ctx.device)),
+              full.take(torch.as_tensor(va, device=ctx.device)))
+             for tr, va in KFold(5, shuffle=True, random_state=0).split(idx)]
+    joint, _, _ = make_fold_problems(agg, ctx, folds, space)
+    assert joint.inner_value_grad is not None
+    plain = _plain(joint)
+    theta = 0.1 * torch.arange(joint.theta0.numel(), dtype=DT, device=ctx.device).sin()
+    u = space.initial() + 0.5
+    torch.testing.assert_close(joint.inner_value_grad(theta, u)[1],
+                               plain.inner_grad(theta, u), rtol=0, atol=ATOL)
+    theta_star, _, _ = solve_inner(joint, u, joint.theta0, tol=1e-10, max_iter=5000)
+    got = implicit_hypergradient(joint, theta_star, u, solver="cg", tol=1e-14, max_iter=5000)
+    want = implicit_hypergradient(plain, theta_star, u, solver="cg", tol=1e-14, max_iter=5000)
+    torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=ATOL)
 
 
 def test_single_problem_and_refit_get_the_closed_form():
