@@ -155,6 +155,11 @@ def implicit_hypergradient(
     Hessian ``H`` there (exact when both hold; its error is first order in
     the inner gradient otherwise), and ``L`` twice differentiable.
 
+    Where the problem gives its products in closed form
+    (:attr:`BilevelProblem.inner_hvp`, or :attr:`~BilevelProblem.inner_hessian`
+    for the direct solve, with :attr:`~BilevelProblem.mixed_product`), they
+    replace autograd's; ``info["analytic"]`` says which were used.
+
     Parameters
     ----------
     problem : BilevelProblem
