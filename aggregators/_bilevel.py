@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ._analytic import attach_linear_derivatives
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
 from .hypergrad import (
     BilevelProblem,
@@ -273,6 +274,7 @@ def make_problem(
     theta0: torch.Tensor | None = None,
     *,
     row_weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    analytic: bool = True,
 ) -> tuple[BilevelProblem, ParamPacker, Params]:
     """Build the bilevel problem of fitting ``agg`` on ``train``, judged on ``val``.
 
@@ -281,6 +283,10 @@ def make_problem(
     ``sum_i w_i loss_i / n_train`` (data hyper-cleaning: the weights are the
     hyperparameters). ``space`` reads only the first entries of ``u``; the
     hook may use the rest.
+
+    With ``analytic`` (and no ``row_weights``), an aggregation function
+    linear in its parameters gets closed-form derivatives
+    (:func:`~aggregators._analytic.attach_linear_derivatives`).
 
     Returns the problem, the packer of its parameters and the buffers
     computed from ``train``.
@@ -313,7 +319,35 @@ def make_problem(
         part = val if val is not None else train
         return data_loss(ctx.task, forward(theta, u, part), part.y, val_w)
 
-    return BilevelProblem(inner, outer, start.detach()), packer, buffers
+    problem = BilevelProblem(inner, outer, start.detach())
+    if analytic and row_weights is None:
+        n_tr = train.y.shape[0]
+        w_tr = (sample_w if sample_w is not None else train.Z.new_ones(n_tr)) / n_tr
+        part = val if val is not None else train
+        w_va = (val_w if val_w is not None else part.Z.new_ones(part.y.shape[0]))
+        w_va = w_va / part.y.shape[0]
+        _attach(problem, agg, ctx, space, packer, [(
+            buffers, (train.Z, train.X, train.y, w_tr), (part.Z, part.X, part.y, w_va),
+        )])
+    return problem, packer, buffers
+
+
+def _attach(problem, agg, ctx, space, packer, folds) -> str:
+    """Closed-form derivatives on ``problem`` where ``agg`` is linear in its parameters
+    (checked at the start and at the box's ends); returns why not, or ``""``."""
+    if type(agg).data_penalty is not Aggregator.data_penalty:
+        return f"{type(agg).__name__} adds a data_penalty"
+    if type(agg).linear_design is Aggregator.linear_design:
+        return f"{type(agg).__name__} has no linear design"
+
+    def penalty(theta, u):
+        return agg.penalty(packer.unflatten(theta), space.values(u))
+
+    h0 = space.initial()
+    lower, upper = space.bounds()
+    hs = [h0, torch.where(torch.isfinite(lower), lower, h0),
+          torch.where(torch.isfinite(upper), upper, h0)]
+    return attach_linear_derivatives(problem, agg, ctx, folds, penalty, hs)
 
 
 #: Largest ``rows x outputs`` of a fold whose Hessian blocks come from the
@@ -381,7 +415,7 @@ def make_fold_problems(
     """
     problems, parts = [], []
     for train, val in folds:
-        prob, packer, buffers = make_problem(agg, ctx, train, val, space)
+        prob, packer, buffers = make_problem(agg, ctx, train, val, space, analytic=False)
         problems.append(prob)
         parts.append((packer, buffers))
     joint, split = stack_problems(problems)
@@ -389,6 +423,15 @@ def make_fold_problems(
         batched = _batched_problem(agg, ctx, folds, space, parts, joint)
         if batched is not None:
             joint = batched
+    if len({(tuple(p.names), tuple(p.shapes)) for p, _ in parts}) == 1:
+        # Weights as the losses use them: each fold's a weighted mean.
+        def rows(part: Split):
+            w = part.mean_weights()
+            n = part.y.shape[0]
+            return part.Z, part.X, part.y, (part.Z.new_ones(n) if w is None else w) / n
+        _attach(joint, agg, ctx, space, parts[0][0], [
+            (buffers, rows(train), rows(val)) for (train, val), (_, buffers) in zip(folds, parts)
+        ])
     return joint, split, parts
 
 

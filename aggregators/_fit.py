@@ -578,6 +578,8 @@ def fit_aggregated(
             else:
                 fold_thetas = split_theta(result.thetas[0])
                 warm = fold_thetas[0]
+                if joint.inner_value_grad is not None:  # convex (linear design): the
+                    warm = torch.stack(fold_thetas).mean(0)  # folds' mean starts nearer
             aggregator, _ = _refit(
                 agg_spec, ctx, full, space, specs, result.h, warm, refit_iter,
                 warm_is_fit=linear_solutions is not None,

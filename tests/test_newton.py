@@ -307,6 +307,8 @@ def test_estimator_warns_when_second_derivatives_do_not_batch(monkeypatch, max_o
         raise RuntimeError("Batching rule not implemented for aten::something")
 
     monkeypatch.setattr("aggregators.hypergrad._newton.hessian_blocks", no_vmap)
+    # Stacking's Hessian blocks are otherwise in closed form (no autograd to fail).
+    monkeypatch.setattr("aggregators._analytic.ANALYTIC", False)
     est = AggregatedClassifier(pool, aggregator="stacking", random_state=0,
                                max_outer_iter=max_outer_iter)
     with pytest.warns(HypergradientWarning, match="no batched .vmap. second derivative"):

@@ -155,6 +155,11 @@ def implicit_hypergradient(
     Hessian ``H`` there (exact when both hold; its error is first order in
     the inner gradient otherwise), and ``L`` twice differentiable.
 
+    Where the problem gives its products in closed form
+    (:attr:`BilevelProblem.inner_hvp`, or :attr:`~BilevelProblem.inner_hessian`
+    for the direct solve, with :attr:`~BilevelProblem.mixed_product`), they
+    replace autograd's; ``info["analytic"]`` says which were used.
+
     Parameters
     ----------
     problem : BilevelProblem
@@ -208,13 +213,26 @@ def implicit_hypergradient(
     if mixed not in ("autograd", "fd"):
         raise ValueError(f"mixed must be 'autograd' or 'fd'; got {mixed!r}.")
     q, g_theta, g_h = outer_grads(problem, theta, h)
+    if solver == "auto":
+        solver = "direct" if decide_exact_hessian(problem, theta, h) else "cg"
+    # Closed-form products where the problem has them and the hypergradient
+    # can be finished without a graph (its mixed product given too).
+    analytic = problem.mixed_product is not None and (
+        problem.inner_hessian is not None if solver == "direct"
+        else problem.inner_hvp is not None
+    )
     with torch.enable_grad():
         th = theta.detach().requires_grad_(True)
         hh = h.detach().requires_grad_(True)
-        if solver == "auto":
-            solver = "direct" if decide_exact_hessian(problem, theta, h) else "cg"
         blocks = None
-        if solver == "direct":
+        g_inner = None
+        if analytic:
+            if solver == "direct":
+                sizes = block_sizes(problem, theta)
+                blocks = problem.inner_hessian(theta.detach(), h.detach())
+            else:
+                matvec = problem.inner_hvp(theta.detach(), h.detach())
+        elif solver == "direct":
             sizes = block_sizes(problem, theta)
             g_inner = torch.autograd.grad(
                 problem.second_order_loss(th, hh), th, create_graph=True
@@ -223,10 +241,14 @@ def implicit_hypergradient(
         else:
             g_inner = torch.autograd.grad(problem.inner_loss(th, hh), th, create_graph=True)[0]
 
+            def matvec(v: torch.Tensor) -> torch.Tensor:
+                (out,) = torch.autograd.grad(g_inner, th, grad_outputs=v, retain_graph=True)
+                return out
+
         def hvp(v: torch.Tensor) -> torch.Tensor:
-            (out,) = torch.autograd.grad(g_inner, th, grad_outputs=v, retain_graph=True)
+            out = matvec(v)
             return out + damping * v if damping else out
-        info: dict = {"solver": solver}
+        info: dict = {"solver": solver, "analytic": analytic}
         if blocks is not None:
             if damping:
                 eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
@@ -254,6 +276,8 @@ def implicit_hypergradient(
             )
         if mixed == "fd":
             prod = fd_mixed_product(problem, theta.detach(), h, v.detach(), fd_eps)
+        elif analytic:
+            prod = problem.mixed_product(theta.detach(), h.detach(), v.detach())
         else:
             (prod,) = torch.autograd.grad(
                 g_inner, hh, grad_outputs=v.detach(), allow_unused=True

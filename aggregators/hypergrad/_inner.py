@@ -86,6 +86,8 @@ def solve_inner(
         start = theta  # a stalled line search: L-BFGS finishes from here
 
     def fun_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if problem.inner_value_grad is not None:  # closed form: no graph to build
+            return problem.inner_value_grad(x.detach(), h)
         with torch.enable_grad():
             xx = x.detach().requires_grad_(True)
             loss = problem.inner_loss(xx, h)

@@ -36,6 +36,15 @@ __all__ = [
 #: Hessian costs that many Hessian-vector products per iteration.
 NEWTON_MAX_BLOCK = 64
 
+#: The same bound for a problem that gives its Hessian blocks in closed form
+#: (``BilevelProblem.inner_hessian``): no probes to push through autograd,
+#: only the factorisations, so larger blocks pay. Measured on stacking
+#: (5 folds): 205 parameters a block (8 models, 5 classes, 960 rows) fitted
+#: in 2-3 Newton steps per outer step where L-BFGS stopped at its 100
+#: iterations; 610 (6 models, 10 classes, 440 rows) took 4.6 times as long
+#: by Newton as by L-BFGS.
+NEWTON_MAX_BLOCK_CLOSED_FORM = 256
+
 
 def block_sizes(problem: BilevelProblem, theta: torch.Tensor) -> tuple[int, ...]:
     """The problem's independent parameter blocks (one block when undeclared)."""
@@ -93,7 +102,8 @@ def decide_exact_hessian(problem: BilevelProblem, theta: torch.Tensor, h: torch.
     (``problem.exact_hessian``), the largest block has at most
     :data:`NEWTON_MAX_BLOCK` parameters (the blocks cost that many
     Hessian-vector products, batched), and forming them at ``(theta, h)``
-    works. When the batched products fail but one plain Hessian-vector
+    works; or, for a problem that gives its blocks in closed form
+    (``inner_hessian``), at most :data:`NEWTON_MAX_BLOCK_CLOSED_FORM`. When the batched products fail but one plain Hessian-vector
     product works, an operation of the loss has no batched (vmap) second
     derivative: conjugate gradient and L-BFGS still run. When the plain
     product fails for want of a derivative (``NotImplementedError``), the
@@ -104,13 +114,22 @@ def decide_exact_hessian(problem: BilevelProblem, theta: torch.Tensor, h: torch.
     if problem.hessian is not None:
         return problem.hessian.exact
     sizes = block_sizes(problem, theta)
+    closed = problem.inner_hessian is not None and problem.inner_value_grad is not None
+    limit, name = (
+        (NEWTON_MAX_BLOCK_CLOSED_FORM, "NEWTON_MAX_BLOCK_CLOSED_FORM") if closed
+        else (NEWTON_MAX_BLOCK, "NEWTON_MAX_BLOCK")
+    )
     if not problem.exact_hessian:
         decision = HessianDecision(False, "the problem asks for first-order methods only")
-    elif max(sizes) > NEWTON_MAX_BLOCK:
+    elif max(sizes) > limit:
         decision = HessianDecision(
             False,
-            f"its largest block has {max(sizes)} parameters, more than NEWTON_MAX_BLOCK = "
-            f"{NEWTON_MAX_BLOCK}",
+            f"its largest block has {max(sizes)} parameters, more than {name} = {limit}",
+        )
+    elif closed:
+        decision = HessianDecision(
+            True, f"its Hessian blocks are in closed form and its largest has {max(sizes)} "
+            f"parameters, at most {name} = {limit}",
         )
     else:
         missing = _missing_second_derivative(problem, theta, h, sizes)
@@ -168,6 +187,9 @@ def block_hessian(
     blocks : Tensor
         ``(n_blocks, width, width)``, see :func:`hessian_blocks`.
     """
+    if problem.inner_value_grad is not None and problem.inner_hessian is not None:
+        loss, g = problem.inner_value_grad(theta.detach(), h.detach())
+        return loss, g, problem.inner_hessian(theta.detach(), h.detach())
     with torch.enable_grad():
         loss, g, th = _loss_and_grad_graph(problem, theta, h)
         blocks = hessian_blocks(g, th, block_sizes(problem, theta))
@@ -253,11 +275,16 @@ def newton_solve(
     theta = (problem.theta0 if theta0 is None else theta0).detach().clone()
     sizes = block_sizes(problem, theta)
     damping = 0.0
+    # Closed-form derivatives where the problem has them (no graph to build).
+    analytic = problem.inner_value_grad is not None and problem.inner_hessian is not None
     for it in range(max_iter + 1):
         with torch.enable_grad():
-            loss, g_graph, th = _loss_and_grad_graph(problem, theta, h)
-            g = g_graph.detach()
-            loss = loss.detach()
+            if analytic:
+                loss, g = problem.inner_value_grad(theta, h)
+            else:
+                loss, g_graph, th = _loss_and_grad_graph(problem, theta, h)
+                g = g_graph.detach()
+                loss = loss.detach()
             if not (torch.isfinite(loss) and torch.isfinite(g).all()):
                 raise InnerDivergenceError(
                     f"the inner solve diverged: the inner loss became {float(loss)}."
@@ -269,7 +296,10 @@ def newton_solve(
                 return theta, it, True
             if it == max_iter:
                 break
-            blocks = hessian_blocks(g_graph, th, sizes).detach()
+            if analytic:
+                blocks = problem.inner_hessian(theta, h)
+            else:
+                blocks = hessian_blocks(g_graph, th, sizes).detach()
         try:
             step, damping = block_solve(blocks, -g, sizes, damping)
         except torch.linalg.LinAlgError:
@@ -278,7 +308,10 @@ def newton_solve(
         t = 1.0
         with torch.no_grad():
             while True:
-                new = problem.inner_loss(theta + t * step, h)
+                new = (
+                    problem.inner_value_grad(theta + t * step, h)[0] if analytic
+                    else problem.inner_loss(theta + t * step, h)
+                )
                 if torch.isfinite(new) and new <= loss + 1e-4 * t * slope:
                     break
                 t *= 0.5

@@ -17,6 +17,8 @@ __all__ = [
 ]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ValueGrad = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+HvpFactory = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 
 
 class InnerDivergenceError(RuntimeError):
@@ -93,6 +95,29 @@ class BilevelProblem:
         the first solve that could use them
         (:func:`~aggregators.hypergrad._newton.decide_exact_hessian`); a
         caller that knows may set it beforehand.
+    inner_value_grad : callable, default=None
+        ``(theta, h) -> (L, dL/dtheta)``, both detached, in one pass: where
+        the caller has the derivatives in closed form, the inner solvers call
+        it instead of building an autograd graph (whose fixed cost per call
+        dominates on small tensors). The optional callables below must agree
+        with ``inner_loss`` / ``outer_loss``; each one missing is replaced by
+        autograd on those.
+    inner_hvp : callable, default=None
+        ``(theta, h) -> matvec``: ``matvec(v)`` is the Hessian-vector
+        product ``(d2L/dtheta2) v`` at ``(theta, h)``; what the products
+        share (the predictions' softmax, say) is computed once per call.
+        Conjugate gradient and the Neumann series use it.
+    inner_hessian : callable, default=None
+        ``(theta, h) -> blocks``: the Hessian blocks of ``L`` (as
+        :func:`~aggregators.hypergrad._newton.hessian_blocks` returns them,
+        one per entry of ``blocks``), for Newton steps and direct solves.
+    outer_value_grads : callable, default=None
+        ``(theta, h) -> (Q, dQ/dtheta, dQ/dh)``, detached, ``dQ/dh`` the
+        direct derivative (``theta`` held fixed).
+    mixed_product : callable, default=None
+        ``(theta, h, v) -> (d2L / dh dtheta) v``, shape of ``h``. The
+        implicit methods use the closed-form callables only when this one is
+        given too (the hypergradient needs it).
     """
 
     inner_loss: Loss
@@ -102,6 +127,11 @@ class BilevelProblem:
     exact_hessian: bool = True
     hessian_loss: Loss | None = None
     hessian: HessianDecision | None = None
+    inner_value_grad: ValueGrad | None = None
+    inner_hvp: HvpFactory | None = None
+    inner_hessian: Loss | None = None
+    outer_value_grads: Callable | None = None
+    mixed_product: Callable | None = None
 
     def second_order_loss(self, theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``L(theta, h)`` through :attr:`hessian_loss` when given."""
@@ -111,6 +141,8 @@ class BilevelProblem:
         self, theta: torch.Tensor, h: torch.Tensor, create_graph: bool = False
     ) -> torch.Tensor:
         """``dL/dtheta`` at ``(theta, h)``."""
+        if self.inner_value_grad is not None and not create_graph:
+            return self.inner_value_grad(theta.detach(), h.detach())[1]
         with torch.enable_grad():
             if not theta.requires_grad:
                 theta = theta.detach().requires_grad_(True)
@@ -144,6 +176,8 @@ class HypergradResult:
 
 def outer_grads(problem: BilevelProblem, theta: torch.Tensor, h: torch.Tensor):
     """Return ``Q``, ``dQ/dtheta`` and the direct ``dQ/dh`` at ``(theta, h)``."""
+    if problem.outer_value_grads is not None:
+        return problem.outer_value_grads(theta.detach(), h.detach())
     with torch.enable_grad():
         theta = theta.detach().requires_grad_(True)
         h = h.detach().requires_grad_(True)

@@ -1,0 +1,449 @@
+"""Closed-form derivatives for aggregation functions linear in their parameters.
+
+Where the forward pass is ``design @ Theta`` (:meth:`~Aggregator.linear_design`:
+stacking), the training loss cross-entropy or squared error with row weights,
+and the penalty a quadratic in the parameters, the loss and its gradient
+take one pass (the softmax once), a Hessian-vector product two matrix
+products, and the Hessian blocks two batched matrix products. Autograd computes the same
+numbers, but on the small tensors of a stacking meta-learner its fixed cost
+per call is most of the time: the inner L-BFGS and the conjugate gradient of
+the hypergradient make hundreds of such calls per fit.
+
+:func:`attach_linear_derivatives` gives a :class:`BilevelProblem` built by
+:mod:`._bilevel` these callables (the engine uses them when present, autograd
+otherwise), after checking them against the problem's own autograd losses.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._base import AggregationContext, Aggregator
+from .hypergrad import BilevelProblem, is_out_of_memory
+
+__all__ = ["ANALYTIC", "attach_linear_derivatives"]
+
+#: Whether :mod:`._bilevel` gives linear-design problems closed-form
+#: derivatives (``False``: autograd throughout, for comparison).
+ANALYTIC = True
+
+#: Largest number of parameters per fold whose penalty Hessian is formed as a
+#: matrix (once per hyperparameter vector); above it the penalty's
+#: derivatives come from autograd on the penalty alone.
+PENALTY_MATRIX_MAX = 2048
+
+#: Largest ``rows x parameters`` (and ``parameters ** 2``) of a fold for
+#: which the Hessian blocks are formed in closed form.
+HESSIAN_MAX_ENTRIES = 2**24
+
+#: Largest number of design entries, all folds' training and validation rows
+#: together, for which the closed form is given: it copies the designs, and
+#: above this the arithmetic, not autograd's fixed cost per call, takes the
+#: time (the same reasoning as ``_bilevel.BATCHED_MAX_ENTRIES``).
+DESIGN_MAX_ENTRIES = 2**24
+
+
+class _Sparsity:
+    """Where a quadratic penalty's Hessian is non-zero, and columns that share no row.
+
+    Found once from a dense Hessian; at another ``h`` the Hessian then takes
+    one gradient per colour (columns of one colour probed together, as in
+    Curtis, Powell and Reid's estimation of sparse Jacobians) instead of one
+    per parameter: stacking's penalty couples only the diagonal entries of
+    each model's block, so ``n_classes + 1`` gradients instead of hundreds.
+    """
+
+    def __init__(self, R: torch.Tensor):
+        p = R.shape[0]
+        nz = R != 0
+        nz |= torch.eye(p, dtype=torch.bool, device=R.device)
+        rows, cols = nz.nonzero(as_tuple=True)
+        self.rows, self.cols = rows, cols
+        rows_of = [[] for _ in range(p)]
+        for i, j in zip(rows.tolist(), cols.tolist()):
+            rows_of[j].append(i)
+        colour = [-1] * p
+        used: list[set] = []  # rows each colour already covers
+        for j in range(p):  # greedy colouring: first colour with no shared row
+            for k, covered in enumerate(used):
+                if covered.isdisjoint(rows_of[j]):
+                    colour[j] = k
+                    covered.update(rows_of[j])
+                    break
+            else:
+                colour[j] = len(used)
+                used.append(set(rows_of[j]))
+        self.colour = torch.as_tensor(colour, device=R.device)
+        self.probes = torch.zeros(len(used), p, dtype=R.dtype, device=R.device)
+        self.probes[self.colour, torch.arange(p, device=R.device)] = 1.0
+        # Gather and scatter-add cost ~50 us whatever the size: dense below ~400.
+        self.sparse = p >= 384 and rows.numel() <= 0.05 * p * p
+
+    def hessian(self, r_graph: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The Hessian from the penalty's gradient ``r_graph`` at ``t`` (built with
+        ``create_graph``): one batched backward pass, one probe per colour."""
+        p = self.probes.shape[1]
+        (cols,) = torch.autograd.grad(r_graph, t, self.probes, is_grads_batched=True,
+                                      retain_graph=True)  # (colours, p): R @ probe
+        values = cols[self.colour[self.cols], self.rows]
+        if self.sparse:
+            return _SparseSym(self.rows, self.cols, values, p)
+        R = self.probes.new_zeros(p, p)
+        R[self.rows, self.cols] = values
+        return R
+
+
+#: Penalty sparsity patterns by (aggregation function type, parameters, h shape, dtype).
+_PATTERNS: dict = {}
+
+
+class _SparseSym:
+    """A sparse ``p x p`` matrix as coordinates: ``T @ R`` by a gather and a
+    scatter-add (no sparse-tensor layout, whose CPU kernels warn of a beta state)."""
+
+    def __init__(self, rows, cols, values, p):
+        self.rows, self.cols, self.values, self.p = rows, cols, values, p
+
+    def __rmatmul__(self, T: torch.Tensor) -> torch.Tensor:  # T @ R = (R T^T)^T, R symmetric
+        out = T.new_zeros(T.shape[:-1] + (self.p,))
+        return out.index_add_(-1, self.rows, T[..., self.cols] * self.values)
+
+    def to_dense(self) -> torch.Tensor:
+        R = self.values.new_zeros(self.p, self.p)
+        R[self.rows, self.cols] = self.values
+        return R
+
+
+class _PenaltyModel:
+    """The penalty at one hyperparameter vector ``h``, over ``F`` folds' parameters.
+
+    ``0.5 t^T R t + r^T t + c`` when the penalty is a quadratic in ``t`` (its
+    Hessian read off with :class:`_Sparsity`'s colouring, found from a dense
+    Hessian at the first ``h`` and again wherever the result fails the check
+    at two random points); autograd on the penalty otherwise. ``R`` is kept
+    sparse when most of it is zero (a per-coefficient L2 with a few
+    couplings, as stacking's pool has).
+    """
+
+    def __init__(self, penalty: Callable, h: torch.Tensor, p: int, like: torch.Tensor,
+                 state: dict):
+        self.penalty, self.h, self.p = penalty, h, p
+        self.R = None
+        if p > PENALTY_MATRIX_MAX or state.get("failed"):
+            return
+        try:
+            with torch.enable_grad():
+                t = like.new_zeros(p).requires_grad_(True)
+                c = penalty(t, h)
+                (r,) = torch.autograd.grad(c, t, create_graph=True, allow_unused=True)
+                R = None
+                if r is None or not r.requires_grad:  # constant or linear in t
+                    r = like.new_zeros(p) if r is None else r
+                    R = like.new_zeros(p, p)
+                elif "sparsity" in state:
+                    R = state["sparsity"].hessian(r, t)
+                if R is not None and not self._matches(R, r.detach(), c.detach(), like):
+                    R = None  # its pattern changed with h
+                fresh = R is None
+                if fresh:  # every column from one batched backward pass
+                    eye = torch.eye(p, dtype=like.dtype, device=like.device)
+                    (R,) = torch.autograd.grad(r, t, eye, is_grads_batched=True)
+        except RuntimeError as e:  # a penalty whose second derivatives do not batch
+            if is_out_of_memory(e):
+                raise
+            state["failed"] = True
+            return
+        c, r = c.detach(), r.detach()
+        if fresh:
+            R = 0.5 * (R + R.T)
+            if not self._matches(R, r, c, like):
+                state["failed"] = True  # not a quadratic: autograd from now on
+                return
+            state["sparsity"] = sparsity = _Sparsity(R)
+            if "key" in state:
+                if len(_PATTERNS) >= 64:
+                    _PATTERNS.clear()
+                _PATTERNS[state["key"]] = sparsity
+            if sparsity.sparse:
+                R = _SparseSym(sparsity.rows, sparsity.cols, R[sparsity.rows, sparsity.cols], p)
+        self.R, self.r, self.c = R, r, c
+
+    def _matches(self, R, r, c, like) -> bool:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        tol = max(1e-8, 100 * torch.finfo(like.dtype).eps)
+        for _ in range(2):
+            t = torch.randn(self.p, generator=gen, dtype=torch.float64).to(like)
+            Rt = t @ R  # R symmetric
+            want, got = self.penalty(t, self.h), 0.5 * t @ Rt + r @ t + c
+            if not bool((want - got).abs() <= tol * (want.abs() + got.abs() + 1)):
+                return False
+        return True
+
+    def _matvec(self, T: torch.Tensor) -> torch.Tensor:  # (F, p) -> (F, p)
+        return T @ self.R
+
+    def value_grad(self, T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.R is not None:
+            RT = self._matvec(T)
+            value = 0.5 * (T * RT).sum() + (T @ self.r).sum() + T.shape[0] * self.c
+            return value, RT + self.r
+        with torch.enable_grad():
+            t = T.detach().requires_grad_(True)
+            value = sum(self.penalty(t[k], self.h) for k in range(t.shape[0]))
+            (g,) = torch.autograd.grad(value, t, allow_unused=True)
+        return value.detach(), torch.zeros_like(T) if g is None else g
+
+    def hvp(self, T: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``V -> (d2 penalty / dt2) V`` at ``T`` (folds independent)."""
+        if self.R is not None:
+            return self._matvec
+        with torch.enable_grad():
+            t = T.detach().requires_grad_(True)
+            value = sum(self.penalty(t[k], self.h) for k in range(t.shape[0]))
+            (g,) = torch.autograd.grad(value, t, create_graph=True, allow_unused=True)
+        if g is None or not g.requires_grad:
+            return torch.zeros_like
+
+        def product(V: torch.Tensor) -> torch.Tensor:
+            (out,) = torch.autograd.grad(g, t, grad_outputs=V, retain_graph=True,
+                                         allow_unused=True)
+            return torch.zeros_like(V) if out is None else out
+
+        return product
+
+    def dense(self) -> torch.Tensor | None:
+        if self.R is None:
+            return None
+        return self.R.to_dense() if isinstance(self.R, _SparseSym) else self.R
+
+
+class _LinearRows:
+    """One set of rows per fold: design ``(F, n, q)``, targets, row weights ``(F, n)``.
+
+    The loss of fold ``k`` is ``sum_i w_ki loss(y_ki, D_ki Theta_k)``, padding
+    weighted 0, as :func:`~aggregators._bilevel.row_losses` defines ``loss``.
+    """
+
+    def __init__(self, task: str, D: torch.Tensor, y: torch.Tensor, w: torch.Tensor, c: int):
+        self.task, self.D, self.w, self.c = task, D, w, c
+        self.Dt = D.transpose(1, 2)
+        if task == "classification":
+            self.y = y.long()[..., None]
+        else:
+            self.y = y.reshape(D.shape[0], D.shape[1], c)
+
+    def value_grad(self, Theta: torch.Tensor, with_probs: bool = False):
+        """Loss, its gradient ``(F, q, c)`` and (classification) the softmax."""
+        Z = torch.bmm(self.D, Theta)
+        w = self.w[..., None]
+        if self.task == "classification":
+            lse = torch.logsumexp(Z, -1, keepdim=True)
+            value = (w * (lse - Z.gather(-1, self.y))).sum()
+            P = torch.exp(Z - lse)
+            R = (w * P).scatter_add_(-1, self.y, -w)  # w (softmax - one-hot)
+        else:
+            resid = Z - self.y
+            value = (w * resid.pow(2)).sum() / self.c
+            R, P = (2.0 / self.c) * w * resid, None
+        return value, torch.bmm(self.Dt, R), P
+
+    def hvp(self, P: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        w = self.w[..., None]
+
+        def product(V: torch.Tensor) -> torch.Tensor:  # (F, q, c)
+            U = torch.bmm(self.D, V)
+            if P is None:
+                rows = (2.0 / self.c) * w * U
+            else:
+                PU = P * U
+                rows = w * (PU - P * PU.sum(-1, keepdim=True))
+            return torch.bmm(self.Dt, rows)
+
+        return product
+
+    def hessian(self, P: torch.Tensor | None) -> torch.Tensor:
+        """``(F, q c, q c)``: ``sum_i w_i x_i x_i^T (x) B_i`` in ``Theta``'s row-major order,
+        ``B_i = diag(p_i) - p_i p_i^T`` (softmax) or ``2 / c`` times the identity."""
+        F, n, q = self.D.shape
+        c = self.c
+        eye = torch.eye(c, dtype=self.D.dtype, device=self.D.device)
+        if P is None:  # squared loss: (D^T W D) (x) (2 / c) I
+            gram = torch.bmm(self.Dt, self.w[..., None] * self.D)
+            H = (2.0 / c) * gram[:, :, None, :, None] * eye[None, None, :, None, :]
+            return H.reshape(F, q * c, q * c)
+        # Two batched products instead of one einsum over (row, q, c, q, c):
+        # sum_i w_i p_ic x_i x_i^T on the class diagonal, minus Kw^T K with
+        # K_i = x_i (x) p_i and Kw_i = w_i K_i.
+        Kw = (self.D[..., None] * (self.w[..., None] * P)[:, :, None, :]).reshape(F, n, q * c)
+        KwT = Kw.transpose(1, 2)
+        diag = torch.bmm(KwT, self.D).reshape(F, q, c, q)
+        H = (diag[..., None] * eye[None, None, :, None, :]).reshape(F, q * c, q * c)
+        K = (self.D[..., None] * P[:, :, None, :]).reshape(F, n, q * c)
+        return H - torch.bmm(KwT, K)
+
+
+def _stack_rows(task, parts, c) -> _LinearRows:
+    """``parts``: per fold ``(design, y, weights)``; padded to one length with weight 0."""
+    n = max(D.shape[0] for D, _, _ in parts)
+
+    def pad(t):
+        return torch.cat([t, t.new_zeros((n - t.shape[0],) + tuple(t.shape[1:]))])
+
+    D = torch.stack([pad(D) for D, _, _ in parts])
+    y = torch.stack([pad(y.reshape(y.shape[0], -1) if task != "classification" else y)
+                     for _, y, _ in parts])
+    w = torch.stack([pad(w) for _, _, w in parts])
+    return _LinearRows(task, D, y, w, c)
+
+
+def attach_linear_derivatives(
+    problem: BilevelProblem,
+    agg: Aggregator,
+    ctx: AggregationContext,
+    folds: list,
+    penalty: Callable,
+    hs: list[torch.Tensor],
+) -> str:
+    """Give ``problem`` closed-form derivatives when ``agg`` is linear in its parameters.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+        ``F`` folds' parameters side by side (``F = 1`` for one problem),
+        ``L = sum_k [sum_i w_ki loss_ki + penalty(theta_k, h)]`` and
+        ``Q = sum_k sum_i v_ki loss_ki`` as :mod:`._bilevel` builds them.
+    agg, ctx
+    folds : list of (buffers, train, val)
+        Per fold: its buffers and the ``(Z, X, y, w)`` of its training and
+        validation rows, ``w`` the rows' weights in the losses (summing to 1
+        per fold, or as the problem weighs them).
+    penalty : callable
+        ``(theta_k, h) -> scalar``, one fold's penalty on its flat parameters.
+    hs : list of Tensor
+        Hyperparameter vectors at which the closed form is checked against
+        the problem's autograd losses (the start and the box's ends).
+
+    Returns
+    -------
+    str
+        ``""`` when attached, else why not (the problem is left unchanged).
+    """
+    if not ANALYTIC:
+        return "the closed-form derivatives are turned off (ANALYTIC = False)"
+    if ctx.task == "classification":
+        c = ctx.n_outputs
+    else:
+        c = 1
+    rows = sum(part[0].shape[0] for _, train, val in folds for part in (train, val))
+    first = agg.linear_design(folds[0][0], folds[0][1][0], folds[0][1][1])
+    if first is None:
+        return f"{type(agg).__name__} has no linear design here"
+    if rows * first.shape[1] > DESIGN_MAX_ENTRIES:
+        return f"the designs would hold more than DESIGN_MAX_ENTRIES = {DESIGN_MAX_ENTRIES} entries"
+    train_parts, val_parts = [], []
+    for buffers, train, val in folds:
+        designs = []
+        for Z, X, y, w in (train, val):
+            D = agg.linear_design(buffers, Z, X)
+            if D is None:
+                return f"{type(agg).__name__} has no linear design here"
+            designs.append((D, y, w))
+        train_parts.append(designs[0])
+        val_parts.append(designs[1])
+    F = len(folds)
+    q = train_parts[0][0].shape[1]
+    p = q * c
+    if problem.theta0.numel() != F * p:
+        return f"{type(agg).__name__}'s linear design does not match its parameters"
+    train = _stack_rows(ctx.task, train_parts, c)
+    val = _stack_rows(ctx.task, val_parts, c)
+    cache: dict = {}
+    # The penalty Hessian's sparsity, shared by every h and by the problems of
+    # one kind (the folds' and the refit's): a pattern that no longer fits is
+    # caught by the check at every h and found again.
+    key = (type(agg), p, tuple(hs[0].shape), problem.theta0.dtype)
+    state: dict = {"key": key}
+    if key in _PATTERNS:
+        state["sparsity"] = _PATTERNS[key]
+
+    def model(h: torch.Tensor) -> _PenaltyModel:
+        # The penalty's quadratic is read off once per hyperparameter vector.
+        key = cache.get("h")
+        if key is None or key.shape != h.shape or not torch.equal(key, h):
+            cache.update(h=h.detach().clone(),
+                         model=_PenaltyModel(penalty, h.detach(), p, h, state))
+        return cache["model"]
+
+    def shaped(theta: torch.Tensor) -> torch.Tensor:
+        return theta.reshape(F, q, c)
+
+    def inner_value_grad(theta, h):
+        data, g, _ = train.value_grad(shaped(theta))
+        pen, gp = model(h).value_grad(theta.reshape(F, p))
+        return (data + pen).detach(), (g.reshape(-1) + gp.reshape(-1)).detach()
+
+    def inner_hvp(theta, h):
+        _, _, P = train.value_grad(shaped(theta))
+        data = train.hvp(P)
+        pen = model(h).hvp(theta.reshape(F, p))
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            return data(shaped(v)).reshape(-1) + pen(v.reshape(F, p)).reshape(-1)
+
+        return product
+
+    def inner_hessian(theta, h):
+        _, _, P = train.value_grad(shaped(theta))
+        H = train.hessian(P)
+        R = model(h).dense()
+        if R is None:  # the penalty's Hessian column by column
+            pen = model(h).hvp(theta.reshape(F, p))
+            eye = torch.eye(p, dtype=theta.dtype, device=theta.device)
+            R_cols = torch.stack([pen(eye[j].expand(F, p)) for j in range(p)], 2)
+            return H + R_cols
+        return H + R
+
+    def outer_value_grads(theta, h):
+        value, g, _ = val.value_grad(shaped(theta))
+        return value.detach(), g.reshape(-1).detach(), torch.zeros_like(h)
+
+    def mixed_product(theta, h, v):
+        # Only the penalty depends on h: autograd on it alone, once per hypergradient.
+        with torch.enable_grad():
+            t = theta.detach().reshape(F, p).requires_grad_(True)
+            hh = h.detach().requires_grad_(True)
+            value = sum(penalty(t[k], hh) for k in range(F))
+            (g,) = torch.autograd.grad(value, t, create_graph=True, allow_unused=True)
+            if g is None or not g.requires_grad:
+                return torch.zeros_like(h)
+            (prod,) = torch.autograd.grad(g, hh, grad_outputs=v.reshape(F, p),
+                                          allow_unused=True)
+        return torch.zeros_like(h) if prod is None else prod.detach()
+
+    blocks_ok = max(train.D.shape[1], p) * p <= HESSIAN_MAX_ENTRIES
+    # The closed form must be what the problem computes: values and gradients
+    # at a random point, at each h checked; anything else leaves autograd.
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    theta = torch.randn(F * p, generator=gen, dtype=torch.float64).to(problem.theta0)
+    scale = 1e-8 if theta.dtype == torch.float64 else 1e-4
+    for h in hs:
+        h = h.detach()
+        with torch.enable_grad():
+            th = theta.clone().requires_grad_(True)
+            refs = [problem.inner_loss(th, h), problem.outer_loss(th, h)]
+            ref_grads = [torch.autograd.grad(a, th)[0] for a in refs]
+        got = [inner_value_grad(theta, h), outer_value_grads(theta, h)[:2]]
+        for a, ga, (b, gb) in zip(refs, ref_grads, got):
+            if not (
+                torch.allclose(a.detach(), b, rtol=scale, atol=scale)
+                and torch.allclose(ga, gb, rtol=scale, atol=scale * (1 + ga.abs().max()))
+            ):
+                return "the closed-form loss does not match the forward pass"
+    problem.inner_value_grad = inner_value_grad
+    problem.inner_hvp = inner_hvp
+    problem.inner_hessian = inner_hessian if blocks_ok else None
+    problem.outer_value_grads = outer_value_grads
+    problem.mixed_product = mixed_product
+    return ""
