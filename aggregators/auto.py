@@ -18,8 +18,8 @@ the estimator's own parameters say.
 The base models' outputs are computed once; every candidate fit reuses them.
 Candidate fits on the outer folds use one inner split (``cv=None``) and at most
 ``OUTER_STEPS`` outer steps, and the candidates race: after each fold, one
-clearly worse than the best so far is not fitted on the next folds (a dear
-one sooner), so that the whole choice costs a few fits of ``stacking`` (see
+clearly worse than the best so far is not fitted on the next folds, so that
+the whole choice costs a few fits of ``stacking`` (see
 ``benchmarks/bench_regret.py``).
 """
 
@@ -70,9 +70,10 @@ OUTER_STEPS = 3
 N_STANDARD_ERRORS = 0.5
 #: Racing: after each outer fold but the last, a candidate whose estimate on
 #: the rows scored so far is more than this many standard errors (of its
-#: paired difference) above the best one's is dropped, fewer for a candidate
-#: whose fits so far cost more than the median candidate's (the margin is
-#: scaled by the ratio); ``inf`` disables it.
+#: paired difference) above the best one's is dropped (one that tunes no
+#: hyperparameter never is); ``inf`` disables it.
+#: The margin does not depend on the fits' measured times: a fit with a
+#: ``random_state`` must not depend on the machine's load.
 RACE_STANDARD_ERRORS = 2.0
 
 
@@ -258,6 +259,10 @@ def fit_estimator(
     # Fold by fold, every candidate still in the race (racing): after a fold,
     # one clearly worse than the best on the rows scored so far is dropped.
     n_cand = len(specs)
+    # Candidates that tune nothing (the single model, greedy selection) cost
+    # next to nothing and always run every fold: a dear candidate that led
+    # on the first fold and faltered later then still meets them at the end.
+    racing = np.array([bool(agg.hyperparameters(ctx)) for _, agg in specs])
     raw, unseen = np.full((n_cand, n), np.nan), np.full((n_cand, n), np.nan)
     seconds, errors = np.zeros(n_cand), [""] * n_cand
     alive, n_folds = np.ones(n_cand, dtype=bool), np.zeros(n_cand, dtype=int)
@@ -286,11 +291,8 @@ def fit_estimator(
             L = _charged(raw, unseen, n)[:, seen]
             L[~alive] = np.nan
             _, means, se = choose(L, n_se=RACE_STANDARD_ERRORS, weights=w_seen)
-            # A candidate dearer than the typical one must stay closer to the
-            # best to earn its next fold: its margin shrinks with its cost.
-            margin = RACE_STANDARD_ERRORS * np.minimum(
-                1.0, np.median(seconds[alive]) / np.maximum(seconds, 1e-9))
-            alive &= ~(means - means[alive].min() > margin * np.nan_to_num(se))
+            worse = means - means[alive].min() > RACE_STANDARD_ERRORS * np.nan_to_num(se)
+            alive &= ~(worse & racing)
     losses = _charged(raw, unseen, n)
     losses[n_folds < len(folds)] = np.nan
     if not np.isfinite(losses).all(axis=1).any():

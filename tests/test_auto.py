@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.datasets import load_diabetes, load_iris
 from sklearn.dummy import DummyClassifier
@@ -183,16 +186,29 @@ class _WorstModel(GreedySelection):
         return {"weights": Z.new_tensor(w)}
 
 
+class _WorstTuned(LearnedWeights):
+    """A tuned candidate (it has hyperparameters, so it races) that keeps the
+    last base model whatever its parameters: here the prior, clearly worse."""
+
+    @staticmethod
+    def _weights(params):
+        w = LearnedWeights._weights(params)
+        last = torch.tensor([w.shape[0] - 1], device=w.device)
+        return torch.zeros_like(w).index_fill(0, last, 1.0) + 0.0 * w
+
+
 def test_a_clearly_worse_candidate_is_raced_out_after_the_first_fold(monkeypatch, cancer_pool):
     c = cancer_pool
     pool = [("lr", FrozenEstimator(c.pool["lr"])),
             ("prior", FrozenEstimator(DummyClassifier().fit(c.X_agg, c.y_agg)))]
     monkeypatch.setattr(auto_module, "CANDIDATES", (
-        ("worst", _WorstModel), ("single", lambda: GreedySelection(n_rounds=1)),
-        ("stacking", Stacking)))
+        ("worst", _WorstTuned), ("never_raced", _WorstModel),
+        ("single", lambda: GreedySelection(n_rounds=1)), ("stacking", Stacking)))
     table = AggregatedClassifier(pool, random_state=0).fit(c.X_agg, c.y_agg).candidates_
     k = table.attrs["n_outer"]
     assert table.loc["worst", "folds"] == 1 and not table.loc["worst", "chosen"]
+    # As bad, but it tunes nothing (it costs next to nothing): every fold.
+    assert table.loc["never_raced", "folds"] == k
     assert np.isfinite(table.loc["worst", "estimate"])
     assert table.loc[table["chosen"], "folds"].item() == k
     # Without racing, it is scored on every fold (and still loses).
@@ -331,3 +347,24 @@ def test_greedy_and_auto_fits_save_and_load(aggregator, frozen_pool, cancer_pool
                                est.predict_proba(cancer_pool.X_test))
     if aggregator == "auto":
         pd.testing.assert_frame_equal(back.candidates_, est.candidates_)
+
+
+def test_the_race_does_not_depend_on_fit_times(monkeypatch):
+    # A seeded fit is the same whatever the machine's load: slow down one
+    # candidate's fits and the race (who is dropped, the estimates) must not move.
+    X, y = load_diabetes(return_X_y=True)
+    pool = [("ridge", FrozenEstimator(Ridge().fit(X[:200], y[:200]))),
+            ("tree", FrozenEstimator(DecisionTreeRegressor(max_depth=3, random_state=0)
+                                     .fit(X[:200], y[:200])))]
+    a = AggregatedRegressor(pool, random_state=3).fit(X[200:350], y[200:350])
+    real = auto_module._fit_on_outputs
+
+    def slow(params, agg, *args, **kw):
+        if type(agg).__name__ == "Stacking":
+            time.sleep(0.3)
+        return real(params, agg, *args, **kw)
+
+    monkeypatch.setattr(auto_module, "_fit_on_outputs", slow)
+    b = AggregatedRegressor(pool, random_state=3).fit(X[200:350], y[200:350])
+    pd.testing.assert_series_equal(a.candidates_["estimate"], b.candidates_["estimate"])
+    pd.testing.assert_series_equal(a.candidates_["folds"], b.candidates_["folds"])
