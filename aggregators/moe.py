@@ -13,7 +13,7 @@ smooth load estimator ``P(x, i)`` with ``kth_excluding``.
 
 from __future__ import annotations
 
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
@@ -233,6 +233,12 @@ default=None
         relaxation ``W_noise`` only sets a per-row softness, which makes the
         inner problem ill-conditioned (L-BFGS may not reach its tolerance)
         without helping the gate; ``noise_scale`` is tuned either way.
+    bias_l2 : float, default=1e-2
+        L2 weight on the gate's biases ``b`` (fixed, on the mean training
+        loss). Without it the mixture weight of a model that the training
+        rows find useless tends to 0 and its bias to ``-inf``: the training
+        loss has no minimum, and every inner solve runs to its iteration
+        bound. ``0`` leaves the biases free.
     eps : float, default=1e-6
         Mixture probabilities are clipped to ``[eps, 1]`` before the logarithm.
 
@@ -289,6 +295,7 @@ default=None
         load_weight_bounds: tuple | None = None,
         noise_scale_bounds: tuple | None = None,
         learn_noise: bool = False,
+        bias_l2: float = 1e-2,
         eps: float = 1e-6,
     ):
         self.k = k
@@ -304,6 +311,7 @@ default=None
         self.load_weight_bounds = load_weight_bounds
         self.noise_scale_bounds = noise_scale_bounds
         self.learn_noise = learn_noise
+        self.bias_l2 = bias_l2
         self.eps = eps
 
     # -- declaration ------------------------------------------------------------
@@ -315,6 +323,10 @@ default=None
                 f"k must be between 1 and the number of base models ({ctx.n_models}); "
                 f"got k={self.k!r}."
             )
+        if isinstance(self.bias_l2, bool) or not isinstance(self.bias_l2, Real) or not (
+            np.isfinite(self.bias_l2) and self.bias_l2 >= 0
+        ):
+            raise ValueError(f"bias_l2 must be a finite number >= 0; got {self.bias_l2!r}.")
         if self.gate not in ("linear", "mlp"):
             raise ValueError(f"gate must be 'linear' or 'mlp'; got {self.gate!r}.")
         if self.gate_inputs not in ("X", "X+outputs"):
@@ -429,7 +441,7 @@ default=None
 
     def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
         sq = sum(params[k].pow(2).sum() for k in ("w_gate", "w_noise", "hidden_w") if k in params)
-        return 0.5 * hyper["gate_l2"][0] * sq
+        return 0.5 * hyper["gate_l2"][0] * sq + 0.5 * self.bias_l2 * params["b_gate"].pow(2).sum()
 
     def route(self, params: Params, hyper: Params, X=None) -> torch.Tensor | None:
         """The ``k`` experts of each row (``(n, m)`` bool), or ``None`` when the gate reads base outputs."""

@@ -212,6 +212,19 @@ def test_smooth_training_loss_gets_newton_steps(specialists):
     assert est.tuning_history_.attrs["exact_hessian"] is True
 
 
+def test_penalty_includes_the_bias_l2():
+    """``0.5 gate_l2 |W|^2 + 0.5 bias_l2 |b|^2``: the biases have a finite optimum."""
+    g = torch.Generator().manual_seed(0)
+    params = {"w_gate": torch.randn((3, 4), generator=g, dtype=torch.float64),
+              "b_gate": torch.randn(4, generator=g, dtype=torch.float64)}
+    hyper = {"gate_l2": torch.tensor([0.7], dtype=torch.float64)}
+    W, b = params["w_gate"], params["b_gate"]
+    for bias_l2 in (0.0, 1e-2, 0.3):
+        got = float(SparseMoE(bias_l2=bias_l2).penalty(params, hyper))
+        want = 0.5 * 0.7 * float(W.pow(2).sum()) + 0.5 * bias_l2 * float(b.pow(2).sum())
+        assert got == pytest.approx(want, rel=1e-12)
+
+
 def test_only_gate_l2_is_tuned_by_default(specialists):
     pool, X_agg, y_agg, *_ = specialists
     moe = SparseMoE(k=2, temperature=0.7, noise_scale=0.3, load_weight=1e-2)
@@ -277,6 +290,8 @@ def test_routing_with_pandas_rows(specialists):
         ({"k": 1.5}, TypeError, "k must be an int"),
         ({"gate": "tree"}, ValueError, "gate must be 'linear' or 'mlp'"),
         ({"gate_inputs": "Z"}, ValueError, "gate_inputs must be"),
+        ({"bias_l2": -1.0}, ValueError, "bias_l2 must be a finite number >= 0"),
+        ({"bias_l2": "0.1"}, ValueError, "bias_l2 must be a finite number >= 0"),
     ],
 )
 def test_bad_parameters(specialists, params, err, match):
