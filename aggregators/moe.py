@@ -8,7 +8,9 @@ routed to it.
 The functions at the top of the module are the formulas of Shazeer et al.
 (2017) as written (section 2.1 and appendix A): noisy logits ``H``,
 ``KeepTopK`` + softmax, ``CV^2`` with the population variance, and the
-smooth load estimator ``P(x, i)`` with ``kth_excluding``.
+smooth load estimator ``P(x, i)`` with ``kth_excluding``;
+:func:`smooth_kth_excluding` is the smooth order statistic the training
+relaxation uses in its place.
 """
 
 from __future__ import annotations
@@ -169,7 +171,10 @@ class SparseMoE(Aggregator):
     ``softmax(c / temperature + log P)``, where ``P(x, i)`` is Shazeer's
     smooth load estimator evaluated at the noise-free logits: the
     probability that expert ``i`` would enter the top ``k`` if its own noise
-    were drawn. As the noise scale goes to zero this is exactly the
+    were drawn, with the ``k``-th largest of the other logits taken smoothly
+    at the noise's scale (:func:`smooth_kth_excluding`; the hard one has a
+    kink wherever two experts swap ranks, at which the inner solves stall).
+    As the noise scale goes to zero this is exactly the
     predict-time gate. We use this expectation instead of sampling the
     noise because the hypergradient engine differentiates the *optimum* of
     the training loss (implicit function theorem): that needs a fixed,
