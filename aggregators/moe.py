@@ -8,12 +8,14 @@ routed to it.
 The functions at the top of the module are the formulas of Shazeer et al.
 (2017) as written (section 2.1 and appendix A): noisy logits ``H``,
 ``KeepTopK`` + softmax, ``CV^2`` with the population variance, and the
-smooth load estimator ``P(x, i)`` with ``kth_excluding``.
+smooth load estimator ``P(x, i)`` with ``kth_excluding``;
+:func:`smooth_kth_excluding` is the smooth order statistic the training
+relaxation uses in its place.
 """
 
 from __future__ import annotations
 
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
@@ -29,6 +31,7 @@ __all__ = [
     "kth_excluding",
     "load_probability",
     "noisy_logits",
+    "smooth_kth_excluding",
     "top_k_mask",
 ]
 
@@ -67,6 +70,66 @@ def kth_excluding(H: torch.Tensor, k: int) -> torch.Tensor:
     in_top = top_k_mask(H, k)
     # Expert i among the top k: the k-th of the others is the (k+1)-th overall.
     return torch.where(in_top, vals[:, k : k + 1], vals[:, k - 1 : k])
+
+
+def smooth_kth_excluding(H: torch.Tensor, k: int, tau: torch.Tensor) -> torch.Tensor:
+    """A smooth :func:`kth_excluding`: ``S_k - S_{k-1}`` of the others' values.
+
+    The sum of the ``j`` largest of values ``a`` is the maximum, over sets of
+    ``j`` of them, of their sum; its soft maximum at scale ``tau`` is
+    ``S_j = tau * log e_j(exp(a / tau))``, with ``e_j`` the elementary
+    symmetric polynomial of degree ``j`` (computed by its recursion). The ``k``-th largest is the difference of the sums of the ``k``
+    and of the ``k - 1`` largest, hence ``S_k - S_{k-1}``: an analytic function
+    of ``H`` that tends to :func:`kth_excluding` as ``tau -> 0`` (the error
+    is at most ``tau * log C(m - 1, k)`` or so where values tie, and vanishes
+    where they are far apart).
+
+    Parameters
+    ----------
+    H : Tensor of shape (n, m)
+    k : int
+        ``1 <= k < m``.
+    tau : Tensor
+        Positive scale, broadcastable to ``(n, m)`` (one per row and excluded expert).
+
+    Returns
+    -------
+    Tensor of shape (n, m)
+    """
+    n, m = H.shape
+    if not 1 <= k < m:
+        raise ValueError(f"k must be between 1 and m - 1 = {m - 1}; got k={k!r}.")
+    tau = torch.as_tensor(tau, dtype=H.dtype, device=H.device).expand(n, m)
+    a = H[:, _others(m, H.device)] / tau[:, :, None]  # (n, excluded i, the m - 1 others)
+    # e_d by its recursion e_d <- e_d + x e_{d-1} over the others in
+    # decreasing order, each e_d divided by exp(sum of the d largest): every
+    # scaled e_d is then at least 1 and each factor at most 1, so nothing
+    # overflows nor takes the log of 0, and products and sums cost far less to
+    # differentiate twice than a recursion in log space. e_d is symmetric in
+    # its arguments, so the sort adds no kink.
+    a = a.sort(dim=2, descending=True).values
+    e = [torch.ones_like(a[:, :, 0])]
+    for t in range(m - 1):
+        grown = list(e)
+        if len(e) <= k:
+            grown.append(e[-1])  # the product of the t + 1 largest, scaled: 1 x e_t
+        for d in range(min(t, k), 0, -1):
+            grown[d] = e[d] + torch.exp(a[:, :, t] - a[:, :, d - 1]) * e[d - 1]
+        e = grown
+    return tau * (a[:, :, k - 1] + torch.log(e[k]) - torch.log(e[k - 1]))
+
+
+def _others(m: int, device) -> torch.Tensor:
+    """``(m, m - 1)`` indices: row ``i`` lists the experts other than ``i``."""
+    key = (m, str(device))
+    if key not in _OTHERS:
+        _OTHERS[key] = torch.tensor(
+            [[j for j in range(m) if j != i] for i in range(m)], device=device
+        )
+    return _OTHERS[key]
+
+
+_OTHERS: dict = {}
 
 
 def load_probability(
@@ -108,7 +171,10 @@ class SparseMoE(Aggregator):
     ``softmax(c / temperature + log P)``, where ``P(x, i)`` is Shazeer's
     smooth load estimator evaluated at the noise-free logits: the
     probability that expert ``i`` would enter the top ``k`` if its own noise
-    were drawn. As the noise scale goes to zero this is exactly the
+    were drawn, with the ``k``-th largest of the other logits taken smoothly
+    at the noise's scale (:func:`smooth_kth_excluding`; the hard one has a
+    kink wherever two experts swap ranks, at which the inner solves stall).
+    As the noise scale goes to zero this is exactly the
     predict-time gate. We use this expectation instead of sampling the
     noise because the hypergradient engine differentiates the *optimum* of
     the training loss (implicit function theorem): that needs a fixed,
@@ -121,8 +187,14 @@ class SparseMoE(Aggregator):
     training rows, and ``CV^2`` the population variance over the squared
     mean.
 
-    Hyperparameters tuned by hypergradient: ``gate_l2`` (L2 on every gate
-    weight), ``load_weight``, ``noise_scale`` and ``temperature``.
+    Hyperparameters: ``gate_l2`` (L2 on every gate weight), tuned by
+    hypergradient; ``load_weight``, ``noise_scale`` and ``temperature``, held
+    at their values unless given a range (``*_bounds`` here, or the
+    estimator's ``tune_ranges``). The temperature only rescales the gate
+    weights, whose scale ``gate_l2`` already sets; the balancing losses push
+    rows towards weaker models, which an ensemble of a few pretrained models
+    rarely gains from; and each tuned hyperparameter costs outer steps, each
+    of them an inner fit per fold.
 
     Parameters
     ----------
@@ -141,27 +213,37 @@ class SparseMoE(Aggregator):
         prediction), which needs every base model on every row: the predict
         path is then dense.
     temperature : float, default=1.0
-        Initial gate temperature (``c / temperature`` inside the softmax).
-    gate_l2 : float, default=1e-2
+        Gate temperature (``c / temperature`` inside the softmax).
+    gate_l2 : float, default=1.0
         Initial L2 weight on the gate weights (on the mean training loss).
-    load_weight : float, default=1e-2
+    load_weight : float, default=1e-3
         Initial weight of the importance and load-balancing losses.
     noise_scale : float, default=0.5
         Initial multiplier of the noise standard deviation
         ``softplus(f W_noise)``; it also sets how soft the training
         relaxation is.
-    temperature_bounds, gate_l2_bounds, load_weight_bounds, noise_scale_bounds : tuple of float
-        Ranges the hyperparameters are tuned in (log scale). The noise scale
-        is capped at 1 so that the relaxation the gate is trained with stays
-        close to the exact top-k it predicts with; its floor of 0.05 and the
-        L2 floor of 1e-4 keep the training loss smooth enough for L-BFGS:
-        below them the relaxed top-k sharpens into kinks, and the inner
-        solves run into their iteration bound.
+    gate_l2_bounds : tuple of float, default=(1e-3, 100.0)
+        Range ``gate_l2`` is tuned in (log scale). Its floor keeps the inner
+        problem well conditioned: with a weak L2 the gate sharpens and the
+        inner solves run into their iteration bound.
+    temperature_bounds, load_weight_bounds, noise_scale_bounds : tuple of float or None, \
+default=None
+        Ranges to tune these in (log scale); ``None`` holds each at its value.
+        Values given, held or as range ends, must lie in ``[0.1, 4]``,
+        ``[1e-4, 1]`` and ``[0.05, 1]``. The noise scale is capped at 1 so
+        that the relaxation the gate is trained with stays close to the exact
+        top-k it predicts with.
     learn_noise : bool, default=False
         Train ``W_noise`` with the gate. Off by default: in the deterministic
         relaxation ``W_noise`` only sets a per-row softness, which makes the
         inner problem ill-conditioned (L-BFGS may not reach its tolerance)
         without helping the gate; ``noise_scale`` is tuned either way.
+    bias_l2 : float, default=1e-2
+        L2 weight on the gate's biases ``b`` (fixed, on the mean training
+        loss). Without it the mixture weight of a model that the training
+        rows find useless tends to 0 and its bias to ``-inf``: the training
+        loss has no minimum, and every inner solve runs to its iteration
+        bound. ``0`` leaves the biases free.
     eps : float, default=1e-6
         Mixture probabilities are clipped to ``[eps, 1]`` before the logarithm.
 
@@ -198,9 +280,9 @@ class SparseMoE(Aggregator):
 
     short_name = "moe"
     uses_X = True
-    # The load estimator's kth_excluding (Shazeer et al. 2017, appendix A) is
-    # piecewise linear in the logits.
-    smooth = False
+    # The training relaxation uses smooth_kth_excluding, analytic in the
+    # logits (Shazeer's kth_excluding is piecewise linear).
+    smooth = True
 
     def __init__(
         self,
@@ -210,14 +292,15 @@ class SparseMoE(Aggregator):
         hidden: int = 16,
         gate_inputs: str = "X",
         temperature: float = 1.0,
-        gate_l2: float = 1e-2,
-        load_weight: float = 1e-2,
+        gate_l2: float = 1.0,
+        load_weight: float = 1e-3,
         noise_scale: float = 0.5,
-        temperature_bounds: tuple = (0.1, 4.0),
-        gate_l2_bounds: tuple = (1e-4, 10.0),
-        load_weight_bounds: tuple = (1e-4, 1.0),
-        noise_scale_bounds: tuple = (0.05, 1.0),
+        temperature_bounds: tuple | None = None,
+        gate_l2_bounds: tuple = (1e-3, 100.0),
+        load_weight_bounds: tuple | None = None,
+        noise_scale_bounds: tuple | None = None,
         learn_noise: bool = False,
+        bias_l2: float = 1e-2,
         eps: float = 1e-6,
     ):
         self.k = k
@@ -233,6 +316,7 @@ class SparseMoE(Aggregator):
         self.load_weight_bounds = load_weight_bounds
         self.noise_scale_bounds = noise_scale_bounds
         self.learn_noise = learn_noise
+        self.bias_l2 = bias_l2
         self.eps = eps
 
     # -- declaration ------------------------------------------------------------
@@ -244,6 +328,10 @@ class SparseMoE(Aggregator):
                 f"k must be between 1 and the number of base models ({ctx.n_models}); "
                 f"got k={self.k!r}."
             )
+        if isinstance(self.bias_l2, bool) or not isinstance(self.bias_l2, Real) or not (
+            np.isfinite(self.bias_l2) and self.bias_l2 >= 0
+        ):
+            raise ValueError(f"bias_l2 must be a finite number >= 0; got {self.bias_l2!r}.")
         if self.gate not in ("linear", "mlp"):
             raise ValueError(f"gate must be 'linear' or 'mlp'; got {self.gate!r}.")
         if self.gate_inputs not in ("X", "X+outputs"):
@@ -256,9 +344,12 @@ class SparseMoE(Aggregator):
     def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
         return [
             Hyperparameter("gate_l2", self.gate_l2, *self.gate_l2_bounds),
-            Hyperparameter("load_weight", self.load_weight, *self.load_weight_bounds),
-            Hyperparameter("noise_scale", self.noise_scale, *self.noise_scale_bounds),
-            Hyperparameter("temperature", self.temperature, *self.temperature_bounds),
+            _held_unless_ranged("load_weight", self.load_weight, self.load_weight_bounds,
+                                LOAD_WEIGHT_LIMITS),
+            _held_unless_ranged("noise_scale", self.noise_scale, self.noise_scale_bounds,
+                                NOISE_SCALE_LIMITS),
+            _held_unless_ranged("temperature", self.temperature, self.temperature_bounds,
+                                TEMPERATURE_LIMITS),
         ]
 
     def fit_buffers(self, ctx, Z, y, X=None) -> Params:
@@ -318,7 +409,10 @@ class SparseMoE(Aggregator):
             P = torch.ones_like(clean)
             logits = clean / hyper["temperature"][0]
         else:
-            z = (clean - kth_excluding(clean, k)) / noise_std
+            # The smooth k-th largest at the noise's own scale: the hard one
+            # has kinks wherever two other experts swap ranks, at which L-BFGS
+            # runs to its iteration bound without meeting its tolerance.
+            z = (clean - smooth_kth_excluding(clean, k, noise_std)) / noise_std
             P = torch.special.ndtr(z)
             # log P through log_ndtr: finite far in the tail, where P underflows.
             logits = clean / hyper["temperature"][0] + torch.special.log_ndtr(z)
@@ -352,7 +446,7 @@ class SparseMoE(Aggregator):
 
     def penalty(self, params: Params, hyper: Params) -> torch.Tensor:
         sq = sum(params[k].pow(2).sum() for k in ("w_gate", "w_noise", "hidden_w") if k in params)
-        return 0.5 * hyper["gate_l2"][0] * sq
+        return 0.5 * hyper["gate_l2"][0] * sq + 0.5 * self.bias_l2 * params["b_gate"].pow(2).sum()
 
     def route(self, params: Params, hyper: Params, X=None) -> torch.Tensor | None:
         """The ``k`` experts of each row (``(n, m)`` bool), or ``None`` when the gate reads base outputs."""
@@ -367,6 +461,21 @@ class SparseMoE(Aggregator):
         """Fitted ``W_g``: one row per gate feature (or hidden unit), one column per model."""
         w = np.asarray(self.params_["w_gate"])
         return pd.DataFrame(w, columns=self.model_names_)
+
+
+#: Allowed values of the hyperparameters held by default (given, or range ends).
+TEMPERATURE_LIMITS = (0.1, 4.0)
+LOAD_WEIGHT_LIMITS = (1e-4, 1.0)
+NOISE_SCALE_LIMITS = (0.05, 1.0)
+
+
+def _held_unless_ranged(name: str, value, bounds, limits) -> Hyperparameter:
+    """A hyperparameter tuned in ``bounds``, or held at ``value`` (a box of width 0) when ``None``."""
+    if bounds is None:
+        # The box is a single point: the estimator's hyperparams or tune_ranges
+        # can still fix or tune it anywhere within the limits.
+        return Hyperparameter(name, value, value, value, limits=limits)
+    return Hyperparameter(name, value, *bounds)
 
 
 def _safe_std(A: torch.Tensor) -> torch.Tensor:

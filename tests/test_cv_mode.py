@@ -127,10 +127,10 @@ def test_auto_picks_exact_for_weights():
 
 
 # Sugeno is trained through a smooth relaxation whose second derivatives are dear;
-# SparseMoE's top-k routing has kinks (and its load-balancing loss is a data_penalty).
+# SparseMoE's load-balancing loss is a data_penalty (statistics of a fold's rows).
 @pytest.mark.parametrize(
     "aggregator, reason",
-    [(Sugeno(), "second_order = False"), (SparseMoE(), "smooth = False")],
+    [(Sugeno(), "second_order = False"), (SparseMoE(), "adds a data_penalty")],
     ids=["sugeno", "moe"],
 )
 def test_auto_picks_exact_for_sugeno_and_moe(aggregator, reason):
@@ -170,11 +170,11 @@ def test_max_outer_iter_0_validates_nothing():
     [
         ({"cv_mode": "fast"}, ValueError, "cv_mode"),
         ({"cv_mode": None}, ValueError, "cv_mode"),
-        ({"cv_mode": "approx", "aggregator": SparseMoE()}, ValueError, "smooth = False"),
+        ({"cv_mode": "approx", "aggregator": SparseMoE()}, ValueError, "data_penalty"),
         ({"cv_mode": "approx", "cv": ShuffleSplit(3, test_size=0.2, random_state=0)},
          ValueError, "not a partition"),
     ],
-    ids=["unknown", "none", "kinked", "overlapping-splits"],
+    ids=["unknown", "none", "row-statistics", "overlapping-splits"],
 )
 def test_bad_cv_mode(params, err, match):
     Est, pool, X, y = _classification()

@@ -22,6 +22,7 @@ from aggregators.moe import (
     kth_excluding,
     load_probability,
     noisy_logits,
+    smooth_kth_excluding,
     top_k_mask,
 )
 
@@ -62,6 +63,50 @@ def test_kth_excluding_by_hand():
     np.testing.assert_array_equal(kth_excluding(H, 1).numpy(), [[2.0, 3.0, 3.0, 3.0]])
     np.testing.assert_array_equal(kth_excluding(H, 2).numpy(), [[1.0, 2.0, 1.0, 2.0]])
     assert torch.isinf(kth_excluding(H, 4)).all()  # k = m: always in the top k
+
+
+def _soft_kth_by_subsets(values, k, tau):
+    """``S_k - S_{k-1}`` with ``S_j = tau log sum_{|T| = j} exp(sum(T) / tau)``, by enumeration."""
+    from itertools import combinations
+
+    def S(j):
+        if j == 0:
+            return 0.0
+        sums = np.array([sum(c) for c in combinations(values, j)]) / tau
+        return tau * (sums.max() + np.log(np.exp(sums - sums.max()).sum()))
+
+    return S(k) - S(k - 1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_smooth_kth_excluding_by_subsets_and_limit(k):
+    H = torch.tensor([[3.0, 1.0, 2.0, 0.0, -0.5], [0.2, 0.1, 0.3, 0.2, 5.0]], dtype=torch.float64)
+    for tau in (0.3, 2.0):
+        soft = smooth_kth_excluding(H, k, torch.tensor(tau, dtype=torch.float64)).numpy()
+        for r in range(2):
+            for i in range(5):
+                others = [float(H[r, j]) for j in range(5) if j != i]
+                assert soft[r, i] == pytest.approx(_soft_kth_by_subsets(others, k, tau), abs=1e-12)
+    # tau -> 0: Shazeer's hard k-th largest of the others.
+    tiny = smooth_kth_excluding(H, k, torch.tensor(1e-4, dtype=torch.float64))
+    np.testing.assert_allclose(tiny.numpy(), kth_excluding(H, k).numpy(), atol=1e-3)
+    # Far apart values (1e3 / tau = 1e4) neither overflow nor take log(0).
+    far = torch.tensor([[0.0, 1000.0, -1000.0, 5.0]], dtype=torch.float64)
+    np.testing.assert_allclose(
+        smooth_kth_excluding(far, 2, torch.tensor(0.1, dtype=torch.float64)).numpy(),
+        [[5.0, 0.0, 5.0, 0.0]], atol=1e-9,
+    )
+
+
+def test_smooth_kth_excluding_has_second_derivatives():
+    """The training relaxation is smooth: first and second derivatives check out."""
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn((3, 5), generator=g, dtype=torch.float64, requires_grad=True)
+    tau = (0.2 + torch.rand((3, 5), generator=g, dtype=torch.float64)).requires_grad_()
+    for k in (1, 2, 4):
+        f = lambda H, tau: smooth_kth_excluding(H, k, tau)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (H, tau))
+        assert torch.autograd.gradgradcheck(f, (H, tau))
 
 
 def test_cv_squared_uses_population_variance():
@@ -160,6 +205,49 @@ def test_load_balance_improves_with_its_weight():
     assert cv2[1.0] < 0.5 * cv2[1e-4]
 
 
+def test_smooth_training_loss_gets_newton_steps(specialists):
+    """Declared smooth, with batched second derivatives: the engine forms exact Hessian blocks."""
+    pool, X_agg, y_agg, *_ = specialists
+    est = AggregatedClassifier(pool, aggregator=SparseMoE(k=2), **FAST).fit(X_agg, y_agg)
+    assert est.tuning_history_.attrs["exact_hessian"] is True
+
+
+def test_penalty_includes_the_bias_l2():
+    """``0.5 gate_l2 |W|^2 + 0.5 bias_l2 |b|^2``: the biases have a finite optimum."""
+    g = torch.Generator().manual_seed(0)
+    params = {"w_gate": torch.randn((3, 4), generator=g, dtype=torch.float64),
+              "b_gate": torch.randn(4, generator=g, dtype=torch.float64)}
+    hyper = {"gate_l2": torch.tensor([0.7], dtype=torch.float64)}
+    W, b = params["w_gate"], params["b_gate"]
+    for bias_l2 in (0.0, 1e-2, 0.3):
+        got = float(SparseMoE(bias_l2=bias_l2).penalty(params, hyper))
+        want = 0.5 * 0.7 * float(W.pow(2).sum()) + 0.5 * bias_l2 * float(b.pow(2).sum())
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_only_gate_l2_is_tuned_by_default(specialists):
+    pool, X_agg, y_agg, *_ = specialists
+    moe = SparseMoE(k=2, temperature=0.7, noise_scale=0.3, load_weight=1e-2)
+    hist = AggregatedClassifier(pool, aggregator=moe, **FAST).fit(X_agg, y_agg).tuning_history_
+    held = {"temperature": 0.7, "noise_scale": 0.3, "load_weight": 1e-2}
+    for name, value in held.items():
+        np.testing.assert_allclose(hist[name], value, rtol=1e-12)
+    assert hist["gate_l2"].nunique() > 1
+    # A range, given to the aggregator or to the estimator, tunes a held one.
+    ranged = AggregatedClassifier(
+        pool, aggregator=SparseMoE(k=2, temperature_bounds=(0.1, 4.0)), **FAST
+    ).fit(X_agg, y_agg).tuning_history_
+    assert ranged["temperature"].nunique() > 1
+    via_estimator = AggregatedClassifier(
+        pool, aggregator=SparseMoE(k=2), tune_ranges={"noise_scale": (0.05, 1.0, "log")}, **FAST
+    ).fit(X_agg, y_agg).tuning_history_
+    assert via_estimator["noise_scale"].nunique() > 1
+    with pytest.raises(ValueError, match="'temperature' must lie in"):
+        AggregatedClassifier(
+            pool, aggregator=SparseMoE(temperature=10.0), **FAST
+        ).fit(X_agg, y_agg)
+
+
 def test_mlp_gate_and_regression():
     X, _, owner = _regions(800, 5)
     t = X[np.arange(len(X)), 2 + owner]  # regression target: the owner's feature
@@ -202,6 +290,8 @@ def test_routing_with_pandas_rows(specialists):
         ({"k": 1.5}, TypeError, "k must be an int"),
         ({"gate": "tree"}, ValueError, "gate must be 'linear' or 'mlp'"),
         ({"gate_inputs": "Z"}, ValueError, "gate_inputs must be"),
+        ({"bias_l2": -1.0}, ValueError, "bias_l2 must be a finite number >= 0"),
+        ({"bias_l2": "0.1"}, ValueError, "bias_l2 must be a finite number >= 0"),
     ],
 )
 def test_bad_parameters(specialists, params, err, match):
