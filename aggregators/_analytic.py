@@ -78,7 +78,8 @@ class _Sparsity:
         self.colour = torch.as_tensor(colour, device=R.device)
         self.probes = torch.zeros(len(used), p, dtype=R.dtype, device=R.device)
         self.probes[self.colour, torch.arange(p, device=R.device)] = 1.0
-        # Gather and scatter-add cost ~50 us whatever the size: dense below ~400.
+        # Gather and scatter-add have a fixed cost that only large, sparse
+        # penalties repay; small ones stay dense.
         self.sparse = p >= 384 and rows.numel() <= 0.05 * p * p
 
     def hessian(self, r_graph: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

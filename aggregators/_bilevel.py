@@ -189,11 +189,13 @@ class HyperSpace:
         return torch.as_tensor(a, device=self.device, dtype=self.dtype)
 
     def values(self, u: torch.Tensor) -> Params:
-        """Hyperparameter values (1-D tensors) from the tuned vector ``u``."""
+        """Hyperparameter values from the tuned vector ``u``: 1-D tensors, or
+        for a batch of vectors ``(..., n_tuned)`` the tuned ones with that
+        leading shape (the held ones stay 1-D)."""
         out = dict(self.constants)
         off = 0
         for s in self.tuned:
-            seg = u[off : off + s.size]
+            seg = u[..., off : off + s.size]
             off += s.size
             out[s.name] = torch.exp(seg) if s.log else seg
         return out
@@ -202,10 +204,18 @@ class HyperSpace:
         return [n for s in self.specs for n in s.entry_names()]
 
     def flat_values(self, u: torch.Tensor) -> np.ndarray:
+        """Every hyperparameter's entries (``entry_names`` order) at ``u``, or one
+        row per vector of a 2-D ``u``."""
+        batch = u.shape[:-1]
+        if not self.specs:
+            return np.zeros((*batch, 0))
         vals = self.values(u)
-        return np.concatenate(
-            [vals[s.name].detach().cpu().numpy().ravel() for s in self.specs]
-        ) if self.specs else np.zeros(0)
+        cols = []
+        for s in self.specs:
+            v = vals[s.name].detach().cpu().reshape(-1, s.size)  # (1 or batch, size)
+            cols.append(v.expand(int(np.prod(batch)), s.size) if batch else v[0])
+        out = torch.cat(cols, dim=-1)
+        return out.reshape(*batch, out.shape[-1]).numpy()
 
 
 def data_loss(
@@ -699,20 +709,16 @@ def _tuned_values(space: HyperSpace):
     (``exp`` of the log-scaled ones), concatenated; ``as_hyper(v)`` the dict
     the aggregation function takes, the fixed ones included.
     """
-    sizes = [(s.name, s.size, s.log) for s in space.tuned]
-    n = sum(size for _, size, _ in sizes)
+    sizes = [(s.name, s.size) for s in space.tuned]
+    n = sum(size for _, size in sizes)
 
     def values(u: torch.Tensor) -> torch.Tensor:
-        parts, off = [], 0
-        for _, size, log in sizes:
-            seg = u[off : off + size]
-            off += size
-            parts.append(torch.exp(seg) if log else seg)
-        return torch.cat(parts) if parts else u[:0]
+        vals = space.values(u)
+        return torch.cat([vals[name] for name, _ in sizes]) if sizes else u[:0]
 
     def as_hyper(v: torch.Tensor) -> Params:
         out, off = dict(space.constants), 0
-        for name, size, _ in sizes:
+        for name, size in sizes:
             out[name] = v[off : off + size]
             off += size
         return out

@@ -292,24 +292,6 @@ def held_and_ranged(specs, hyperparams, tune_ranges) -> dict:
     return {**policy, **ranges}
 
 
-def _flat_value_rows(space: HyperSpace, H: np.ndarray) -> np.ndarray:
-    """:meth:`HyperSpace.flat_values` of every row of ``H`` (tuned vectors), at once."""
-    U = torch.as_tensor(H, dtype=space.dtype).reshape(len(H), -1)
-    tuned, off = {}, 0
-    for s in space.tuned:
-        seg = U[:, off : off + s.size]
-        off += s.size
-        tuned[s.name] = torch.exp(seg) if s.log else seg
-    cols = [
-        tuned[s.name] if s.name in tuned
-        else space.constants[s.name].detach().cpu().reshape(1, -1).expand(len(H), -1)
-        for s in space.specs
-    ]
-    if not cols:
-        return np.zeros((len(H), 0))
-    return torch.cat(cols, dim=1).numpy()
-
-
 def _history_frame(history, space: HyperSpace, n_folds: int) -> pd.DataFrame:
     names = space.entry_names()
     if not history:  # no evaluation: the empty frame as it always was (object columns)
@@ -317,7 +299,9 @@ def _history_frame(history, space: HyperSpace, n_folds: int) -> pd.DataFrame:
             [], columns=["step", "validation_loss", "hypergrad_norm", "inner_iter", "seconds",
                          *names],
         )
-    values = _flat_value_rows(space, np.stack([e["h"] for e in history]))
+    H = torch.as_tensor(np.stack([e["h"] for e in history]), dtype=space.dtype,
+                        device=space.device)
+    values = space.flat_values(H.reshape(len(history), -1))
     # Built by columns: a frame from one dict per row costs several times more.
     columns = {
         "step": np.arange(len(history)),

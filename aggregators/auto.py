@@ -296,8 +296,8 @@ def fit_estimator(
             _, means, se = choose(L, n_se=RACE_STANDARD_ERRORS, weights=w_seen)
             worse = means - means[alive].min() > RACE_STANDARD_ERRORS * np.nan_to_num(se)
             alive &= ~(worse & racing)
-    losses = _charged(raw, unseen, n)
-    losses[n_folds < len(folds)] = np.nan
+    charged = _charged(raw, unseen, n)
+    losses = np.where((n_folds < len(folds))[:, None], np.nan, charged)
     if not np.isfinite(losses).all(axis=1).any():
         raise RuntimeError(
             "aggregator='auto': no candidate could be fitted on the outer folds of "
@@ -322,7 +322,7 @@ def fit_estimator(
     result.fitted_inside = pool.fitted_inside
 
     table = pd.DataFrame({
-        "estimate": mean_over_scored(_charged(raw, unseen, n)),
+        "estimate": mean_over_scored(charged),
         "held_out_loss": mean_over_scored(raw),
         "se_diff": se,
         "folds": n_folds,

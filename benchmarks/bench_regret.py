@@ -36,33 +36,32 @@ Run: ``python benchmarks/bench_regret.py [--seeds 0 1 2 3 4] [--datasets ...]
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 from sklearn import datasets
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.ensemble import (
-    GradientBoostingRegressor,
-    RandomForestClassifier,
-    RandomForestRegressor,
-)
+from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
 from sklearn.frozen import FrozenEstimator
-from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.linear_model import Ridge
 from sklearn.metrics import log_loss, mean_squared_error
 from sklearn.model_selection import train_test_split
-from sklearn.naive_bayes import GaussianNB
-from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC, SVR
-from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+from sklearn.svm import SVR
+from sklearn.tree import DecisionTreeRegressor
 
-from aggregators import AggregatedClassifier, AggregatedRegressor, GreedySelection
-from aggregators import auto as auto_module
-from aggregators.auto import CANDIDATES
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vs_sklearn import pretrained_pool  # noqa: E402
+
+from aggregators import AggregatedClassifier, AggregatedRegressor, GreedySelection  # noqa: E402
+from aggregators import auto as auto_module  # noqa: E402
+from aggregators.auto import CANDIDATES  # noqa: E402
 
 GREEDY_FIRST = ["greedy", "single", "weights", "stacking", "choquet"]
 CLASSIFICATION = ["breast_cancer", "wine", "iris", "digits", "synthetic"]
@@ -88,20 +87,12 @@ def load(name: str, seed: int):
     return getattr(datasets, f"load_{name}")(return_X_y=True)
 
 
-def pool(task: str, seed: int) -> dict:
-    """Six diverse models (trained on the pool rows, then frozen)."""
+def pool(task: str, X, y, seed: int) -> dict:
+    """Six diverse models, trained on the pool rows (then frozen by the caller):
+    for classification ``bench_vs_sklearn.py``'s pool."""
     if task == "cls":
-        return {
-            "logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)),
-            "naive_bayes": GaussianNB(),
-            "knn": make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=10)),
-            "tree": DecisionTreeClassifier(max_depth=5, random_state=seed),
-            "forest": RandomForestClassifier(n_estimators=100, random_state=seed),
-            "svc": make_pipeline(
-                StandardScaler(), CalibratedClassifierCV(SVC(random_state=seed), ensemble=False)
-            ),
-        }
-    return {
+        return pretrained_pool(X, y, seed)
+    models = {
         "ridge": make_pipeline(StandardScaler(), Ridge()),
         "knn": make_pipeline(StandardScaler(), KNeighborsRegressor(10)),
         "tree": DecisionTreeRegressor(max_depth=5, random_state=seed),
@@ -109,6 +100,7 @@ def pool(task: str, seed: int) -> dict:
         "gb": GradientBoostingRegressor(random_state=seed),
         "svr": make_pipeline(StandardScaler(), SVR()),
     }
+    return {name: m.fit(X, y) for name, m in models.items()}
 
 
 def run(name: str, seed: int, reuse: list[dict] | None = None) -> list[dict]:
@@ -120,7 +112,7 @@ def run(name: str, seed: int, reuse: list[dict] | None = None) -> list[dict]:
     X_agg, X_test, y_agg, y_test = train_test_split(
         X_rest, y_rest, test_size=0.5, stratify=y_rest if task == "cls" else None,
         random_state=seed)
-    frozen = [(k, FrozenEstimator(m.fit(X_pool, y_pool))) for k, m in pool(task, seed).items()]
+    frozen = [(k, FrozenEstimator(m)) for k, m in pool(task, X_pool, y_pool, seed).items()]
     Est = AggregatedClassifier if task == "cls" else AggregatedRegressor
 
     def test_loss(est):

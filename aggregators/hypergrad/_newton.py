@@ -38,11 +38,9 @@ NEWTON_MAX_BLOCK = 64
 
 #: The same bound for a problem that gives its Hessian blocks in closed form
 #: (``BilevelProblem.inner_hessian``): no probes to push through autograd,
-#: only the factorisations, so larger blocks pay. Measured on stacking
-#: (5 folds): 205 parameters a block (8 models, 5 classes, 960 rows) fitted
-#: in 2-3 Newton steps per outer step where L-BFGS stopped at its 100
-#: iterations; 610 (6 models, 10 classes, 440 rows) took 4.6 times as long
-#: by Newton as by L-BFGS.
+#: only the factorisations, so larger blocks pay: a few Newton steps replace
+#: L-BFGS runs that stall on the ill-conditioned problems a tuned L2 makes,
+#: until the cubic cost of factorising a block outgrows them.
 NEWTON_MAX_BLOCK_CLOSED_FORM = 256
 
 
@@ -103,8 +101,8 @@ def decide_exact_hessian(problem: BilevelProblem, theta: torch.Tensor, h: torch.
     :data:`NEWTON_MAX_BLOCK` parameters (the blocks cost that many
     Hessian-vector products, batched), and forming them at ``(theta, h)``
     works; or, for a problem that gives its blocks in closed form
-    (``inner_hessian``), at most :data:`NEWTON_MAX_BLOCK_CLOSED_FORM`. When the batched products fail but one plain Hessian-vector
-    product works, an operation of the loss has no batched (vmap) second
+    (``inner_hessian``), at most :data:`NEWTON_MAX_BLOCK_CLOSED_FORM`. When
+    the batched products fail but one plain Hessian-vector product works, an operation of the loss has no batched (vmap) second
     derivative: conjugate gradient and L-BFGS still run. When the plain
     product fails for want of a derivative (``NotImplementedError``), the
     loss has no second derivative: L-BFGS still runs, and a method that
