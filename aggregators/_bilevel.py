@@ -794,6 +794,8 @@ def _batched_problem(agg, ctx, folds, space, parts, joint) -> BilevelProblem | N
     train, w_train = _stacked_rows([tr for tr, _ in folds])
     val, w_val = _stacked_rows([va for _, va in folds])
     n_folds, size = len(folds), sum(packer.sizes)
+    if size == 0:
+        return None  # no inner parameters: nothing to solve per fold, nothing to batch
     x_dim = None if train.X is None else 0
 
     def fold_loss(theta, buf, Z, X, y, w, hyper, with_penalty):
