@@ -61,6 +61,13 @@ class LearnedWeights(Aggregator):
     """
 
     short_name = "weights"
+    #: :mod:`._analytic` has the derivatives of its loss in the logits in closed form.
+    convex_mixture = True
+    #: The tuner's evaluation budget of ``shared_stage`` (see ``Stacking``).
+    shared_stage = False
+    #: Hyperparameters tuned by default; the others are held at their value
+    #: unless the estimator's ``hyperparams`` or ``tune_ranges`` name them.
+    tuned_by_default: tuple = ("temperature", "l2", "entropy")
 
     def __init__(
         self,
@@ -88,13 +95,20 @@ class LearnedWeights(Aggregator):
 
     def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
         hp = [
-            Hyperparameter("l2", self.l2, 1e-6, 1e2),
-            Hyperparameter("entropy", self.entropy, 1e-6, 1.0),
+            self._declared("l2", self.l2, 1e-6, 1e2),
+            self._declared("entropy", self.entropy, 1e-6, 1.0),
         ]
         if ctx.task == "classification":
             lo, hi = self.temperature_bounds
-            hp.insert(0, Hyperparameter("temperature", self.temperature, lo, hi))
+            hp.insert(0, self._declared("temperature", self.temperature, lo, hi))
         return hp
+
+    def _declared(self, name: str, value, low: float, high: float) -> Hyperparameter:
+        if name in self.tuned_by_default:
+            return Hyperparameter(name, value, low, high)
+        # Held: a box of width 0 at its value; the estimator's hyperparams or
+        # tune_ranges can still fix or tune it anywhere within (low, high).
+        return Hyperparameter(name, value, value, value, limits=(low, high))
 
     def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:
         shape = (ctx.n_models,) if self.per == "global" else (ctx.n_models, ctx.n_outputs)
