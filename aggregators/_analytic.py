@@ -667,16 +667,20 @@ def attach_weights_derivatives(
             wts = torch.softmax(theta.detach().reshape(F, m), 1)
             value, g, _ = val.terms(wts, T, 1)
             ga, _ = _softmax_chain(wts, g, None)
-            dh = torch.zeros_like(h)
-            if classify:
-                (dh,) = torch.autograd.grad(value, hh)
-        return value.detach(), ga.reshape(-1).detach(), dh
+            dh = None
+            if value.requires_grad:  # a tuned temperature: Q depends on h directly
+                (dh,) = torch.autograd.grad(value, hh, allow_unused=True)
+        return (value.detach(), ga.reshape(-1).detach(),
+                torch.zeros_like(h) if dh is None else dh)
 
     def mixed_product(theta, h, v):
         with torch.enable_grad():
             hh = h.detach().requires_grad_(True)
             _, g, _ = inner_terms(theta.detach(), hh, 1)
-            (prod,) = torch.autograd.grad((g * v.reshape(F, m)).sum(), hh, allow_unused=True)
+            gv = (g * v.reshape(F, m)).sum()
+            if not gv.requires_grad:  # nothing tuned
+                return torch.zeros_like(h)
+            (prod,) = torch.autograd.grad(gv, hh, allow_unused=True)
         return torch.zeros_like(h) if prod is None else prod.detach()
 
     gen = torch.Generator(device="cpu").manual_seed(1)

@@ -8,14 +8,12 @@ outer evaluations (rows of ``tuning_history_``) and the test loss (log-loss
 or RMSE). Caruana's greedy selection (50 rounds, with the pool's
 predictions) is timed alongside.
 
-Variants (``--variants``):
-
-* ``default``: the library as it is;
-* ``autograd``: without the closed-form derivatives;
-* ``tune-all``: temperature, ``l2`` and ``entropy`` all tuned;
-* ``no-budget``: no shared-stage evaluation budget;
-* ``before``: autograd, every hyperparameter tuned and no budget (the
-  library before issue 20's work on ``weights``).
+Variants (``--variants``, see ``VARIANTS``): ``default``, the library as
+it is; ``autograd``, without the closed-form derivatives; ``before``,
+autograd, every hyperparameter tuned and no evaluation budget (the library
+before issue 20's work on ``weights``); the others name the hyperparameters
+tuned (``all``, ``t-l2``: temperature and ``l2``, ``l2``) and, with
+``-b8``, the shared stage's budget of 8 outer evaluations.
 
 Run: ``python benchmarks/bench_weights.py --datasets breast_cancer wine
 digits diabetes friedman1 --seeds 0 1 2``.
@@ -45,25 +43,39 @@ from _peers import caruana_selection, caruana_selection_sq  # noqa: E402
 import aggregators._analytic as analytic  # noqa: E402
 from aggregators import AggregatedClassifier, AggregatedRegressor, LearnedWeights  # noqa: E402
 
-VARIANTS = ("default", "autograd", "tune-all", "no-budget", "before")
+#: variant -> (closed form, hyperparameters tuned, shared-stage budget)
+ALL = ("temperature", "l2", "entropy")
+VARIANTS = {
+    "default": None,
+    "autograd": (False, None, None),
+    "before": (False, ALL, False),
+    "all": (True, ALL, False),
+    "all-b8": (True, ALL, True),
+    "t-l2": (True, ("temperature", "l2"), False),
+    "t-l2-b8": (True, ("temperature", "l2"), True),
+    "l2-b8": (True, ("l2",), True),
+    "l2": (True, ("l2",), False),
+    "t-b8": (True, ("temperature",), True),
+}
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    """The library switched to ``name`` for the duration."""
-    saved = (analytic.WEIGHTS_ANALYTIC, LearnedWeights.shared_stage,
-             LearnedWeights.tuned_by_default)
+    """The library switched to ``name`` for the duration (``None`` entries: as it is)."""
+    saved = (analytic.WEIGHTS_ANALYTIC, LearnedWeights.tuned_by_default,
+             LearnedWeights.shared_stage)
     try:
-        if name in ("autograd", "before"):
-            analytic.WEIGHTS_ANALYTIC = False
-        if name in ("tune-all", "before"):
-            LearnedWeights.tuned_by_default = ("temperature", "l2", "entropy")
-        if name in ("no-budget", "before"):
-            LearnedWeights.shared_stage = False
+        spec = VARIANTS[name] or (None, None, None)
+        for attr, owner, value in zip(
+            ("WEIGHTS_ANALYTIC", "tuned_by_default", "shared_stage"),
+            (analytic, LearnedWeights, LearnedWeights), spec,
+        ):
+            if value is not None:
+                setattr(owner, attr, value)
         yield
     finally:
-        (analytic.WEIGHTS_ANALYTIC, LearnedWeights.shared_stage,
-         LearnedWeights.tuned_by_default) = saved
+        (analytic.WEIGHTS_ANALYTIC, LearnedWeights.tuned_by_default,
+         LearnedWeights.shared_stage) = saved
 
 
 def run(name: str, seed: int, variants, repeats: int) -> list[dict]:
@@ -120,7 +132,7 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--datasets", nargs="+",
                         default=["breast_cancer", "wine", "digits", "diabetes", "friedman1"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["default", "before"])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default", "before"])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -142,3 +142,18 @@ def test_whole_fit_matches_autograd(monkeypatch, task):
         np.testing.assert_allclose(np.log(fast.hyperparams_[name]), np.log(value), atol=1e-3)
     np.testing.assert_allclose(fast.aggregator_.weights_.values,
                                plain.aggregator_.weights_.values, atol=1e-4)
+
+
+def test_default_tunes_temperature_and_l2_within_the_budget():
+    """Entropy held by default; the shared stage's budget bounds the outer evaluations."""
+    X, y = make_classification(500, 8, n_informative=5, n_classes=3,
+                               n_clusters_per_class=1, random_state=1)
+    models = [LogisticRegression(max_iter=500), GaussianNB(),
+              DecisionTreeClassifier(max_depth=3, random_state=0)]
+    pool = [(f"m{i}", FrozenEstimator(m.fit(X[:200], y[:200]))) for i, m in enumerate(models)]
+    est = AggregatedClassifier(pool, aggregator="weights", random_state=0).fit(X[200:], y[200:])
+    hist = est.tuning_history_
+    assert 1 < len(hist) <= 8
+    assert hist["entropy"].nunique() == 1
+    assert hist["entropy"].iloc[0] == pytest.approx(LearnedWeights().entropy)
+    assert hist["temperature"].nunique() > 1 and hist["l2"].nunique() > 1
