@@ -432,7 +432,11 @@ default=None
         return keep_top_k_softmax(clean / hyper["temperature"][0], int(self.k))
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
-        G = self.gates(params, hyper, Z, X)
+        if torch.is_grad_enabled():  # training: the relaxation, kept for data_penalty
+            G, P = self._relaxed(params, hyper, Z, X)
+            _remember(self, params, hyper, Z, X, (G, P))
+        else:
+            G = self.gates(params, hyper, Z, X)
         # Unrouted entries of Z hold placeholders and have G == 0 exactly.
         mix = (Z * G[:, :, None]).sum(1)
         if self._classifier:  # a mixture of probabilities -> log-scores
@@ -440,7 +444,10 @@ default=None
         return mix
 
     def data_penalty(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
-        G, P = self._relaxed(params, hyper, Z, X)
+        # The training loss calls forward, then this, on the same rows and
+        # parameters: the gate and load computed once (half the fold's time).
+        got = _recall(self, params, hyper, Z, X)
+        G, P = got if got is not None else self._relaxed(params, hyper, Z, X)
         w = hyper["load_weight"][0]
         return w * cv_squared(G.sum(0)) + w * cv_squared(P.sum(0))
 
@@ -476,6 +483,56 @@ def _held_unless_ranged(name: str, value, bounds, limits) -> Hyperparameter:
         # can still fix or tune it anywhere within the limits.
         return Hyperparameter(name, value, value, value, limits=limits)
     return Hyperparameter(name, value, *bounds)
+
+
+#: The last training gate of each aggregation function: ``id(agg) -> (key, (G, P))``.
+_LAST: dict = {}
+#: What ``_relaxed`` reads besides the rows.
+_GATE_PARAMS = ("w_gate", "b_gate", "w_noise", "hidden_w", "hidden_b")
+_GATE_HYPER = ("temperature", "noise_scale")
+
+
+def _key(params: Params, hyper: Params, Z, X):
+    """What makes two calls' gates the same tensors in the same graph, or ``None``
+    (no reuse) where that cannot be told cheaply.
+
+    The parameters must be the same views of the same flat vector at the same
+    version (the inner loss unpacks one ``theta`` twice), the rows the same
+    tensors, and the temperature and noise scale equal and outside autograd
+    (their tensors are rebuilt per call: equal values from another leaf would
+    cut the hypergradient's graph).
+    """
+    try:
+        if any(hyper[k].requires_grad for k in _GATE_HYPER):
+            return None
+        parts = []
+        for k in _GATE_PARAMS:
+            if k in params:
+                t = params[k]
+                base = t._base if t._base is not None else t
+                parts.append((k, id(base), t.data_ptr(), t._version, t.shape, t.stride()))
+        hyper_vals = tuple(float(hyper[k].reshape(-1)[0]) for k in _GATE_HYPER)
+        return (id(Z), id(X), torch.is_grad_enabled(), tuple(parts), hyper_vals)
+    except (RuntimeError, AttributeError):  # functorch-wrapped tensors: no data_ptr
+        return None
+
+
+def _remember(agg, params, hyper, Z, X, value) -> None:
+    key = _key(params, hyper, Z, X)
+    if key is None:
+        _LAST.pop(id(agg), None)
+        return
+    if len(_LAST) > 16:  # aggregation functions that are gone
+        _LAST.clear()
+    # Strong references keep the keyed objects (and their ids) alive.
+    _LAST[id(agg)] = (key, value, (Z, X, [params[k] for k in _GATE_PARAMS if k in params]))
+
+
+def _recall(agg, params, hyper, Z, X):
+    entry = _LAST.pop(id(agg), None)  # used once: nothing outlives the loss it served
+    if entry is None or _key(params, hyper, Z, X) != entry[0]:
+        return None
+    return entry[1]
 
 
 def _safe_std(A: torch.Tensor) -> torch.Tensor:
