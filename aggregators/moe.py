@@ -100,23 +100,32 @@ def smooth_kth_excluding(H: torch.Tensor, k: int, tau: torch.Tensor) -> torch.Te
     if not 1 <= k < m:
         raise ValueError(f"k must be between 1 and m - 1 = {m - 1}; got k={k!r}.")
     tau = torch.as_tensor(tau, dtype=H.dtype, device=H.device).expand(n, m)
-    a = H[:, _others(m, H.device)] / tau[:, :, None]  # (n, excluded i, the m - 1 others)
+    # The others of each expert in decreasing order, gathered from H in one
+    # differentiable step: the order comes from one sort of each row (no
+    # autograd), the others of expert i being that order without i's rank.
+    with torch.no_grad():
+        order = H.argsort(dim=1, descending=True)  # (n, m)
+        rank = order.argsort(dim=1)
+        positions = _others(m, H.device)[rank]  # (n, excluded i, m - 1 ranks)
+        idx = order.gather(1, positions.reshape(n, -1))
+    a = H.gather(1, idx).reshape(n, m, m - 1) / tau[:, :, None]
     # e_d by its recursion e_d <- e_d + x e_{d-1} over the others in
     # decreasing order, each e_d divided by exp(sum of the d largest): every
     # scaled e_d is then at least 1 and each factor at most 1, so nothing
     # overflows nor takes the log of 0, and products and sums cost far less to
     # differentiate twice than a recursion in log space. e_d is symmetric in
-    # its arguments, so the sort adds no kink.
-    a = a.sort(dim=2, descending=True).values
-    e = [torch.ones_like(a[:, :, 0])]
+    # its arguments, so the order adds no kink. The columns are unbound once:
+    # each indexing of a column would cost its own zero-filled gradient.
+    cols = a.unbind(2)
+    e = [torch.ones_like(cols[0])]
     for t in range(m - 1):
         grown = list(e)
         if len(e) <= k:
             grown.append(e[-1])  # the product of the t + 1 largest, scaled: 1 x e_t
         for d in range(min(t, k), 0, -1):
-            grown[d] = e[d] + torch.exp(a[:, :, t] - a[:, :, d - 1]) * e[d - 1]
+            grown[d] = e[d] + torch.exp(cols[t] - cols[d - 1]) * e[d - 1]
         e = grown
-    return tau * (a[:, :, k - 1] + torch.log(e[k]) - torch.log(e[k - 1]))
+    return tau * (cols[k - 1] + torch.log(e[k]) - torch.log(e[k - 1]))
 
 
 def _others(m: int, device) -> torch.Tensor:
