@@ -157,3 +157,18 @@ def test_default_tunes_temperature_and_l2_within_the_budget():
     assert hist["entropy"].nunique() == 1
     assert hist["entropy"].iloc[0] == pytest.approx(LearnedWeights().entropy)
     assert hist["temperature"].nunique() > 1 and hist["l2"].nunique() > 1
+
+
+def test_subclass_with_other_mixing_is_checked_and_keeps_autograd():
+    """A subclass whose weights differ (not the softmax) fails the check at attach time."""
+    class Squared(LearnedWeights):
+        @staticmethod
+        def _weights(params):
+            a = params["logits"].pow(2) + 1.0
+            w = a / a.sum(0)
+            return w if w.dim() == 2 else w[:, None]
+
+    full, ctx = _data("classification", 3, False)
+    agg = Squared()
+    joint, _, _ = make_fold_problems(agg, ctx, _folds(full), _space(agg, ctx))
+    assert joint.inner_value_grad is None
