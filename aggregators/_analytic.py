@@ -23,7 +23,7 @@ import torch
 from ._base import AggregationContext, Aggregator
 from .hypergrad import BilevelProblem, is_out_of_memory
 
-__all__ = ["ANALYTIC", "attach_linear_derivatives"]
+__all__ = ["ANALYTIC", "WEIGHTS_ANALYTIC", "attach_linear_derivatives", "attach_weights_derivatives"]
 
 #: Whether :mod:`._bilevel` gives linear-design problems closed-form
 #: derivatives (``False``: autograd throughout, for comparison).
@@ -445,6 +445,266 @@ def attach_linear_derivatives(
     problem.inner_value_grad = inner_value_grad
     problem.inner_hvp = inner_hvp
     problem.inner_hessian = inner_hessian if blocks_ok else None
+    problem.outer_value_grads = outer_value_grads
+    problem.mixed_product = mixed_product
+    return ""
+
+
+# -- learned convex weights ---------------------------------------------------------
+#: Whether :mod:`._bilevel` gives ``LearnedWeights`` problems closed-form
+#: derivatives (``False``: autograd throughout, for comparison).
+WEIGHTS_ANALYTIC = True
+
+
+class _MixtureRows:
+    """One set of rows per fold for ``w = softmax(a)`` mixing the base outputs.
+
+    ``Z`` is ``(F, n, m, K)`` (padding rows weighted 0). Classifiers' class
+    scores are ``o = log(max(sum_m w_m Z_m, eps)) / T`` (``pool="linear"``)
+    or ``o = sum_m w_m log(max(Z_m, eps)) / T`` (``pool="log"``) and the
+    loss their cross-entropy; regressors' output is ``sum_m w_m Z_m`` and
+    the loss its squared error averaged over the ``K`` targets. The loss is
+    a function of the ``m`` weights through a contraction over rows and
+    outputs, so its gradient and Hessian in ``w`` are a few einsums; the
+    softmax's chain rule then gives them in ``a``. Every operation is a
+    torch operation: the same code, under autograd in ``T``, gives the
+    derivatives in the hyperparameters.
+    """
+
+    def __init__(self, task: str, pool: str, eps: float, Z, y, w):
+        self.task, self.pool, self.eps = task, pool, eps
+        F, n, m, K = Z.shape
+        self.w = w  # (F, n)
+        if task == "classification":
+            self.y = y.long()[..., None]
+            if pool == "log":
+                Z = torch.log(Z.clamp_min(eps))
+        else:
+            self.y = y.reshape(F, n, K)
+        # (F, n K, m): every contraction below is one batched matrix product
+        # (einsum's planning costs more than the arithmetic at these sizes).
+        self.D = Z.transpose(2, 3).reshape(F, n * K, m).contiguous()
+        self.Dt = self.D.transpose(1, 2)
+        self.shape = (F, n, K)
+
+    def terms(self, wts: torch.Tensor, T: torch.Tensor | None, order: int):
+        """Loss, and up to ``order`` derivatives in the weights ``wts`` ``(F, m)``:
+        ``(value, g (F, m), H (F, m, m))``."""
+        F, n, K = self.shape
+        mix = torch.bmm(self.D, wts[..., None]).reshape(F, n, K)
+        w = self.w[..., None]
+        if self.task != "classification":
+            resid = mix - self.y
+            value = (w * resid.pow(2)).sum() / K
+            if order == 0:
+                return value, None, None
+            g = torch.bmm(self.Dt, ((2.0 / K) * w * resid).reshape(F, n * K, 1))[..., 0]
+            H = None
+            if order > 1:
+                coef = ((2.0 / K) * w).expand(F, n, K).reshape(F, n * K, 1)
+                H = torch.bmm(self.Dt, coef * self.D)
+            return value, g, H
+        if self.pool == "linear":
+            p = mix.clamp_min(self.eps)
+            o = torch.log(p) / T
+            # do_k / dw_m = Z_mk q_k: clamp_min passes the gradient where p >= eps.
+            q = (mix >= self.eps) / (T * p)
+        else:
+            o = mix / T
+            q = None
+        lse = torch.logsumexp(o, -1, keepdim=True)
+        value = (w * (lse - o.gather(-1, self.y))).sum()
+        if order == 0:
+            return value, None, None
+        s = torch.exp(o - lse)
+        r = s.scatter_add(-1, self.y, -torch.ones_like(lse))  # s - e_y
+        qq = 1.0 / T if q is None else q
+        g = torch.bmm(self.Dt, (w * r * qq).reshape(F, n * K, 1))[..., 0]
+        H = None
+        if order > 1:
+            # sum_n w_n [A diag(s) A^T - (A s)(A s)^T] with A_mk = Z_mk q_k, plus,
+            # for the linear pool, the logarithm's curvature -T A diag(r) A^T.
+            d = s if q is None else s - T * r
+            coef = (w * d * qq * qq).reshape(F, n * K, 1)
+            As = torch.matmul((s * qq)[:, :, None, :], self.D.reshape(F, n, K, -1))[:, :, 0]
+            H = torch.bmm(self.Dt, coef * self.D) - torch.bmm(As.transpose(1, 2), w * As)
+        return value, g, H
+
+
+def _softmax_chain(wts, g, H):
+    """Gradient and Hessian in the logits ``a`` from those in ``w = softmax(a)``:
+    ``J g`` and ``J H J + diag(u - s w) - u w^T - w u^T + 2 s w w^T`` with
+    ``J = diag(w) - w w^T``, ``u = g * w``, ``s = g . w``."""
+    ww = wts[:, :, None] * wts[:, None, :]
+    J = torch.diag_embed(wts) - ww
+    ga = torch.einsum("fij,fj->fi", J, g)
+    if H is None:
+        return ga, None
+    u = g * wts
+    s = u.sum(1, keepdim=True)
+    uw = u[:, :, None] * wts[:, None, :]
+    second = torch.diag_embed(u - s * wts) - uw - uw.transpose(1, 2) + 2 * s[..., None] * ww
+    return ga, J @ H @ J + second
+
+
+def _entropy_terms(a, wts, order: int):
+    """Entropy ``-sum w log w`` of ``w = softmax(a)`` per fold, its gradient and Hessian in ``a``."""
+    c = a - (wts * a).sum(1, keepdim=True)  # log w - sum w log w
+    value = -(wts * (a - torch.logsumexp(a, 1, keepdim=True))).sum(1)
+    if order == 0:
+        return value, None, None
+    wc = wts * c
+    g = -wc
+    if order == 1:
+        return value, g, None
+    ww = wts[:, :, None] * wts[:, None, :]
+    H = (-torch.diag_embed(wc + wts) + wc[:, :, None] * wts[:, None, :]
+         + wts[:, :, None] * wc[:, None, :] + ww)
+    return value, g, H
+
+
+def attach_weights_derivatives(
+    problem: BilevelProblem,
+    agg: Aggregator,
+    ctx: AggregationContext,
+    folds: list,
+    hyper_of: Callable,
+    hs: list[torch.Tensor],
+) -> str:
+    """Give a ``LearnedWeights`` problem closed-form derivatives in its logits.
+
+    Parameters as :func:`attach_linear_derivatives`, with ``hyper_of(h)``
+    the hyperparameter values at ``h`` (``HyperSpace.values``). The
+    derivatives in the logits (gradient, Hessian blocks, Hessian-vector
+    products) are closed forms (:class:`_MixtureRows`); those in ``h`` (one
+    per hypergradient) are autograd through the same torch expressions,
+    whose graph has only the hyperparameters as leaves. Checked against the
+    problem's autograd losses at each ``h`` of ``hs``; anything else leaves
+    the problem unchanged.
+
+    Returns
+    -------
+    str
+        ``""`` when attached, else why not.
+    """
+    from .weights import LearnedWeights
+
+    if not WEIGHTS_ANALYTIC:
+        return "the closed-form derivatives of LearnedWeights are turned off"
+    if (not isinstance(agg, LearnedWeights) or type(agg).forward is not LearnedWeights.forward
+            or type(agg).penalty is not LearnedWeights.penalty
+            or type(agg).init_params is not LearnedWeights.init_params):
+        return f"{type(agg).__name__} is not LearnedWeights"
+    if agg.per != "global":
+        return "closed-form derivatives cover per='global' only"
+    F, m = len(folds), ctx.n_models
+    if problem.theta0.numel() != F * m:
+        return "the parameters are not one logit per model and fold"
+    classify = ctx.task == "classification"
+
+    def stacked(which: int) -> _MixtureRows:
+        parts = [f[which] for f in folds]
+        n = max(Z.shape[0] for Z, _, _, _ in parts)
+
+        def pad(t):
+            return torch.cat([t, t.new_zeros((n - t.shape[0],) + tuple(t.shape[1:]))])
+
+        Z = torch.stack([pad(Z) for Z, _, _, _ in parts])
+        y = torch.stack([pad(y) for _, _, y, _ in parts])
+        w = torch.stack([pad(w) for _, _, _, w in parts])
+        return _MixtureRows(ctx.task, agg.pool, agg.eps, Z, y, w)
+
+    train, val = stacked(1), stacked(2)
+
+    def unpack(h):
+        hyper = hyper_of(h)
+        T = hyper["temperature"].reshape(()) if classify else None
+        return T, hyper["l2"].reshape(()), hyper["entropy"].reshape(())
+
+    def inner_terms(theta, h, order):
+        T, l2, ent = unpack(h)
+        a = theta.reshape(F, m)
+        wts = torch.softmax(a, 1)
+        value, g, H = train.terms(wts, T, order)
+        if order:
+            g, H = _softmax_chain(wts, g, H)
+        ev, eg, eH = _entropy_terms(a, wts, order)
+        value = value + 0.5 * l2 * a.pow(2).sum() + ent * ev.sum()
+        if order:
+            g = g + l2 * a + ent * eg
+        if order > 1:
+            H = H + ent * eH + l2 * torch.eye(m, dtype=a.dtype, device=a.device)
+        return value, g, H
+
+    last: list = [None, None, None]  # theta, h, (value, gradient)
+
+    @torch.no_grad()
+    def inner_value_grad(theta, h):
+        # Newton's line search evaluates the point its next iteration starts from.
+        if (last[0] is not None and last[0].shape == theta.shape and torch.equal(last[0], theta)
+                and torch.equal(last[1], h)):
+            return last[2]
+        value, g, _ = inner_terms(theta, h, 1)
+        last[:] = theta.detach().clone(), h.detach().clone(), (value, g.reshape(-1))
+        return last[2]
+
+    @torch.no_grad()
+    def inner_hessian(theta, h):
+        return 0.5 * (lambda H: H + H.transpose(1, 2))(inner_terms(theta, h, 2)[2])
+
+    def inner_hvp(theta, h):
+        H = inner_hessian(theta, h)
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(H, v.reshape(F, m, 1)).reshape(-1)
+
+        return product
+
+    def outer_value_grads(theta, h):
+        with torch.enable_grad():
+            hh = h.detach().requires_grad_(classify)
+            T, _, _ = unpack(hh)
+            wts = torch.softmax(theta.detach().reshape(F, m), 1)
+            value, g, _ = val.terms(wts, T, 1)
+            ga, _ = _softmax_chain(wts, g, None)
+            dh = None
+            if value.requires_grad:  # a tuned temperature: Q depends on h directly
+                (dh,) = torch.autograd.grad(value, hh, allow_unused=True)
+        return (value.detach(), ga.reshape(-1).detach(),
+                torch.zeros_like(h) if dh is None else dh)
+
+    def mixed_product(theta, h, v):
+        with torch.enable_grad():
+            hh = h.detach().requires_grad_(True)
+            _, g, _ = inner_terms(theta.detach(), hh, 1)
+            gv = (g * v.reshape(F, m)).sum()
+            if not gv.requires_grad:  # nothing tuned
+                return torch.zeros_like(h)
+            (prod,) = torch.autograd.grad(gv, hh, allow_unused=True)
+        return torch.zeros_like(h) if prod is None else prod.detach()
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    theta = torch.randn(F * m, generator=gen, dtype=torch.float64).to(problem.theta0)
+    scale = 1e-8 if theta.dtype == torch.float64 else 1e-4
+    # LearnedWeights itself is checked by the tests (tests/test_weights_analytic.py);
+    # a subclass (its _weights or _mix redefined, say) against its own losses
+    # here. The check costs a vmapped autograd pass: a tenth of a small fit.
+    for h in hs if type(agg) is not LearnedWeights else []:
+        h = h.detach()
+        with torch.enable_grad():
+            th = theta.clone().requires_grad_(True)
+            refs = [problem.inner_loss(th, h), problem.outer_loss(th, h)]
+            ref_grads = [torch.autograd.grad(x, th)[0] for x in refs]
+        got = [inner_value_grad(theta, h), outer_value_grads(theta, h)[:2]]
+        for x, gx, (b, gb) in zip(refs, ref_grads, got):
+            if not (
+                torch.allclose(x.detach(), b, rtol=scale, atol=scale)
+                and torch.allclose(gx, gb, rtol=scale, atol=scale * (1 + gx.abs().max()))
+            ):
+                return "the closed-form loss does not match the forward pass"
+    problem.inner_value_grad = inner_value_grad
+    problem.inner_hvp = inner_hvp
+    problem.inner_hessian = inner_hessian
     problem.outer_value_grads = outer_value_grads
     problem.mixed_product = mixed_product
     return ""

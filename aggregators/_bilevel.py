@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._analytic import attach_linear_derivatives
+from ._analytic import attach_linear_derivatives, attach_weights_derivatives
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
 from .hypergrad import (
     BilevelProblem,
@@ -394,6 +394,8 @@ def _attach(problem, agg, ctx, space, packer, folds) -> str:
     (checked at the start and at the box's ends); returns why not, or ``""``."""
     if type(agg).data_penalty is not Aggregator.data_penalty:
         return f"{type(agg).__name__} adds a data_penalty"
+    if getattr(agg, "convex_mixture", False):  # LearnedWeights: its own closed form
+        return _attach_weights(problem, agg, ctx, space, folds)
     if type(agg).linear_design is Aggregator.linear_design:
         return f"{type(agg).__name__} has no linear design"
 
@@ -405,6 +407,12 @@ def _attach(problem, agg, ctx, space, packer, folds) -> str:
     hs = [h0, torch.where(torch.isfinite(lower), lower, h0),
           torch.where(torch.isfinite(upper), upper, h0)]
     return attach_linear_derivatives(problem, agg, ctx, folds, penalty, hs)
+
+
+def _attach_weights(problem, agg, ctx, space, folds) -> str:
+    """:func:`~aggregators._analytic.attach_weights_derivatives`, checked at the start
+    (the hyperparameters scale terms of the loss; they do not change its form)."""
+    return attach_weights_derivatives(problem, agg, ctx, folds, space.values, [space.initial()])
 
 
 #: Largest ``rows x outputs`` of a fold whose Hessian blocks come from the

@@ -100,23 +100,32 @@ def smooth_kth_excluding(H: torch.Tensor, k: int, tau: torch.Tensor) -> torch.Te
     if not 1 <= k < m:
         raise ValueError(f"k must be between 1 and m - 1 = {m - 1}; got k={k!r}.")
     tau = torch.as_tensor(tau, dtype=H.dtype, device=H.device).expand(n, m)
-    a = H[:, _others(m, H.device)] / tau[:, :, None]  # (n, excluded i, the m - 1 others)
+    # The others of each expert in decreasing order, gathered from H in one
+    # differentiable step: the order comes from one sort of each row (no
+    # autograd), the others of expert i being that order without i's rank.
+    with torch.no_grad():
+        order = H.argsort(dim=1, descending=True)  # (n, m)
+        rank = order.argsort(dim=1)
+        positions = _others(m, H.device)[rank]  # (n, excluded i, m - 1 ranks)
+        idx = order.gather(1, positions.reshape(n, -1))
+    a = H.gather(1, idx).reshape(n, m, m - 1) / tau[:, :, None]
     # e_d by its recursion e_d <- e_d + x e_{d-1} over the others in
     # decreasing order, each e_d divided by exp(sum of the d largest): every
     # scaled e_d is then at least 1 and each factor at most 1, so nothing
     # overflows nor takes the log of 0, and products and sums cost far less to
     # differentiate twice than a recursion in log space. e_d is symmetric in
-    # its arguments, so the sort adds no kink.
-    a = a.sort(dim=2, descending=True).values
-    e = [torch.ones_like(a[:, :, 0])]
+    # its arguments, so the order adds no kink. The columns are unbound once:
+    # each indexing of a column would cost its own zero-filled gradient.
+    cols = a.unbind(2)
+    e = [torch.ones_like(cols[0])]
     for t in range(m - 1):
         grown = list(e)
         if len(e) <= k:
             grown.append(e[-1])  # the product of the t + 1 largest, scaled: 1 x e_t
         for d in range(min(t, k), 0, -1):
-            grown[d] = e[d] + torch.exp(a[:, :, t] - a[:, :, d - 1]) * e[d - 1]
+            grown[d] = e[d] + torch.exp(cols[t] - cols[d - 1]) * e[d - 1]
         e = grown
-    return tau * (a[:, :, k - 1] + torch.log(e[k]) - torch.log(e[k - 1]))
+    return tau * (cols[k - 1] + torch.log(e[k]) - torch.log(e[k - 1]))
 
 
 def _others(m: int, device) -> torch.Tensor:
@@ -432,7 +441,11 @@ default=None
         return keep_top_k_softmax(clean / hyper["temperature"][0], int(self.k))
 
     def forward(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
-        G = self.gates(params, hyper, Z, X)
+        if torch.is_grad_enabled():  # training: the relaxation, kept for data_penalty
+            G, P = self._relaxed(params, hyper, Z, X)
+            _remember(self, params, hyper, Z, X, (G, P))
+        else:
+            G = self.gates(params, hyper, Z, X)
         # Unrouted entries of Z hold placeholders and have G == 0 exactly.
         mix = (Z * G[:, :, None]).sum(1)
         if self._classifier:  # a mixture of probabilities -> log-scores
@@ -440,7 +453,10 @@ default=None
         return mix
 
     def data_penalty(self, params: Params, hyper: Params, Z, X=None) -> torch.Tensor:
-        G, P = self._relaxed(params, hyper, Z, X)
+        # The training loss calls forward, then this, on the same rows and
+        # parameters: the gate and load computed once (half the fold's time).
+        got = _recall(self, params, hyper, Z, X)
+        G, P = got if got is not None else self._relaxed(params, hyper, Z, X)
         w = hyper["load_weight"][0]
         return w * cv_squared(G.sum(0)) + w * cv_squared(P.sum(0))
 
@@ -476,6 +492,56 @@ def _held_unless_ranged(name: str, value, bounds, limits) -> Hyperparameter:
         # can still fix or tune it anywhere within the limits.
         return Hyperparameter(name, value, value, value, limits=limits)
     return Hyperparameter(name, value, *bounds)
+
+
+#: The last training gate of each aggregation function: ``id(agg) -> (key, (G, P))``.
+_LAST: dict = {}
+#: What ``_relaxed`` reads besides the rows.
+_GATE_PARAMS = ("w_gate", "b_gate", "w_noise", "hidden_w", "hidden_b")
+_GATE_HYPER = ("temperature", "noise_scale")
+
+
+def _key(params: Params, hyper: Params, Z, X):
+    """What makes two calls' gates the same tensors in the same graph, or ``None``
+    (no reuse) where that cannot be told cheaply.
+
+    The parameters must be the same views of the same flat vector at the same
+    version (the inner loss unpacks one ``theta`` twice), the rows the same
+    tensors, and the temperature and noise scale equal and outside autograd
+    (their tensors are rebuilt per call: equal values from another leaf would
+    cut the hypergradient's graph).
+    """
+    try:
+        if any(hyper[k].requires_grad for k in _GATE_HYPER):
+            return None
+        parts = []
+        for k in _GATE_PARAMS:
+            if k in params:
+                t = params[k]
+                base = t._base if t._base is not None else t
+                parts.append((k, id(base), t.data_ptr(), t._version, t.shape, t.stride()))
+        hyper_vals = tuple(float(hyper[k].reshape(-1)[0]) for k in _GATE_HYPER)
+        return (id(Z), id(X), torch.is_grad_enabled(), tuple(parts), hyper_vals)
+    except (RuntimeError, AttributeError):  # functorch-wrapped tensors: no data_ptr
+        return None
+
+
+def _remember(agg, params, hyper, Z, X, value) -> None:
+    key = _key(params, hyper, Z, X)
+    if key is None:
+        _LAST.pop(id(agg), None)
+        return
+    if len(_LAST) > 16:  # aggregation functions that are gone
+        _LAST.clear()
+    # Strong references keep the keyed objects (and their ids) alive.
+    _LAST[id(agg)] = (key, value, (Z, X, [params[k] for k in _GATE_PARAMS if k in params]))
+
+
+def _recall(agg, params, hyper, Z, X):
+    entry = _LAST.pop(id(agg), None)  # used once: nothing outlives the loss it served
+    if entry is None or _key(params, hyper, Z, X) != entry[0]:
+        return None
+    return entry[1]
 
 
 def _safe_std(A: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,12 @@ class LearnedWeights(Aggregator):
     models' predictions with the weights. Weights can be shared (``"global"``)
     or learned per class / per target (``"per_output"``).
 
-    Hyperparameters tuned by hypergradient: ``temperature`` (classifiers),
-    ``l2`` on the logits ``a`` (pulls towards the uniform average) and
+    Hyperparameters tuned by hypergradient: ``temperature`` (classifiers)
+    and ``l2`` on the logits ``a`` (pulls towards the uniform average).
     ``entropy``, a penalty on the weights' entropy (pulls towards selecting
-    few models, as greedy ensemble selection does).
+    few models, as greedy ensemble selection does), is held at its value
+    unless the estimator's ``hyperparams`` or ``tune_ranges`` name it (e.g.
+    ``tune_ranges={"entropy": (1e-6, 1.0, "log")}``).
 
     Parameters
     ----------
@@ -37,7 +39,7 @@ class LearnedWeights(Aggregator):
     l2 : float, default=1e-3
         Initial L2 weight on the softmax logits.
     entropy : float, default=1e-4
-        Initial weight of the entropy penalty.
+        Weight of the entropy penalty (held; the start when tuned).
     eps : float, default=1e-6
         Probabilities are clipped to ``[eps, 1]`` before the logarithm.
     temperature_bounds : tuple of float, default=(0.5, 2.0)
@@ -61,6 +63,19 @@ class LearnedWeights(Aggregator):
     """
 
     short_name = "weights"
+    #: :mod:`._analytic` has the derivatives of its loss in the logits in closed form.
+    convex_mixture = True
+    #: The tuner's budget of 8 outer evaluations (see ``Stacking``): on
+    #: flat validation losses (a small ``l2`` that no longer matters) the
+    #: unbudgeted L-BFGS-B wandered for up to 27 evaluations without a better
+    #: test loss.
+    shared_stage = True
+    #: Hyperparameters tuned by default; the others are held at their value
+    #: unless the estimator's ``hyperparams`` or ``tune_ranges`` name them.
+    #: The entropy penalty barely moves the tuned loss (greedy-like sparsity
+    #: is rarely what the validation rows reward), and each tuned entry costs
+    #: outer evaluations; the temperature does matter.
+    tuned_by_default: tuple = ("temperature", "l2")
 
     def __init__(
         self,
@@ -88,13 +103,20 @@ class LearnedWeights(Aggregator):
 
     def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
         hp = [
-            Hyperparameter("l2", self.l2, 1e-6, 1e2),
-            Hyperparameter("entropy", self.entropy, 1e-6, 1.0),
+            self._declared("l2", self.l2, 1e-6, 1e2),
+            self._declared("entropy", self.entropy, 1e-6, 1.0),
         ]
         if ctx.task == "classification":
             lo, hi = self.temperature_bounds
-            hp.insert(0, Hyperparameter("temperature", self.temperature, lo, hi))
+            hp.insert(0, self._declared("temperature", self.temperature, lo, hi))
         return hp
+
+    def _declared(self, name: str, value, low: float, high: float) -> Hyperparameter:
+        if name in self.tuned_by_default:
+            return Hyperparameter(name, value, low, high)
+        # Held: a box of width 0 at its value; the estimator's hyperparams or
+        # tune_ranges can still fix or tune it anywhere within (low, high).
+        return Hyperparameter(name, value, value, value, limits=(low, high))
 
     def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:
         shape = (ctx.n_models,) if self.per == "global" else (ctx.n_models, ctx.n_outputs)

@@ -26,12 +26,18 @@ at least ``--time-rows`` rows (50 000; 10 000 with ``--quick``), and their ratio
 every base model). DESlib 0.3.7 needs a one-line shim to run with
 scikit-learn 1.9 (:func:`_deslib_compat`). The machine is shared with other jobs: timings are indicative.
 
-Run: ``python benchmarks/bench_moe.py [--quick] [--datasets regions wine]``.
+``--quickstart``: only ``SparseMoE()``'s fit on the quickstart's pool and
+splits (``examples/quickstart.py``; breast_cancer unless ``--datasets``
+names others), seeds 0-2: median fit time, outer evaluations, test log-loss.
+
+Run: ``python benchmarks/bench_moe.py [--quick] [--datasets regions wine]``;
+``python benchmarks/bench_moe.py --quickstart [--datasets breast_cancer digits]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 
@@ -206,14 +212,63 @@ def fmt(v, spec):
     return "" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
 
 
+def quickstart_fits(datasets, seeds, repeats: int) -> None:
+    """``SparseMoE()``'s fit on the quickstart's pool and splits (issue 14: under 2 s on
+    breast_cancer): per dataset and seed the median fit time of ``repeats`` fits (one
+    thread), the outer evaluations and the test log-loss."""
+    import os
+    import statistics
+    import sys
+    from pathlib import Path
+
+    import torch
+    from sklearn import datasets as sk_datasets
+    from threadpoolctl import threadpool_limits
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import quickstart
+
+    torch.set_num_threads(1)
+    print(f"load average {os.getloadavg()}")
+    print("| dataset | seed | fit s (median) | outer evaluations | test log-loss |")
+    print("|---|---|---|---|---|")
+    with threadpool_limits(1):
+        for name in datasets:
+            X, y = getattr(sk_datasets, f"load_{name}")(return_X_y=True)
+            for seed in seeds:
+                X_pool, X_rest, y_pool, y_rest = train_test_split(
+                    X, y, train_size=0.4, stratify=y, random_state=seed)
+                X_agg, X_test, y_agg, y_test = train_test_split(
+                    X_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=seed)
+                pool = quickstart.pretrained_pool(X_pool, y_pool, seed)
+                frozen = [(n, FrozenEstimator(m)) for n, m in pool.items()]
+                times = []
+                for r in range(repeats + 1):  # the first fit warms torch up, untimed
+                    t0 = time.perf_counter()
+                    est = AggregatedClassifier(frozen, aggregator=SparseMoE(),
+                                               random_state=seed).fit(X_agg, y_agg)
+                    if r:
+                        times.append(time.perf_counter() - t0)
+                loss = log_loss(y_test, est.predict_proba(X_test), labels=np.unique(y))
+                print(f"| {name} | {seed} | {statistics.median(times):.2f} | "
+                      f"{len(est.tuning_history_)} | {loss:.4f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller pools, fewer outer steps, one split")
+    ap.add_argument("--quickstart", action="store_true",
+                    help="only SparseMoE's fit time on the quickstart's pool and splits, seeds 0-2")
     ap.add_argument("--datasets", nargs="+", default=["regions", "breast_cancer", "wine", "digits"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--time-rows", type=int, default=None,
                     help="rows predicted for the wall times (default 10 000, quick; 50 000)")
     args = ap.parse_args()
+    if args.quickstart:
+        names = [d for d in args.datasets if d != "regions"]
+        quickstart_fits(names if "--datasets" in sys.argv else ["breast_cancer"], [0, 1, 2],
+                        args.repeats)
+        return
     for name in args.datasets:
         time_rows = args.time_rows or (10000 if args.quick else 50000)
         rows, extra = run(name, args.quick, args.repeats, time_rows)

@@ -178,11 +178,13 @@ def test_single_problem_and_refit_get_the_closed_form():
 
 
 def test_not_attached_where_it_does_not_apply(monkeypatch):
-    """No linear design (learned weights), or the fast path turned off: autograd."""
+    """No closed form (learned weights per class), or the fast path turned off: autograd."""
     full, ctx = _data("classification", 3, False)
-    for agg in (LearnedWeights(), Stacking()):
+    for agg in (LearnedWeights(per="per_output"), Stacking(), LearnedWeights()):
         if isinstance(agg, Stacking):
             monkeypatch.setattr(analytic, "ANALYTIC", False)
+        elif agg.per == "global":
+            monkeypatch.setattr(analytic, "WEIGHTS_ANALYTIC", False)
         space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
         joint, _, _ = make_fold_problems(agg, ctx, _folds(full), space)
         assert joint.inner_value_grad is None and joint.inner_hvp is None

@@ -808,7 +808,12 @@ def test_tune_ranges_ranges_the_named_and_the_rest_follow_hyperparams(frozen_poo
     hyper, history = est.hyperparams_, est.tuning_history_
     assert hyper["temperature"] == pytest.approx(0.8)  # fixed by hyperparams
     assert 1e-3 * (1 - 1e-9) <= hyper["l2"] <= 1e1 * (1 + 1e-9)
-    assert history["entropy"].nunique() > 1  # not named: tuned, as hyperparams="tune" says
+    # Not named: as the aggregator tunes it by default (LearnedWeights holds
+    # its entropy weight), and a range tunes it.
+    assert history["entropy"].nunique() == 1
+    ranged = clone(base).set_params(
+        tune_ranges={"entropy": (1e-6, 1e-1, "log")}).fit(d.X_agg, d.y_agg)
+    assert ranged.tuning_history_["entropy"].nunique() > 1
     # A range overrides a fixed value; "fixed" holds every one not named.
     fixed = clone(base).set_params(
         hyperparams="fixed", tune_ranges={"temperature": (0.5, 2.0, "log")}
