@@ -16,6 +16,7 @@ from ._analytic import attach_linear_derivatives
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
 from .hypergrad import (
     BilevelProblem,
+    InnerDivergenceError,
     acv_fold_params,
     acv_problem,
     is_out_of_memory,
@@ -744,11 +745,63 @@ class LinearSolutions:
 
 
 def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, terms):
+    D, y, T, V = torch.stack(designs), full.y.reshape(n), torch.stack(train), torch.stack(val)
     problem, solutions = linear_kfold_problem(
-        torch.stack(designs), full.y.reshape(n), torch.stack(train), torch.stack(val),
-        penalty, diagonal_penalty=kind == "diagonal", reduction="folds", penalty_terms=terms,
+        D, y, T, V, penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
+        penalty_terms=terms,
     )
+    if terms is not None:
+        problem.outer_value_grads = _kfold_value_hypergrad(D, y, T, V, terms)
     return problem, LinearSolutions(solutions, kind, terms), parts, reason
+
+
+def _kfold_value_hypergrad(D, y, train, val, terms):
+    """``(theta, u) -> (Q, dQ/dtheta, dQ/du)`` of the closed-form K-fold problem
+    (:func:`~aggregators.hypergrad._acv_linear.linear_kfold_problem`, summed over
+    the splits), its penalty's terms ``u -> (R, r)`` given.
+
+    The same fits and loss as its ``outer_loss`` (the same operations), and the
+    hypergradient by the adjoint: with ``A_k theta_k = 2 b_k - r`` and
+    ``lambda_k = A_k^{-1} dQ_k/dtheta_k``, ``dQ/du = -sum_k lambda_k^T
+    (dA/du theta_k + dr/du)``. Autograd then runs through the penalty's terms
+    alone, not through the factorisation and the residuals of every row, which
+    on a stacking meta-learner's few coefficients was most of an outer step.
+    ``theta`` is empty (the problem has no inner parameters).
+    """
+    w_tr, w_va = train.sum(1), val.sum(1)
+    gram = torch.einsum("ki,kij,kil->kjl", train, D, D) / w_tr[:, None, None]
+    moment = torch.einsum("ki,kij,i->kj", train, D, y) / w_tr[:, None]
+    Dt = D.transpose(1, 2)
+
+    def value_grads(theta, u):
+        with torch.no_grad():
+            R, r = terms(u.detach())
+            A = 2.0 * gram + R
+            chol, info = torch.linalg.cholesky_ex(0.5 * (A + A.transpose(1, 2)))
+            if bool((info > 0).any()):
+                raise InnerDivergenceError(
+                    "the training loss of a split is not strictly convex at these "
+                    "hyperparameters (its Gram matrix plus penalty is singular)."
+                )
+            thetas = torch.cholesky_solve((2.0 * moment - r)[..., None], chol)[..., 0]
+            resid = torch.einsum("kij,kj->ki", D, thetas) - y
+            value = ((val * resid.pow(2)).sum(1) / w_va).sum()
+            g = torch.bmm(Dt, (2.0 * val * resid / w_va[:, None])[..., None])
+            lam = torch.cholesky_solve(g, chol)[..., 0]
+            # d/du of lambda^T sym(R) theta + lambda^T r, lambda and theta held.
+            M = 0.5 * (lam[:, :, None] * thetas[:, None, :] + thetas[:, :, None] * lam[:, None, :])
+            M, m = M.sum(0), lam.sum(0)
+        with torch.enable_grad():
+            uu = u.detach().requires_grad_(True)
+            R, r = terms(uu)
+            s = -((M * R).sum() + (m * r).sum())
+            grad = (
+                torch.autograd.grad(s, uu, allow_unused=True)[0] if s.requires_grad else None
+            )
+        grad = torch.zeros_like(u) if grad is None else grad.detach()
+        return value, theta.new_zeros(theta.shape), grad
+
+    return value_grads
 
 
 def linear_full_fit(

@@ -345,15 +345,22 @@ def _refit(agg_spec, ctx, full, space, specs, h, theta0, max_iter: int, warm_is_
     Returns the fitted aggregator and the problem (whose Hessian decision
     the history records, where the solve ran).
     """
-    final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
+    # A closed-form fit is kept after one gradient, which autograd gives for
+    # less than checking the closed-form derivatives against it would cost;
+    # they are attached only where an inner solve follows.
+    final, packer, buffers = make_problem(
+        agg_spec, ctx, full, None, space, analytic=not warm_is_fit
+    )
     if theta0 is None:
         theta0 = final.theta0
-    _declare_first_order(agg_spec, final)
     tol = 1e-6  # predictions do not move below this; 1e-7 is for hypergradients
     kept = False
     if warm_is_fit:
         g = final.inner_grad(theta0, h.detach())
         kept = bool(torch.isfinite(g).all()) and bool(g.abs().max() <= tol)
+        if not kept:
+            final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
+    _declare_first_order(agg_spec, final)
     try:
         if kept:
             theta, n_iter, converged = theta0, 0, True
