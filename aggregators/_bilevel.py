@@ -760,7 +760,7 @@ def _kfold_value_hypergrad(D, y, train, val, terms):
     (:func:`~aggregators.hypergrad._acv_linear.linear_kfold_problem`, summed over
     the splits), its penalty's terms ``u -> (R, r)`` given.
 
-    The same fits and loss as its ``outer_loss`` (the same operations), and the
+    The same fits and loss as its ``outer_loss`` (to round-off), and the
     hypergradient by the adjoint: with ``A_k theta_k = 2 b_k - r`` and
     ``lambda_k = A_k^{-1} dQ_k/dtheta_k``, ``dQ/du = -sum_k lambda_k^T
     (dA/du theta_k + dr/du)``. Autograd then runs through the penalty's terms
@@ -772,10 +772,14 @@ def _kfold_value_hypergrad(D, y, train, val, terms):
     gram = torch.einsum("ki,kij,kil->kjl", train, D, D) / w_tr[:, None, None]
     moment = torch.einsum("ki,kij,i->kj", train, D, y) / w_tr[:, None]
     Dt = D.transpose(1, 2)
+    val_share = val / w_va[:, None]
 
     def value_grads(theta, u):
+        with torch.enable_grad():  # the terms' graph, for the derivative in u below
+            uu = u.detach().requires_grad_(True)
+            R_graph, r_graph = terms(uu)
         with torch.no_grad():
-            R, r = terms(u.detach())
+            R, r = R_graph.detach(), r_graph.detach()
             A = 2.0 * gram + R
             chol, info = torch.linalg.cholesky_ex(0.5 * (A + A.transpose(1, 2)))
             if bool((info > 0).any()):
@@ -784,17 +788,15 @@ def _kfold_value_hypergrad(D, y, train, val, terms):
                     "hyperparameters (its Gram matrix plus penalty is singular)."
                 )
             thetas = torch.cholesky_solve((2.0 * moment - r)[..., None], chol)[..., 0]
-            resid = torch.einsum("kij,kj->ki", D, thetas) - y
-            value = ((val * resid.pow(2)).sum(1) / w_va).sum()
-            g = torch.bmm(Dt, (2.0 * val * resid / w_va[:, None])[..., None])
-            lam = torch.cholesky_solve(g, chol)[..., 0]
-            # d/du of lambda^T sym(R) theta + lambda^T r, lambda and theta held.
-            M = 0.5 * (lam[:, :, None] * thetas[:, None, :] + thetas[:, :, None] * lam[:, None, :])
-            M, m = M.sum(0), lam.sum(0)
+            resid = torch.bmm(D, thetas[..., None])[..., 0] - y
+            weighted = val_share * resid
+            value = (weighted * resid).sum()
+            lam = torch.cholesky_solve(torch.bmm(Dt, 2.0 * weighted[..., None]), chol)[..., 0]
+            # d/du of sum_k lambda_k^T sym(R) theta_k + lambda_k^T r, lambda and theta held.
+            L = lam.T @ thetas
+            M, m = 0.5 * (L + L.T), lam.sum(0)
         with torch.enable_grad():
-            uu = u.detach().requires_grad_(True)
-            R, r = terms(uu)
-            s = -((M * R).sum() + (m * r).sum())
+            s = -((M * R_graph).sum() + (m * r_graph).sum())
             grad = (
                 torch.autograd.grad(s, uu, allow_unused=True)[0] if s.requires_grad else None
             )
