@@ -768,13 +768,17 @@ def _kfold_value_hypergrad(D, y, train, val, terms):
     on a stacking meta-learner's few coefficients was most of an outer step.
     ``theta`` is empty (the problem has no inner parameters).
     """
-    w_tr, w_va = train.sum(1), val.sum(1)
-    gram = torch.einsum("ki,kij,kil->kjl", train, D, D) / w_tr[:, None, None]
-    moment = torch.einsum("ki,kij,i->kj", train, D, y) / w_tr[:, None]
-    Dt = D.transpose(1, 2)
-    val_share = val / w_va[:, None]
+    moments: list = []  # formed at the first call: the refit's problem never calls
 
     def value_grads(theta, u):
+        if not moments:
+            w_tr = train.sum(1)
+            moments.extend([
+                torch.einsum("ki,kij,kil->kjl", train, D, D) / w_tr[:, None, None],
+                torch.einsum("ki,kij,i->kj", train, D, y) / w_tr[:, None],
+                D.transpose(1, 2), val / val.sum(1)[:, None],
+            ])
+        gram, moment, Dt, val_share = moments
         with torch.enable_grad():  # the terms' graph, for the derivative in u below
             uu = u.detach().requires_grad_(True)
             R_graph, r_graph = terms(uu)

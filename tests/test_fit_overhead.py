@@ -181,3 +181,28 @@ def test_refit_from_a_wrong_warm_start_solves_with_closed_form_derivatives():
     assert problem.inner_value_grad is not None  # solved: attached for the solve
     for name, value in kept.params_.items():
         np.testing.assert_allclose(solved.params_[name], value, rtol=1e-6, atol=1e-8)
+
+
+def test_pool_checks_each_frozen_model_once(monkeypatch):
+    """fit_pool checks a frozen scikit-learn model is fitted once, not again in
+    its prediction; an unfitted one is still an error naming it."""
+    import base_models._sklearn as sk
+    from sklearn.linear_model import Ridge
+
+    from base_models import fit_pool
+    from base_models._base import UnfittedBaseModelError
+
+    X = np.random.default_rng(0).normal(size=(40, 3))
+    y = X @ np.array([1.0, -2.0, 0.5])
+    pool = [("a", FrozenEstimator(Ridge().fit(X, y))),
+            ("b", FrozenEstimator(LinearRegression().fit(X, y)))]
+    calls = []
+    check = sk.is_fitted_estimator
+    monkeypatch.setattr(sk, "is_fitted_estimator", lambda e: calls.append(e) or check(e))
+    out = fit_pool(pool, X, y, task="regression", n_outputs=1)
+    assert len(calls) == 2
+    np.testing.assert_allclose(out.outputs[:, :, 0], np.column_stack(
+        [m.predict(X) for _, m in pool]))
+    with pytest.raises(UnfittedBaseModelError, match="'c'"):
+        fit_pool([*pool, ("c", FrozenEstimator(Ridge()))], X, y, task="regression",
+                 n_outputs=1)
