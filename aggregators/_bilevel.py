@@ -286,6 +286,7 @@ def make_problem(
     *,
     row_weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
     analytic: bool = True,
+    analytic_checked: bool = False,
 ) -> tuple[BilevelProblem, ParamPacker, Params]:
     """Build the bilevel problem of fitting ``agg`` on ``train``, judged on ``val``.
 
@@ -297,7 +298,9 @@ def make_problem(
 
     With ``analytic`` (and no ``row_weights``), an aggregation function
     linear in its parameters gets closed-form derivatives
-    (:func:`~aggregators._analytic.attach_linear_derivatives`).
+    (:func:`~aggregators._analytic.attach_linear_derivatives`);
+    ``analytic_checked``: they agreed with autograd on another problem of
+    this fit (the folds'), and are not compared again.
 
     Returns the problem, the packer of its parameters and the buffers
     computed from ``train``.
@@ -339,13 +342,14 @@ def make_problem(
         w_va = w_va / part.y.shape[0]
         _attach(problem, agg, ctx, space, packer, [(
             buffers, (train.Z, train.X, train.y, w_tr), (part.Z, part.X, part.y, w_va),
-        )])
+        )], check=not analytic_checked)
     return problem, packer, buffers
 
 
-def _attach(problem, agg, ctx, space, packer, folds) -> str:
+def _attach(problem, agg, ctx, space, packer, folds, check: bool = True) -> str:
     """Closed-form derivatives on ``problem`` where ``agg`` is linear in its parameters
-    (checked at the start and at the box's ends); returns why not, or ``""``."""
+    (checked at the start and at the box's ends, unless ``check`` is ``False``);
+    returns why not, or ``""``."""
     if type(agg).data_penalty is not Aggregator.data_penalty:
         return f"{type(agg).__name__} adds a data_penalty"
     if type(agg).linear_design is Aggregator.linear_design:
@@ -354,11 +358,22 @@ def _attach(problem, agg, ctx, space, packer, folds) -> str:
     def penalty(theta, u):
         return agg.penalty(packer.unflatten(theta), space.values(u))
 
+    return attach_linear_derivatives(
+        problem, agg, ctx, folds, penalty, _check_points(space), check=check
+    )
+
+
+def _check_points(space: HyperSpace) -> list[torch.Tensor]:
+    """Where closed forms are checked: the start and the box's ends (where finite),
+    each distinct point once (with nothing tuned, all three are the start)."""
     h0 = space.initial()
     lower, upper = space.bounds()
-    hs = [h0, torch.where(torch.isfinite(lower), lower, h0),
-          torch.where(torch.isfinite(upper), upper, h0)]
-    return attach_linear_derivatives(problem, agg, ctx, folds, penalty, hs)
+    hs = [h0]
+    for end in (torch.where(torch.isfinite(lower), lower, h0),
+                torch.where(torch.isfinite(upper), upper, h0)):
+        if not any(torch.equal(end, h) for h in hs):
+            hs.append(end)
+    return hs
 
 
 #: Largest ``rows x outputs`` of a fold whose Hessian blocks come from the
@@ -673,9 +688,7 @@ def make_linear_cv_problem(
     ):
         return None, None, [], f"{name}'s forward pass is not its linear design"
     # Checked at the start and at the box's ends (where their ends are finite).
-    lower, upper = space.bounds()
-    hs = [h0, torch.where(torch.isfinite(lower), lower, h0),
-          torch.where(torch.isfinite(upper), upper, h0)]
+    hs = _check_points(space)
     # A penalty affine in its tuned values with a diagonal Hessian (an L2 weight
     # per coefficient) is read off once, and that check at hs is the same test
     # quadratic_penalty_kind makes; any other is probed by it as before.

@@ -206,3 +206,49 @@ def test_pool_checks_each_frozen_model_once(monkeypatch):
     with pytest.raises(UnfittedBaseModelError, match="'c'"):
         fit_pool([*pool, ("c", FrozenEstimator(Ridge()))], X, y, task="regression",
                  n_outputs=1)
+
+
+def test_refit_reuses_the_folds_closed_form_check(monkeypatch):
+    """Classification stacking: the folds' closed-form derivatives are checked
+    against autograd; the refit on all rows gets them without a second check,
+    and fits what it fitted with the check."""
+    from sklearn.datasets import make_classification
+    from sklearn.naive_bayes import GaussianNB
+
+    import aggregators._bilevel as bilevel
+    from aggregators import AggregatedClassifier
+
+    X, y = make_classification(200, 5, n_informative=3, n_classes=3, random_state=0)
+    pool = [("lr", FrozenEstimator(LogisticRegression(max_iter=300).fit(X, y))),
+            ("nb", FrozenEstimator(GaussianNB().fit(X, y)))]
+    checks = []
+    attach = bilevel.attach_linear_derivatives
+
+    def recording(*args, check=True, **kwargs):
+        out = attach(*args, check=check, **kwargs)
+        checks.append((check, out))
+        return out
+
+    monkeypatch.setattr(bilevel, "attach_linear_derivatives", recording)
+    make = lambda: AggregatedClassifier(  # noqa: E731
+        pool, aggregator="stacking", max_outer_iter=2, random_state=0).fit(X, y)
+    fast = make()
+    assert checks == [(True, ""), (False, "")]  # the folds', then the refit's
+    monkeypatch.setattr(
+        bilevel, "attach_linear_derivatives",
+        lambda *a, check=True, **k: attach(*a, check=True, **k),
+    )
+    checked = make()
+    for name, value in checked.aggregator_.params_.items():
+        np.testing.assert_array_equal(fast.aggregator_.params_[name], value)
+
+
+def test_check_points_are_distinct():
+    """Closed forms are checked at the start and the box's ends, each point once."""
+    from aggregators._bilevel import _check_points
+
+    spec = Hyperparameter("l2", np.ones(2), 1e-4, 1e4, size=2)
+    tuned = HyperSpace([spec], {}, torch.device("cpu"), torch.float64)
+    assert len(_check_points(tuned)) == 3
+    fixed = HyperSpace([spec], {"l2": np.ones(2)}, torch.device("cpu"), torch.float64)
+    assert len(_check_points(fixed)) == 1
