@@ -786,32 +786,34 @@ def _kfold_value_hypergrad(D, y, train, val, terms):
     def value_grads(theta, u):
         if not moments:
             w_tr = train.sum(1)
+            gram = torch.einsum("ki,kij,kil->kjl", train, D, D) / w_tr[:, None, None]
             moments.extend([
-                torch.einsum("ki,kij,kil->kjl", train, D, D) / w_tr[:, None, None],
-                torch.einsum("ki,kij,i->kj", train, D, y) / w_tr[:, None],
-                D.transpose(1, 2), val / val.sum(1)[:, None],
+                gram + gram.transpose(1, 2),  # 2 G_k, symmetric to the last bit
+                2.0 * torch.einsum("ki,kij,i->kj", train, D, y)[..., None] / w_tr[:, None, None],
+                D.transpose(1, 2), (val / val.sum(1)[:, None])[..., None], y[:, None],
             ])
-        gram, moment, Dt, val_share = moments
+        gram2, moment2, Dt, val_share, y1 = moments
         with torch.enable_grad():  # the terms' graph, for the derivative in u below
             uu = u.detach().requires_grad_(True)
             R_graph, r_graph = terms(uu)
         with torch.no_grad():
             R, r = R_graph.detach(), r_graph.detach()
-            A = 2.0 * gram + R
-            chol, info = torch.linalg.cholesky_ex(0.5 * (A + A.transpose(1, 2)))
-            if bool((info > 0).any()):
+            try:
+                chol = torch.linalg.cholesky(gram2 + 0.5 * (R + R.transpose(-2, -1)))
+            except torch.linalg.LinAlgError as e:
                 raise InnerDivergenceError(
                     "the training loss of a split is not strictly convex at these "
                     "hyperparameters (its Gram matrix plus penalty is singular)."
-                )
-            thetas = torch.cholesky_solve((2.0 * moment - r)[..., None], chol)[..., 0]
-            resid = torch.bmm(D, thetas[..., None])[..., 0] - y
+                ) from e
+            thetas = torch.cholesky_solve(moment2 - r[..., None], chol)  # (K, p, 1)
+            resid = torch.bmm(D, thetas) - y1
             weighted = val_share * resid
             value = (weighted * resid).sum()
-            lam = torch.cholesky_solve(torch.bmm(Dt, 2.0 * weighted[..., None]), chol)[..., 0]
+            # Half the adjoint: lambda_k / 2 = A_k^{-1} D_k^T (v_k * resid_k) / sum v_k.
+            half = torch.cholesky_solve(torch.bmm(Dt, weighted), chol)[..., 0]
             # d/du of sum_k lambda_k^T sym(R) theta_k + lambda_k^T r, lambda and theta held.
-            L = lam.T @ thetas
-            M, m = 0.5 * (L + L.T), lam.sum(0)
+            L = half.T @ thetas[..., 0]
+            M, m = L + L.T, 2.0 * half.sum(0)
         with torch.enable_grad():
             s = -((M * R_graph).sum() + (m * r_graph).sum())
             grad = (
