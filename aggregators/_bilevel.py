@@ -768,7 +768,13 @@ def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, ter
     return problem, LinearSolutions(solutions, kind, terms), parts, reason
 
 
-def _kfold_value_hypergrad(D, y, train, val, terms):
+def _kfold_value_hypergrad(
+    D: torch.Tensor,
+    y: torch.Tensor,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    terms: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(theta, u) -> (Q, dQ/dtheta, dQ/du)`` of the closed-form K-fold problem
     (:func:`~aggregators.hypergrad._acv_linear.linear_kfold_problem`, summed over
     the splits), its penalty's terms ``u -> (R, r)`` given.
