@@ -304,6 +304,13 @@ class Aggregator(BaseEstimator):
     #: (:class:`~aggregators.ModelSelection`) then has a training loss with
     #: kinks although the function is smooth in its own parameters.
     smooth_in_outputs: bool = True
+    #: Whether each validation row's loss is charged ``1 / (n + 1)`` of the
+    #: loss it would pay on an error (``n`` validation rows; classifiers):
+    #: see :func:`~aggregators._bilevel.unseen_error_charge`. For functions
+    #: whose tuning can sharpen their scores without bound (an output
+    #: temperature over a bounded score), which an error-free validation set
+    #: would otherwise reward all the way to the temperature's floor.
+    charge_unseen_errors: bool = False
 
     # -- what the estimator tells it ---------------------------------------------
     def bind(self, ctx: AggregationContext) -> "Aggregator":

@@ -220,17 +220,60 @@ class HyperSpace:
 
 
 def data_loss(
-    task: str, out: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None
+    task: str,
+    out: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    charge: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy on class log-scores, or mean squared error.
 
     With ``weights`` (one per row), ``sum_i w_i loss_i / n_rows`` instead.
+    With ``charge``, each row's cross-entropy is charged as
+    :func:`charged_row_losses` says (validation losses only).
     """
+    if charge and task == "classification":
+        losses = charged_row_losses(task, out, y, charge)
+        return losses.mean() if weights is None else (weights * losses).mean()
     if weights is None:
         if task == "classification":
             return row_losses(task, out, y).mean()
         return (out - y).pow(2).mean()
     return (weights * row_losses(task, out, y)).mean()
+
+
+def unseen_error_charge(agg: Aggregator, task: str, n_validation: int) -> float:
+    """The charge on validation rows of ``agg``: ``1 / (n + 1)`` or none.
+
+    Only aggregation functions that declare ``charge_unseen_errors = True``
+    (classifiers): ``n`` validation rows cannot show an error rate below
+    about ``1 / (n + 1)`` (Laplace's rule of succession), so a tuning that
+    may sharpen the scores without bound (an output temperature over a
+    bounded score) would otherwise drive it to its floor wherever the
+    validation rows hold no error, and pay for it on the first test error.
+    """
+    if task != "classification" or not getattr(agg, "charge_unseen_errors", False):
+        return 0.0
+    return 1.0 / (n_validation + 1)
+
+
+def charged_row_losses(
+    task: str, out: torch.Tensor, y: torch.Tensor, charge: float
+) -> torch.Tensor:
+    """Row cross-entropies plus ``charge`` times each row's loss on an error.
+
+    A row's loss on an error is ``-log(1 - p_y)``, what the scores would pay
+    were its label any other class (drawn by their probabilities): large
+    exactly where the scores are confident. It is smooth in the scores, so
+    the charged loss keeps its hypergradient. ``aggregator="auto"`` charges
+    its held-out rows the same way (at the most probable wrong class).
+    """
+    loss = row_losses(task, out, y)
+    if not charge or task != "classification" or out.shape[-1] < 2:
+        return loss
+    own = y.unsqueeze(-1) == torch.arange(out.shape[-1], device=out.device)
+    wrong = torch.logsumexp(out.masked_fill(own, -torch.inf), -1)
+    return loss + charge * (torch.logsumexp(out, -1) - wrong)
 
 
 def row_losses(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -287,6 +330,7 @@ def make_problem(
     row_weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
     analytic: bool = True,
     analytic_checked: bool = False,
+    charge: float = 0.0,
 ) -> tuple[BilevelProblem, ParamPacker, Params]:
     """Build the bilevel problem of fitting ``agg`` on ``train``, judged on ``val``.
 
@@ -301,6 +345,9 @@ def make_problem(
     (:func:`~aggregators._analytic.attach_linear_derivatives`);
     ``analytic_checked``: they agreed with autograd on another problem of
     this fit (the folds'), and are not compared again.
+    ``charge``: the validation rows' charge for unseen errors
+    (:func:`unseen_error_charge`); the closed forms know no charge, so
+    there are none with it.
 
     Returns the problem, the packer of its parameters and the buffers
     computed from ``train``.
@@ -331,10 +378,10 @@ def make_problem(
 
     def outer(theta, u):
         part = val if val is not None else train
-        return data_loss(ctx.task, forward(theta, u, part), part.y, val_w)
+        return data_loss(ctx.task, forward(theta, u, part), part.y, val_w, charge)
 
     problem = BilevelProblem(inner, outer, start.detach())
-    if analytic and row_weights is None:
+    if analytic and row_weights is None and not charge:
         n_tr = train.y.shape[0]
         w_tr = (sample_w if sample_w is not None else train.Z.new_ones(n_tr)) / n_tr
         part = val if val is not None else train
@@ -440,16 +487,19 @@ def make_fold_problems(
         Each fold's parameter packer and buffers.
     """
     problems, parts = [], []
+    charge = unseen_error_charge(agg, ctx.task, sum(int(va.y.shape[0]) for _, va in folds))
     for train, val in folds:
-        prob, packer, buffers = make_problem(agg, ctx, train, val, space, analytic=False)
+        prob, packer, buffers = make_problem(
+            agg, ctx, train, val, space, analytic=False, charge=charge
+        )
         problems.append(prob)
         parts.append((packer, buffers))
     joint, split = stack_problems(problems)
     if len(folds) > 1:
-        batched = _batched_problem(agg, ctx, folds, space, parts, joint)
+        batched = _batched_problem(agg, ctx, folds, space, parts, joint, charge)
         if batched is not None:
             joint = batched
-    if len({(tuple(p.names), tuple(p.shapes)) for p, _ in parts}) == 1:
+    if not charge and len({(tuple(p.names), tuple(p.shapes)) for p, _ in parts}) == 1:
         # Weights as the losses use them: each fold's a weighted mean.
         def rows(part: Split):
             w = part.mean_weights()
@@ -854,8 +904,13 @@ def linear_full_fit(
         return solutions(u)[0].detach()
 
 
-def _batched_problem(agg, ctx, folds, space, parts, joint) -> BilevelProblem | None:
-    """The vmapped version of ``joint``, or ``None`` when it does not apply."""
+def _batched_problem(
+    agg, ctx, folds, space, parts, joint, charge: float = 0.0
+) -> BilevelProblem | None:
+    """The vmapped version of ``joint``, or ``None`` when it does not apply.
+
+    ``charge``: the validation rows' charge for unseen errors, as ``joint``'s
+    outer losses carry it."""
     if type(agg).data_penalty is not Aggregator.data_penalty:
         return None  # statistics over each fold's own rows: padding would change them
     if sum(tr.Z.numel() + va.Z.numel() for tr, va in folds) > BATCHED_MAX_ENTRIES:
@@ -874,13 +929,16 @@ def _batched_problem(agg, ctx, folds, space, parts, joint) -> BilevelProblem | N
     train, w_train = _stacked_rows([tr for tr, _ in folds])
     val, w_val = _stacked_rows([va for _, va in folds])
     n_folds, size = len(folds), sum(packer.sizes)
+    if size == 0:
+        return None  # no inner parameters: nothing to solve per fold, nothing to batch
     x_dim = None if train.X is None else 0
 
     def fold_loss(theta, buf, Z, X, y, w, hyper, with_penalty):
         params = packer.unflatten(theta)
         out = agg.forward({**params, **buf}, hyper, Z, X)
-        loss = (w * row_losses(ctx.task, out, y)).sum()
-        return loss + agg.penalty(params, hyper) if with_penalty else loss
+        if with_penalty:
+            return (w * row_losses(ctx.task, out, y)).sum() + agg.penalty(params, hyper)
+        return (w * charged_row_losses(ctx.task, out, y, charge)).sum()
 
     in_dims = (0, 0, 0, x_dim, 0, 0, None)  # hyperparameters: shared by the folds
     batched_inner = torch.vmap(lambda *a: fold_loss(*a, True), in_dims=in_dims)

@@ -226,6 +226,9 @@ def _cv_mode(
         reason = f"{name} declares smooth = False (a Newton step is wrong at a kink)"
     elif data_penalty is not None:
         reason = f"{name} adds a data_penalty (statistics over each fold's own rows)"
+    elif getattr(agg, "charge_unseen_errors", False) and ctx.task == "classification":
+        reason = (f"{name} charges its validation rows for unseen errors, which one "
+                  "Newton step's shared row losses do not")
     else:
         reason = None
     if reason is not None:

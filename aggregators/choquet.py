@@ -232,6 +232,14 @@ class Choquet(Aggregator):
     point, which is the uniform average for ``k <= 2`` and ``k >= m``; also
     pulls the regression output scale's logarithm towards 0).
 
+    The validation loss they are tuned on charges each validation row
+    ``1 / (n + 1)`` of the loss it would pay on an error (``n`` validation
+    rows; classifiers): ``n`` rows cannot show an error rate below about
+    ``1 / (n + 1)``, and without the charge a validation set that holds no
+    error rewards sharpening the scores until the temperature reaches its
+    floor, to be paid for at the first test error. ``validation_loss_`` is
+    that charged loss.
+
     Parameters
     ----------
     additivity : int or "full", default=2
@@ -293,6 +301,9 @@ class Choquet(Aggregator):
     short_name = "choquet"
     # The integral takes minima (and, for k >= 3, a sort) of its inputs.
     smooth_in_outputs = False
+    # The temperature scales a score in [-1, 1]: on validation rows without
+    # an error, the plain loss falls all the way to the temperature's floor.
+    charge_unseen_errors = True
 
     def __init__(
         self,

@@ -73,8 +73,10 @@ def test_batched_folds_equal_the_fold_by_fold_sum(pool_outputs, monkeypatch, nam
     space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
     batched, split, parts = make_fold_problems(agg, ctx, folds, space)
     assert calls == [True]
+    # Choquet's validation rows are charged for unseen errors, over all folds' rows.
+    charge = bilevel.unseen_error_charge(agg, ctx.task, sum(va.y.shape[0] for _, va in folds))
     sequential, _ = stack_problems(
-        [bilevel.make_problem(agg, ctx, tr, va, space)[0] for tr, va in folds]
+        [bilevel.make_problem(agg, ctx, tr, va, space, charge=charge)[0] for tr, va in folds]
     )
     assert batched.blocks == sequential.blocks and len(parts) == len(folds)
     # Away from the starting point the check in make_fold_problems looked at.

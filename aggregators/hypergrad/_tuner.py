@@ -320,7 +320,8 @@ def tune(
         # Exact Hessian blocks or first-order methods: decided once per
         # problem, at the start, for a reason kept in problem.hessian.
         for prob in problems:
-            decide_exact_hessian(prob, prob.theta0, h0)
+            if prob.theta0.numel():  # nothing to solve without inner parameters
+                decide_exact_hessian(prob, prob.theta0, h0)
 
     def evaluate(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
