@@ -16,6 +16,7 @@ from ._analytic import attach_linear_derivatives, attach_weights_derivatives
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
 from .hypergrad import (
     BilevelProblem,
+    InnerDivergenceError,
     acv_fold_params,
     acv_problem,
     is_out_of_memory,
@@ -328,6 +329,7 @@ def make_problem(
     *,
     row_weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
     analytic: bool = True,
+    analytic_checked: bool = False,
     charge: float = 0.0,
 ) -> tuple[BilevelProblem, ParamPacker, Params]:
     """Build the bilevel problem of fitting ``agg`` on ``train``, judged on ``val``.
@@ -340,7 +342,9 @@ def make_problem(
 
     With ``analytic`` (and no ``row_weights``), an aggregation function
     linear in its parameters gets closed-form derivatives
-    (:func:`~aggregators._analytic.attach_linear_derivatives`).
+    (:func:`~aggregators._analytic.attach_linear_derivatives`);
+    ``analytic_checked``: they agreed with autograd on another problem of
+    this fit (the folds'), and are not compared again.
     ``charge``: the validation rows' charge for unseen errors
     (:func:`unseen_error_charge`); the closed forms know no charge, so
     there are none with it.
@@ -385,13 +389,14 @@ def make_problem(
         w_va = w_va / part.y.shape[0]
         _attach(problem, agg, ctx, space, packer, [(
             buffers, (train.Z, train.X, train.y, w_tr), (part.Z, part.X, part.y, w_va),
-        )])
+        )], check=not analytic_checked)
     return problem, packer, buffers
 
 
-def _attach(problem, agg, ctx, space, packer, folds) -> str:
+def _attach(problem, agg, ctx, space, packer, folds, check: bool = True) -> str:
     """Closed-form derivatives on ``problem`` where ``agg`` is linear in its parameters
-    (checked at the start and at the box's ends); returns why not, or ``""``."""
+    (checked at the start and at the box's ends, unless ``check`` is ``False``);
+    returns why not, or ``""``."""
     if type(agg).data_penalty is not Aggregator.data_penalty:
         return f"{type(agg).__name__} adds a data_penalty"
     if getattr(agg, "convex_mixture", False):  # LearnedWeights: its own closed form
@@ -402,11 +407,22 @@ def _attach(problem, agg, ctx, space, packer, folds) -> str:
     def penalty(theta, u):
         return agg.penalty(packer.unflatten(theta), space.values(u))
 
+    return attach_linear_derivatives(
+        problem, agg, ctx, folds, penalty, _check_points(space), check=check
+    )
+
+
+def _check_points(space: HyperSpace) -> list[torch.Tensor]:
+    """Where closed forms are checked: the start and the box's ends (where finite),
+    each distinct point once (with nothing tuned, all three are the start)."""
     h0 = space.initial()
     lower, upper = space.bounds()
-    hs = [h0, torch.where(torch.isfinite(lower), lower, h0),
-          torch.where(torch.isfinite(upper), upper, h0)]
-    return attach_linear_derivatives(problem, agg, ctx, folds, penalty, hs)
+    hs = [h0]
+    for end in (torch.where(torch.isfinite(lower), lower, h0),
+                torch.where(torch.isfinite(upper), upper, h0)):
+        if not any(torch.equal(end, h) for h in hs):
+            hs.append(end)
+    return hs
 
 
 def _attach_weights(problem, agg, ctx, space, folds) -> str:
@@ -730,9 +746,7 @@ def make_linear_cv_problem(
     ):
         return None, None, [], f"{name}'s forward pass is not its linear design"
     # Checked at the start and at the box's ends (where their ends are finite).
-    lower, upper = space.bounds()
-    hs = [h0, torch.where(torch.isfinite(lower), lower, h0),
-          torch.where(torch.isfinite(upper), upper, h0)]
+    hs = _check_points(space)
     # A penalty affine in its tuned values with a diagonal Hessian (an L2 weight
     # per coefficient) is read off once, and that check at hs is the same test
     # quadratic_penalty_kind makes; any other is probed by it as before.
@@ -802,11 +816,77 @@ class LinearSolutions:
 
 
 def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, terms):
+    D, y, T, V = torch.stack(designs), full.y.reshape(n), torch.stack(train), torch.stack(val)
     problem, solutions = linear_kfold_problem(
-        torch.stack(designs), full.y.reshape(n), torch.stack(train), torch.stack(val),
-        penalty, diagonal_penalty=kind == "diagonal", reduction="folds", penalty_terms=terms,
+        D, y, T, V, penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
+        penalty_terms=terms,
     )
+    if terms is not None:
+        problem.outer_value_grads = _kfold_value_hypergrad(D, y, T, V, terms)
     return problem, LinearSolutions(solutions, kind, terms), parts, reason
+
+
+def _kfold_value_hypergrad(
+    D: torch.Tensor,
+    y: torch.Tensor,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    terms: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(theta, u) -> (Q, dQ/dtheta, dQ/du)`` of the closed-form K-fold problem
+    (:func:`~aggregators.hypergrad._acv_linear.linear_kfold_problem`, summed over
+    the splits), its penalty's terms ``u -> (R, r)`` given.
+
+    The same fits and loss as its ``outer_loss`` (to round-off), and the
+    hypergradient by the adjoint: with ``A_k theta_k = 2 b_k - r`` and
+    ``lambda_k = A_k^{-1} dQ_k/dtheta_k``, ``dQ/du = -sum_k lambda_k^T
+    (dA/du theta_k + dr/du)``. Autograd then runs through the penalty's terms
+    alone, not through the factorisation and the residuals of every row, which
+    on a stacking meta-learner's few coefficients was most of an outer step.
+    ``theta`` is empty (the problem has no inner parameters).
+    """
+    moments: list = []  # formed at the first call: the refit's problem never calls
+
+    def value_grads(theta, u):
+        if not moments:
+            w_tr = train.sum(1)
+            gram = torch.einsum("ki,kij,kil->kjl", train, D, D) / w_tr[:, None, None]
+            moments.extend([
+                gram + gram.transpose(1, 2),  # 2 G_k, symmetric to the last bit
+                2.0 * torch.einsum("ki,kij,i->kj", train, D, y)[..., None] / w_tr[:, None, None],
+                D.transpose(1, 2), (val / val.sum(1)[:, None])[..., None], y[:, None],
+            ])
+        gram2, moment2, Dt, val_share, y1 = moments
+        with torch.enable_grad():  # the terms' graph, for the derivative in u below
+            uu = u.detach().requires_grad_(True)
+            R_graph, r_graph = terms(uu)
+        with torch.no_grad():
+            R, r = R_graph.detach(), r_graph.detach()
+            try:
+                chol = torch.linalg.cholesky(gram2 + 0.5 * (R + R.transpose(-2, -1)))
+            except torch.linalg.LinAlgError as e:
+                raise InnerDivergenceError(
+                    "the training loss of a split is not strictly convex at these "
+                    "hyperparameters (its Gram matrix plus penalty is singular)."
+                ) from e
+            thetas = torch.cholesky_solve(moment2 - r[..., None], chol)  # (K, p, 1)
+            resid = torch.bmm(D, thetas) - y1
+            weighted = val_share * resid
+            value = (weighted * resid).sum()
+            # Half the adjoint: lambda_k / 2 = A_k^{-1} D_k^T (v_k * resid_k) / sum v_k.
+            half = torch.cholesky_solve(torch.bmm(Dt, weighted), chol)[..., 0]
+            # d/du of sum_k lambda_k^T sym(R) theta_k + lambda_k^T r, lambda and theta held.
+            L = half.T @ thetas[..., 0]
+            M, m = L + L.T, 2.0 * half.sum(0)
+        with torch.enable_grad():
+            s = -((M * R_graph).sum() + (m * r_graph).sum())
+            grad = (
+                torch.autograd.grad(s, uu, allow_unused=True)[0] if s.requires_grad else None
+            )
+        grad = torch.zeros_like(u) if grad is None else grad.detach()
+        return value, theta.new_zeros(theta.shape), grad
+
+    return value_grads
 
 
 def linear_full_fit(

@@ -338,25 +338,40 @@ def _record_hessian(history: pd.DataFrame, decision) -> None:
         )
 
 
-def _refit(agg_spec, ctx, full, space, specs, h, theta0, max_iter: int, warm_is_fit=False):
+def _refit(
+    agg_spec, ctx, full, space, specs, h, theta0, max_iter: int, warm_is_fit=False,
+    analytic_checked=False,
+):
     """The aggregation function fitted on all rows at hyperparameters ``h``.
 
     ``warm_is_fit``: ``theta0`` is that fit already (in closed form); it is
     kept without an inner solve where its gradient meets the tolerance, as
-    the solve would return it unchanged.
+    the solve would return it unchanged. ``analytic_checked``: the folds'
+    problem got closed-form derivatives, checked against autograd there
+    (the same aggregation function and context): not checked again.
 
     Returns the fitted aggregator and the problem (whose Hessian decision
     the history records, where the solve ran).
     """
-    final, packer, buffers = make_problem(agg_spec, ctx, full, None, space)
+    # A closed-form fit is kept after one gradient, which autograd gives for
+    # less than checking the closed-form derivatives against it would cost;
+    # they are attached only where an inner solve follows.
+    final, packer, buffers = make_problem(
+        agg_spec, ctx, full, None, space, analytic=not warm_is_fit,
+        analytic_checked=analytic_checked,
+    )
     if theta0 is None:
         theta0 = final.theta0
-    _declare_first_order(agg_spec, final)
     tol = 1e-6  # predictions do not move below this; 1e-7 is for hypergradients
     kept = False
     if warm_is_fit:
         g = final.inner_grad(theta0, h.detach())
         kept = bool(torch.isfinite(g).all()) and bool(g.abs().max() <= tol)
+        if not kept:
+            final, packer, buffers = make_problem(
+                agg_spec, ctx, full, None, space, analytic_checked=analytic_checked
+            )
+    _declare_first_order(agg_spec, final)
     try:
         if kept:
             theta, n_iter, converged = theta0, 0, True
@@ -570,6 +585,8 @@ def fit_aggregated(
             aggregator, _ = _refit(
                 agg_spec, ctx, full, space, specs, result.h, warm, refit_iter,
                 warm_is_fit=linear_solutions is not None,
+                # The iterative folds' closed form passed its check in this fit.
+                analytic_checked=cv_solver == "iterative" and joint.inner_value_grad is not None,
             )
             # Each fold's solution at the tuned hyperparameters: the aggregator
             # fitted on that fold's training rows (what cross-validated scores need),

@@ -114,8 +114,13 @@ def _check_model_task(name: str, model_task: str | None, task: str) -> None:
         )
 
 
-def _outputs(name, model, Xb, task, classes, n_outputs, raw=None) -> np.ndarray:
+def _outputs(name, model, Xb, task, classes, n_outputs, raw=None, checked=False) -> np.ndarray:
+    """One model's outputs on ``Xb``, checked; ``checked``: the caller has just
+    checked that the model is fitted, which a scikit-learn model then skips."""
     _check_model_task(name, model.task, task)
+    if raw is None and checked and isinstance(model, SklearnModel):
+        with calling(name, model.method_called):
+            raw = model._predict_checked(Xb)
     # Both name the model in whatever they raise, the model's own errors included.
     if task == "classification":
         out = class_probabilities(name, model, Xb, classes, raw=raw)
@@ -223,7 +228,8 @@ def fit_pool(
         if _is_sklearn_estimator(obj) and not _is_frozen(obj):
             # Before fitting anything: a classifier cannot be fitted on a
             # continuous target, and its error would not say why.
-            _check_model_task(name, SklearnModel(obj).task, task)
+            wrapped = SklearnModel(obj)  # its tags read once, kept if it is used as given
+            _check_model_task(name, wrapped.task, task)
             fitted = is_fitted_estimator(obj)
             if prefit is True and not fitted:
                 raise UnfittedBaseModelError(
@@ -234,7 +240,7 @@ def fit_pool(
                 model, raw = _fit_inside(name, obj, Xb, y, base_cv, sample_weight)
                 inside.append(name)
             else:
-                model = SklearnModel(obj)
+                model = wrapped
         else:
             try:
                 model = as_base_model(obj)
@@ -250,7 +256,7 @@ def fit_pool(
         # A copy that remembers these rows where its answers depend on them.
         with calling(name, "bind"):
             models[name] = model = model.bind(Xb)
-        outs.append(_outputs(name, model, Xb, task, classes, n_outputs, raw))
+        outs.append(_outputs(name, model, Xb, task, classes, n_outputs, raw, checked=True))
         if task == "classification" and model.classes_ is None and model.output != "label":
             # Its columns were taken to be the classes in sorted order.
             y_enc = np.searchsorted(classes, y)

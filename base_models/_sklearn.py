@@ -143,6 +143,11 @@ class SklearnModel(BaseModel):
 
     def predict_raw(self, X) -> np.ndarray:
         self.check_fitted()
+        return self._predict_checked(X)
+
+    def _predict_checked(self, X) -> np.ndarray:
+        """:meth:`predict_raw` for a caller that has just checked the model is fitted
+        (the check reads the estimator's tags, a deep copy for a ``FrozenEstimator``)."""
         out = np.asarray(getattr(self.estimator, self.output_method)(X))
         if self.output == "label":
             return out  # labels; one-hot encoding happens at alignment

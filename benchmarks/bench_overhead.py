@@ -25,6 +25,13 @@ Run: ``python benchmarks/bench_overhead.py --time diabetes friedman1
 --methods stacking stacking-fixed ridgecv pool``; ``--phases diabetes
 --methods stacking``. Timings on a shared machine compare only within one
 run: the header prints the load average.
+
+Before and after a change: ``--against REV`` (a git revision of this
+repository) exports ``REV``'s tree into a temporary folder and runs the same
+command ``--rounds`` times alternately with that tree (its own copy of this
+script, the library imported from there through ``PYTHONPATH``) and with the
+working tree, so that a change of load hits both alike; peers such as
+``ridgecv`` and ``pool`` in the methods anchor each run.
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ import io
 import os
 import pstats
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -171,6 +181,28 @@ def phases(name: str, methods, seeds, repeats: int, profile: bool) -> None:
             setattr(fit_module, s, f)
 
 
+def against(rev: str, rounds: int, argv: list[str]) -> None:
+    """Run this command on ``rev``'s tree and on the working tree, alternately."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", rev], check=True, capture_output=True
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        trees = [(rev, Path(tmp)), ("working tree", root)]
+        for r in range(rounds):
+            for label, tree in trees:
+                env = {**os.environ, "PYTHONPATH": str(tree)}
+                print(f"=== round {r + 1}, {label}", flush=True)
+                # Run from the temporary folder, so that the working tree is not
+                # imported from the current directory.
+                subprocess.run(
+                    [sys.executable, str(tree / "benchmarks" / "bench_overhead.py"), *argv],
+                    check=True, env=env, cwd=tmp,
+                )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -181,7 +213,20 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="+", default=["stacking", "stacking-fixed"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="also run REV's tree, alternating with the working tree")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternations with --against")
     args = parser.parse_args(argv)
+    if args.against is not None:
+        rest = list(sys.argv[1:] if argv is None else argv)
+        i = rest.index("--against")
+        del rest[i:i + 2]
+        if "--rounds" in rest:
+            i = rest.index("--rounds")
+            del rest[i:i + 2]
+        against(args.against, args.rounds, rest)
+        return
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     import aggregators

@@ -429,7 +429,8 @@ def test_closed_form_refit_keeps_its_fit(monkeypatch, passthrough):
     assert not calls
     refit = fit_module._refit
     monkeypatch.setattr(
-        fit_module, "_refit", lambda *a, warm_is_fit=False: refit(*a, warm_is_fit=False)
+        fit_module, "_refit",
+        lambda *a, warm_is_fit=False, **kw: refit(*a, warm_is_fit=False, **kw),
     )
     solved = make()
     assert calls  # the inner solve ran, from the closed-form fit

@@ -127,7 +127,11 @@ def _per_step(method: str, step: int, inner_tol: float, options: dict) -> tuple[
 def _direct_hypergradient(
     problem: BilevelProblem, theta: torch.Tensor, h: torch.Tensor
 ) -> HypergradResult:
-    """``Q`` and ``dQ/dh`` of a problem without inner parameters (one backward pass)."""
+    """``Q`` and ``dQ/dh`` of a problem without inner parameters (one backward
+    pass, or the problem's closed-form ``outer_value_grads``)."""
+    if problem.outer_value_grads is not None:
+        q, _, g = problem.outer_value_grads(theta.detach(), h.detach())
+        return HypergradResult(value=q, grad=g, theta=theta, info={})
     with torch.enable_grad():
         hh = h.detach().requires_grad_(True)
         q = problem.outer_loss(theta.detach(), hh)
