@@ -127,8 +127,15 @@ def _penalty_derivatives(
 def _gauss_newton(X: torch.Tensor, d2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``sum_i a_i J_i^T B_i J_i`` for ``J_i = x_i^T (x) I_C``: the exact Hessian of a
     loss of a linear predictor, in ``theta`` flattened row-major from ``(p, C)``."""
-    p, n_out = X.shape[1], d2.shape[1]
-    return torch.einsum("i,ij,icd,ik->jckd", a, X, d2, X).reshape(p * n_out, p * n_out)
+    n, p = X.shape
+    n_out = d2.shape[1]
+    # One matrix product per output c (rows j c of H) instead of the einsum
+    # over (i, j, c, d, k), which torch does not map onto one product: the
+    # same n p^2 C^2 multiply-adds, in BLAS, with an (n, p C) temporary.
+    weighted = a[:, None, None] * d2
+    rows = [X.T @ (X[:, :, None] * weighted[:, None, c, :]).reshape(n, p * n_out)
+            for c in range(n_out)]
+    return torch.stack(rows, 1).reshape(p * n_out, p * n_out)
 
 
 def linear_acv_fold_params(
@@ -237,10 +244,17 @@ def linear_acv_loss(
     )
     member = fold_membership(folds, X.shape[0], dtype=X.dtype, device=X.device)
     # Row i predicted by its own fold's parameters (rows no fold holds out
-    # get 0, and no weight below).
-    z_all = torch.einsum("ij,kj...->ki...", X, thetas)
-    mask = member.reshape(member.shape + (1,) * (z_all.dim() - 2))
-    z = (mask * z_all).sum(0)
+    # get 0, and no weight below): each fold's rows only, not every row under
+    # every fold's parameters.
+    rows, parts = [], []
+    for k in range(member.shape[0]):
+        idx = torch.nonzero(member[k] != 0)[:, 0]
+        rows.append(idx)
+        parts.append(member[k, idx].reshape((-1,) + (1,) * (thetas.dim() - 2))
+                     * (X[idx] @ thetas[k]))
+    z = X.new_zeros((X.shape[0],) + tuple(thetas.shape[2:])).index_put(
+        (torch.cat(rows),), torch.cat(parts), accumulate=True
+    )
     losses = (outer_loss or loss)(z, h)
     return _reduce(losses, member, weights, reduction)
 
