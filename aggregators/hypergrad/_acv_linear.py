@@ -127,15 +127,23 @@ def _penalty_derivatives(
 def _gauss_newton(X: torch.Tensor, d2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``sum_i a_i J_i^T B_i J_i`` for ``J_i = x_i^T (x) I_C``: the exact Hessian of a
     loss of a linear predictor, in ``theta`` flattened row-major from ``(p, C)``."""
-    n, p = X.shape
-    n_out = d2.shape[1]
-    # One matrix product per output c (rows j c of H) instead of the einsum
-    # over (i, j, c, d, k), which torch does not map onto one product: the
-    # same n p^2 C^2 multiply-adds, in BLAS, with an (n, p C) temporary.
+    p, n_out = X.shape[1], d2.shape[1]
+    # One matrix product X^T diag(a B_cd) X per pair of outputs c <= d (B_i is
+    # symmetric) instead of the einsum over (i, j, c, d, k), which torch does
+    # not map onto matrix products: C (C + 1) / 2 products of n p^2 in BLAS,
+    # with (n, p) temporaries.
     weighted = a[:, None, None] * d2
-    rows = [X.T @ (X[:, :, None] * weighted[:, None, c, :]).reshape(n, p * n_out)
-            for c in range(n_out)]
-    return torch.stack(rows, 1).reshape(p * n_out, p * n_out)
+    blocks: list[list] = [[None] * n_out for _ in range(n_out)]
+    for c in range(n_out):
+        for d in range(c, n_out):
+            block = X.T @ (X * weighted[:, c, d, None])
+            blocks[c][d] = block
+            if d != c:
+                blocks[d][c] = block.T
+    # H[j c, k d] = blocks[c][d][j, k]
+    return torch.stack([torch.stack(row, 2) for row in blocks], 1).reshape(
+        p * n_out, p * n_out
+    )
 
 
 def linear_acv_fold_params(
