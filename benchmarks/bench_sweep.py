@@ -226,6 +226,8 @@ def main(argv=None) -> pd.DataFrame:
             for n_models in args.models:
                 for n_rows in sizes:
                     rows += run_size(task, n_rows, n_models, args)
+                    if args.out:  # what has run survives a sweep cut short
+                        pd.DataFrame(rows).to_csv(args.out, index=False)
     table = pd.DataFrame(rows)
     wide = table.pivot_table(index=["task", "models", "rows"], columns="method",
                              values="fit_s")
