@@ -327,8 +327,10 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         are ``smooth`` and ``second_order``, have no ``data_penalty`` and no
         buffers, are linear in their parameters (``linear_design``: stacking
         without passthrough) and have at most
-        ``aggregators._fit.ACV_MAX_PARAMS`` parameters, except where the
-        exact folds have the closed form above; ``"exact"`` otherwise.
+        ``aggregators._fit.ACV_MAX_PARAMS`` parameters, or at most
+        ``ACV_LARGE_N_MAX_PARAMS`` with ``ACV_LARGE_N_ROWS_PER_PARAM`` rows per
+        parameter, except where the exact folds have the closed form above;
+        ``"exact"`` otherwise.
         ``cv=None`` (one split) is always exact.
         ``tuning_history_.attrs["cv_mode"]`` records the mode used and
         ``attrs["cv_solver"]`` how the folds were solved (``"closed-form"``,

@@ -177,6 +177,19 @@ LINEAR_CLOSED_FORM = True
 #: closer the parameters come to the fold's rows in number.
 ACV_MAX_PARAMS = 200
 
+#: Rows per parameter from which ``cv_mode="auto"`` also takes approximate
+#: cross-validation for an aggregation function linear in its parameters
+#: with up to :data:`ACV_LARGE_N_MAX_PARAMS` parameters. One Newton step from
+#: the full fit is nearly a fold's fit when the fold's rows outnumber the
+#: parameters by far, and its fold Hessians (one pass over the rows) then
+#: cost less than the exact folds' iterative inner solves on the same rows.
+ACV_LARGE_N_ROWS_PER_PARAM = 200
+
+#: Most parameters for the large-``n`` rule above: the fold Hessians take
+#: ``n p^2`` products against the exact folds' ``n p`` per inner iteration,
+#: so beyond a few hundred parameters they cost more whatever ``n``.
+ACV_LARGE_N_MAX_PARAMS = 400
+
 
 def acv_fold_ids(splits: list[tuple], n: int) -> np.ndarray | None:
     """Each row's validation fold, or ``None`` when the splits are not a partition.
@@ -256,12 +269,23 @@ def _cv_mode(
             f"{name} is not linear in its parameters (no linear_design): one Newton "
             "step can overshoot a fold's fit"
         )
-    if n_params > ACV_MAX_PARAMS:
-        return "exact", (
-            f"{name} has {n_params} parameters, more than ACV_MAX_PARAMS = "
-            f"{ACV_MAX_PARAMS} (dense fold Hessians)"
+    if n_params <= ACV_MAX_PARAMS:
+        return "approx", f"{name} is linear in its {n_params} parameters, without buffers"
+    n_rows = int(full.y.shape[0])
+    if (n_params <= ACV_LARGE_N_MAX_PARAMS
+            and n_rows >= ACV_LARGE_N_ROWS_PER_PARAM * n_params):
+        return "approx", (
+            f"{name} is linear in its {n_params} parameters, without buffers, and the "
+            f"{n_rows} rows are at least ACV_LARGE_N_ROWS_PER_PARAM = "
+            f"{ACV_LARGE_N_ROWS_PER_PARAM} per parameter"
         )
-    return "approx", f"{name} is linear in its {n_params} parameters, without buffers"
+    return "exact", (
+        f"{name} has {n_params} parameters, more than ACV_MAX_PARAMS = "
+        f"{ACV_MAX_PARAMS} (dense fold Hessians)"
+        + ("" if n_params > ACV_LARGE_N_MAX_PARAMS else
+           f", and {n_rows} rows, fewer than ACV_LARGE_N_ROWS_PER_PARAM = "
+           f"{ACV_LARGE_N_ROWS_PER_PARAM} per parameter")
+    )
 
 
 def held_and_ranged(specs, hyperparams, tune_ranges) -> dict:

@@ -34,8 +34,16 @@ The default (``--max-rows 10000``) takes about 10 minutes on a loaded 2-core
 machine; ``--max-rows 1000000`` runs all four sizes (hours on such a
 machine: meant for a quiet one or ``--device cuda``).
 
-Run: ``python benchmarks/bench_sweep.py [--max-rows 10000] [--models 8 32]
-[--task cls|reg|both] [--device cpu|cuda] [--out sweep.csv]``.
+``--sizes`` picks sizes directly (``--sizes 100000 1000000`` for the largest
+two: the growth exponent between them, without the hours the smaller peers'
+fits take); ``--cv-mode`` passes ``cv_mode`` to both of our fits (``exact``,
+the estimator's default, or ``approx`` / ``auto``). Each row also records the
+cross-fitting used (``tuning_history_.attrs["cv_solver"]``) and the inner
+iterations summed over the outer evaluations.
+
+Run: ``python benchmarks/bench_sweep.py [--max-rows 10000 | --sizes N ...]
+[--models 8 32] [--task cls|reg|both] [--device cpu|cuda] [--cv-mode exact]
+[--out sweep.csv]``.
 """
 
 from __future__ import annotations
@@ -123,18 +131,25 @@ def run_size(task: str, n_rows: int, n_models: int, args) -> list[dict]:
         loss = log_loss(y_test, pred, labels=np.arange(N_CLASSES)) if task == "cls" \
             else rmse(pred, y_test)
         n_steps = steps.pop("n", None)
+        solver = steps.pop("solver", None)
+        inner = steps.pop("inner", None)
         print(f"  {task} {n_rows:>9,d} rows {n_models:2d} models  {method:14s} "
               f"{seconds:8.2f} s  test {loss:.4f}"
-              + (f"  outer steps {n_steps}" if n_steps is not None else ""), flush=True)
+              + (f"  outer steps {n_steps} ({solver}, {inner} inner iterations)"
+                 if n_steps is not None else ""), flush=True)
         rows.append({"task": task, "rows": n_rows, "models": n_models, "method": method,
                      "fit_s": seconds, "runs": runs, "test_loss": loss,
-                     "outer_steps": n_steps, "warnings": ",".join(kinds)})
+                     "outer_steps": n_steps, "cv_solver": solver, "inner_iter": inner,
+                     "warnings": ",".join(kinds)})
 
     for method, params in (("ours tuned", {}), ("ours untuned", {"hyperparams": "fixed"})):
         def fit(params=params):
             est = Est(pool, aggregator="stacking", device=args.device, random_state=args.seed,
-                      **params).fit(X, y)
+                      cv_mode=args.cv_mode, **params).fit(X, y)
             steps["n"] = int(getattr(est, "n_iter_", 0) or 0)
+            history = est.tuning_history_
+            steps["solver"] = history.attrs.get("cv_solver")
+            steps["inner"] = int(history["inner_iter"].sum()) if len(history) else 0
             return est.predict_proba if task == "cls" else est.predict
         record(method, fit)
 
@@ -171,6 +186,11 @@ def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-rows", type=int, default=10_000,
                         help="largest size run (default 10 000; 1000000 for all four)")
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        help="aggregation rows to run (instead of --max-rows' cut of "
+                             "1 k, 10 k, 100 k, 1 M)")
+    parser.add_argument("--cv-mode", choices=["exact", "approx", "auto"], default="exact",
+                        help="cv_mode of our fits (default: the estimator's, exact)")
     parser.add_argument("--peer-max-cells", type=int, default=80_000,
                         help="LogisticRegressionCV runs while rows x models <= this")
     parser.add_argument("--models", type=int, nargs="+", default=[8, 32])
@@ -190,8 +210,11 @@ def main(argv=None) -> pd.DataFrame:
         return pd.DataFrame()
     torch.set_num_threads(args.torch_threads)
     start = time.perf_counter()
-    sizes = [n for n in SIZES if n <= args.max_rows]
+    sizes = sorted(args.sizes) if args.sizes else [n for n in SIZES if n <= args.max_rows]
+    if sizes[0] < 10:
+        parser.error(f"--sizes must be at least 10 rows each; got {args.sizes!r}")
     print(f"bench_sweep: sizes {sizes}, models {args.models}, device {args.device}, "
+          f"cv_mode {args.cv_mode}, "
           f"torch {torch.__version__} threads={torch.get_num_threads()}, load average "
           f"{load_average()}, library {library_version()}", flush=True)
     print(f"torch warm-up: {warm_up(args.seed):.2f} s (not timed)")
@@ -203,6 +226,8 @@ def main(argv=None) -> pd.DataFrame:
             for n_models in args.models:
                 for n_rows in sizes:
                     rows += run_size(task, n_rows, n_models, args)
+                    if args.out:  # what has run survives a sweep cut short
+                        pd.DataFrame(rows).to_csv(args.out, index=False)
     table = pd.DataFrame(rows)
     wide = table.pivot_table(index=["task", "models", "rows"], columns="method",
                              values="fit_s")

@@ -472,3 +472,74 @@ def test_full_fit_reuses_the_splits_penalty_checks():
     u = space.initial() + 0.7
     alone = linear_full_fit(agg, ctx, full, space, u)
     assert torch.equal(linear_full_fit(agg, ctx, full, space, u, like=solutions), alone)
+
+
+def _stored_pool(n_rows, n_models, n_classes, seed):
+    """Stored predictions of models of varied skill (bench_sweep's generator, smaller)."""
+    from base_models import PrecomputedModel
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n_rows)
+    pool = []
+    for m in range(n_models):
+        z = rng.uniform(0.5, 1.5) * rng.standard_normal((n_rows, n_classes))
+        z[np.arange(n_rows), y] += rng.uniform(0.5, 2.5)
+        P = np.exp(z - z.max(1, keepdims=True))
+        pool.append((f"m{m}", PrecomputedModel(P / P.sum(1, keepdims=True), key_column=0,
+                                               classes=np.arange(n_classes))))
+    return pool, np.arange(n_rows, dtype=float)[:, None], y
+
+
+@pytest.mark.parametrize(
+    "max_params, rows_per_param, large_max, mode, reason",
+    [
+        (10, 5, 400, "approx", "ACV_LARGE_N_ROWS_PER_PARAM"),  # 30 parameters, 10 rows each
+        (10, 20, 400, "exact", "fewer than ACV_LARGE_N_ROWS_PER_PARAM"),
+        (10, 5, 20, "exact", "ACV_MAX_PARAMS"),  # above the large-n rule's own limit
+        (200, 5, 400, "approx", "linear in its 30 parameters, without buffers"),
+    ],
+)
+def test_auto_large_n_rule(monkeypatch, max_params, rows_per_param, large_max, mode, reason):
+    """Above ACV_MAX_PARAMS, auto still approximates a linear design when rows outnumber
+    parameters by ACV_LARGE_N_ROWS_PER_PARAM, up to ACV_LARGE_N_MAX_PARAMS."""
+    import aggregators._fit as fit_module
+
+    monkeypatch.setattr(fit_module, "ACV_MAX_PARAMS", max_params)
+    monkeypatch.setattr(fit_module, "ACV_LARGE_N_ROWS_PER_PARAM", rows_per_param)
+    monkeypatch.setattr(fit_module, "ACV_LARGE_N_MAX_PARAMS", large_max)
+    pool, X, y = _stored_pool(300, 3, 3, 0)  # 3 x (3 x 3 + 1) = 30 parameters
+    est = AggregatedClassifier(pool, aggregator="stacking", cv_mode="auto", max_outer_iter=1,
+                               random_state=0)
+    history = est.fit(X, y).tuning_history_
+    assert history.attrs["cv_mode"] == mode
+    assert reason in history.attrs["cv_mode_reason"]
+
+
+def test_auto_on_many_rows_tunes_as_exact_and_is_deterministic(monkeypatch):
+    """The large-n path (approximate CV from ACV_LARGE_N_ROWS_PER_PARAM rows per
+    parameter) reaches exact cross-fitting's tuned validation loss, and its fits repeat."""
+    import aggregators._fit as fit_module
+
+    # The rule as it stands for a few hundred parameters, on 30 (a fit of seconds).
+    monkeypatch.setattr(fit_module, "ACV_MAX_PARAMS", 10)
+    pool, X, y = _stored_pool(8000, 3, 3, 1)  # 30 parameters, 267 rows each
+    assert 8000 >= fit_module.ACV_LARGE_N_ROWS_PER_PARAM * 30
+    fits = {
+        mode: AggregatedClassifier(pool, aggregator="stacking", cv_mode=mode, random_state=0)
+        .fit(X, y)
+        for mode in ("auto", "exact")
+    }
+    assert fits["auto"].tuning_history_.attrs["cv_mode"] == "approx"
+    assert "ACV_LARGE_N_ROWS_PER_PARAM" in fits["auto"].tuning_history_.attrs["cv_mode_reason"]
+    approx, exact = fits["auto"].validation_loss_, fits["exact"].validation_loss_
+    assert approx == pytest.approx(exact, rel=2e-2)
+    # The exact folds at the approximate fit's tuned values: the approximation's error.
+    at_tuned = AggregatedClassifier(
+        pool, aggregator="stacking", cv_mode="exact", random_state=0,
+        hyperparams=_fixed(fits["auto"].hyperparams_),
+    ).fit(X, y)
+    assert approx == pytest.approx(at_tuned.validation_loss_, rel=1e-2)
+    again = AggregatedClassifier(pool, aggregator="stacking", cv_mode="auto",
+                                 random_state=0).fit(X, y)
+    assert again.validation_loss_ == fits["auto"].validation_loss_
+    np.testing.assert_array_equal(again.predict_proba(X[:50]), fits["auto"].predict_proba(X[:50]))

@@ -128,7 +128,22 @@ def _gauss_newton(X: torch.Tensor, d2: torch.Tensor, a: torch.Tensor) -> torch.T
     """``sum_i a_i J_i^T B_i J_i`` for ``J_i = x_i^T (x) I_C``: the exact Hessian of a
     loss of a linear predictor, in ``theta`` flattened row-major from ``(p, C)``."""
     p, n_out = X.shape[1], d2.shape[1]
-    return torch.einsum("i,ij,icd,ik->jckd", a, X, d2, X).reshape(p * n_out, p * n_out)
+    # One matrix product X^T diag(a B_cd) X per pair of outputs c <= d (B_i is
+    # symmetric) instead of the einsum over (i, j, c, d, k), which torch does
+    # not map onto matrix products: C (C + 1) / 2 products of n p^2 in BLAS,
+    # with (n, p) temporaries.
+    weighted = a[:, None, None] * d2
+    blocks: list[list] = [[None] * n_out for _ in range(n_out)]
+    for c in range(n_out):
+        for d in range(c, n_out):
+            block = X.T @ (X * weighted[:, c, d, None])
+            blocks[c][d] = block
+            if d != c:
+                blocks[d][c] = block.T
+    # H[j c, k d] = blocks[c][d][j, k]
+    return torch.stack([torch.stack(row, 2) for row in blocks], 1).reshape(
+        p * n_out, p * n_out
+    )
 
 
 def linear_acv_fold_params(
@@ -237,10 +252,17 @@ def linear_acv_loss(
     )
     member = fold_membership(folds, X.shape[0], dtype=X.dtype, device=X.device)
     # Row i predicted by its own fold's parameters (rows no fold holds out
-    # get 0, and no weight below).
-    z_all = torch.einsum("ij,kj...->ki...", X, thetas)
-    mask = member.reshape(member.shape + (1,) * (z_all.dim() - 2))
-    z = (mask * z_all).sum(0)
+    # get 0, and no weight below): each fold's rows only, not every row under
+    # every fold's parameters.
+    rows, parts = [], []
+    for k in range(member.shape[0]):
+        idx = torch.nonzero(member[k] != 0)[:, 0]
+        rows.append(idx)
+        parts.append(member[k, idx].reshape((-1,) + (1,) * (thetas.dim() - 2))
+                     * (X[idx] @ thetas[k]))
+    z = X.new_zeros((X.shape[0],) + tuple(thetas.shape[2:])).index_put(
+        (torch.cat(rows),), torch.cat(parts), accumulate=True
+    )
     losses = (outer_loss or loss)(z, h)
     return _reduce(losses, member, weights, reduction)
 
