@@ -299,6 +299,25 @@ def _stack_rows(task, parts, c) -> _LinearRows:
     return _LinearRows(task, D, y, w, c)
 
 
+def _match_autograd(problem, theta, hs, scale, inner_value_grad, outer_value_grads) -> bool:
+    """Whether the closed-form inner and outer losses and gradients equal
+    autograd's through the problem's own losses at ``theta``, at each of ``hs``."""
+    for h in hs:
+        h = h.detach()
+        with torch.enable_grad():
+            th = theta.clone().requires_grad_(True)
+            refs = [problem.inner_loss(th, h), problem.outer_loss(th, h)]
+            ref_grads = [torch.autograd.grad(a, th)[0] for a in refs]
+        got = [inner_value_grad(theta, h), outer_value_grads(theta, h)[:2]]
+        for a, ga, (b, gb) in zip(refs, ref_grads, got):
+            if not (
+                torch.allclose(a.detach(), b, rtol=scale, atol=scale)
+                and torch.allclose(ga, gb, rtol=scale, atol=scale * (1 + ga.abs().max()))
+            ):
+                return False
+    return True
+
+
 def attach_linear_derivatives(
     problem: BilevelProblem,
     agg: Aggregator,
@@ -435,19 +454,10 @@ def attach_linear_derivatives(
     gen = torch.Generator(device="cpu").manual_seed(1)
     theta = torch.randn(F * p, generator=gen, dtype=torch.float64).to(problem.theta0)
     scale = 1e-8 if theta.dtype == torch.float64 else 1e-4
-    for h in hs if check else ():
-        h = h.detach()
-        with torch.enable_grad():
-            th = theta.clone().requires_grad_(True)
-            refs = [problem.inner_loss(th, h), problem.outer_loss(th, h)]
-            ref_grads = [torch.autograd.grad(a, th)[0] for a in refs]
-        got = [inner_value_grad(theta, h), outer_value_grads(theta, h)[:2]]
-        for a, ga, (b, gb) in zip(refs, ref_grads, got):
-            if not (
-                torch.allclose(a.detach(), b, rtol=scale, atol=scale)
-                and torch.allclose(ga, gb, rtol=scale, atol=scale * (1 + ga.abs().max()))
-            ):
-                return "the closed-form loss does not match the forward pass"
+    if check and not _match_autograd(
+        problem, theta, hs, scale, inner_value_grad, outer_value_grads
+    ):
+        return "the closed-form loss does not match the forward pass"
     problem.inner_value_grad = inner_value_grad
     problem.inner_hvp = inner_hvp
     problem.inner_hessian = inner_hessian if blocks_ok else None
@@ -695,19 +705,10 @@ def attach_weights_derivatives(
     # LearnedWeights itself is checked by the tests (tests/test_weights_analytic.py);
     # a subclass (its _weights or _mix redefined, say) against its own losses
     # here. The check costs a vmapped autograd pass: a tenth of a small fit.
-    for h in hs if type(agg) is not LearnedWeights else []:
-        h = h.detach()
-        with torch.enable_grad():
-            th = theta.clone().requires_grad_(True)
-            refs = [problem.inner_loss(th, h), problem.outer_loss(th, h)]
-            ref_grads = [torch.autograd.grad(x, th)[0] for x in refs]
-        got = [inner_value_grad(theta, h), outer_value_grads(theta, h)[:2]]
-        for x, gx, (b, gb) in zip(refs, ref_grads, got):
-            if not (
-                torch.allclose(x.detach(), b, rtol=scale, atol=scale)
-                and torch.allclose(gx, gb, rtol=scale, atol=scale * (1 + gx.abs().max()))
-            ):
-                return "the closed-form loss does not match the forward pass"
+    if type(agg) is not LearnedWeights and not _match_autograd(
+        problem, theta, hs, scale, inner_value_grad, outer_value_grads
+    ):
+        return "the closed-form loss does not match the forward pass"
     problem.inner_value_grad = inner_value_grad
     problem.inner_hvp = inner_hvp
     problem.inner_hessian = inner_hessian

@@ -31,6 +31,32 @@ DT = torch.float64
 ATOL = 1e-10
 
 
+def assert_closed_forms_equal_autograd(joint, plain, theta, v, u) -> None:
+    """Every closed form attached to ``joint`` equals autograd through ``plain``
+    (the same losses without them) at ``theta``, ``u``, along ``v``."""
+    value, grad = joint.inner_value_grad(theta, u)
+    with torch.enable_grad():
+        th = theta.clone().requires_grad_(True)
+        ref_value = plain.inner_loss(th, u)
+        (ref_grad,) = torch.autograd.grad(ref_value, th, create_graph=True)
+        (ref_hv,) = torch.autograd.grad(ref_grad, th, v, retain_graph=True)
+        ref_blocks = hessian_blocks(ref_grad, th, block_sizes(plain, theta))
+    torch.testing.assert_close(value, ref_value.detach(), rtol=0, atol=ATOL)
+    torch.testing.assert_close(grad, ref_grad.detach(), rtol=0, atol=ATOL)
+    torch.testing.assert_close(joint.inner_hvp(theta, u)(v), ref_hv, rtol=0, atol=ATOL)
+    assert joint.inner_hessian is not None
+    torch.testing.assert_close(joint.inner_hessian(theta, u), ref_blocks.detach(),
+                               rtol=0, atol=ATOL)
+    for got, want in zip(joint.outer_value_grads(theta, u), outer_grads(plain, theta, u)):
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    with torch.enable_grad():
+        hh = u.clone().requires_grad_(True)
+        th = theta.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(plain.inner_loss(th, hh), th, create_graph=True)
+        (ref_mixed,) = torch.autograd.grad(g, hh, v)
+    torch.testing.assert_close(joint.mixed_product(theta, u, v), ref_mixed, rtol=0, atol=ATOL)
+
+
 def _data(task: str, n_classes: int, weighted: bool, n: int = 90, m: int = 3, d: int = 4,
           device: str = "cpu"):
     rng = np.random.default_rng(0)
@@ -103,27 +129,7 @@ def test_callables_equal_autograd(task, n_classes, weighted, agg):
     # Away from the points the closed form was checked at when it was attached.
     u = space.initial() + torch.linspace(-1.0, 2.0, space.initial().numel(), dtype=DT)
 
-    value, grad = joint.inner_value_grad(theta, u)
-    with torch.enable_grad():
-        th = theta.clone().requires_grad_(True)
-        ref_value = plain.inner_loss(th, u)
-        (ref_grad,) = torch.autograd.grad(ref_value, th, create_graph=True)
-        (ref_hv,) = torch.autograd.grad(ref_grad, th, v, retain_graph=True)
-        ref_blocks = hessian_blocks(ref_grad, th, block_sizes(plain, theta))
-    torch.testing.assert_close(value, ref_value.detach(), rtol=0, atol=ATOL)
-    torch.testing.assert_close(grad, ref_grad.detach(), rtol=0, atol=ATOL)
-    torch.testing.assert_close(joint.inner_hvp(theta, u)(v), ref_hv, rtol=0, atol=ATOL)
-    assert joint.inner_hessian is not None
-    torch.testing.assert_close(joint.inner_hessian(theta, u), ref_blocks.detach(),
-                               rtol=0, atol=ATOL)
-    for got, want in zip(joint.outer_value_grads(theta, u), outer_grads(plain, theta, u)):
-        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
-    with torch.enable_grad():
-        hh = u.clone().requires_grad_(True)
-        th = theta.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(plain.inner_loss(th, hh), th, create_graph=True)
-        (ref_mixed,) = torch.autograd.grad(g, hh, v)
-    torch.testing.assert_close(joint.mixed_product(theta, u, v), ref_mixed, rtol=0, atol=ATOL)
+    assert_closed_forms_equal_autograd(joint, plain, theta, v, u)
 
     # The hypergradient at the inner optimum, by each linear solve, both ways.
     theta_star, _, converged = solve_inner(joint, u, joint.theta0, tol=1e-10, max_iter=5000)

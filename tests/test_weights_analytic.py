@@ -23,10 +23,10 @@ import aggregators._analytic as analytic
 from aggregators import AggregatedClassifier, AggregatedRegressor, LearnedWeights
 from aggregators._bilevel import HyperSpace, make_fold_problems, make_problem
 from aggregators.hypergrad import implicit_hypergradient, solve_inner
-from aggregators.hypergrad._newton import block_sizes, hessian_blocks
-from aggregators.hypergrad._problem import outer_grads
 
-from test_analytic import ATOL, DT, _data, _folds, _plain
+from test_analytic import (  # noqa: E402
+    ATOL, DT, _data, _folds, _plain, assert_closed_forms_equal_autograd,
+)
 
 CASES = [
     ("classification", 3, False, LearnedWeights()),
@@ -65,26 +65,7 @@ def test_callables_equal_autograd(task, n_classes, weighted, agg):
     v = torch.randn(theta.numel(), generator=gen, dtype=DT)
     u = space.initial() + torch.linspace(-0.5, 1.0, space.initial().numel(), dtype=DT)
 
-    value, grad = joint.inner_value_grad(theta, u)
-    with torch.enable_grad():
-        th = theta.clone().requires_grad_(True)
-        ref_value = plain.inner_loss(th, u)
-        (ref_grad,) = torch.autograd.grad(ref_value, th, create_graph=True)
-        (ref_hv,) = torch.autograd.grad(ref_grad, th, v, retain_graph=True)
-        ref_blocks = hessian_blocks(ref_grad, th, block_sizes(plain, theta))
-    torch.testing.assert_close(value, ref_value.detach(), rtol=0, atol=ATOL)
-    torch.testing.assert_close(grad, ref_grad.detach(), rtol=0, atol=ATOL)
-    torch.testing.assert_close(joint.inner_hvp(theta, u)(v), ref_hv, rtol=0, atol=ATOL)
-    torch.testing.assert_close(joint.inner_hessian(theta, u), ref_blocks.detach(),
-                               rtol=0, atol=ATOL)
-    for got, want in zip(joint.outer_value_grads(theta, u), outer_grads(plain, theta, u)):
-        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
-    with torch.enable_grad():
-        hh = u.clone().requires_grad_(True)
-        th = theta.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(plain.inner_loss(th, hh), th, create_graph=True)
-        (ref_mixed,) = torch.autograd.grad(g, hh, v)
-    torch.testing.assert_close(joint.mixed_product(theta, u, v), ref_mixed, rtol=0, atol=ATOL)
+    assert_closed_forms_equal_autograd(joint, plain, theta, v, u)
 
     theta_star, _, converged = solve_inner(joint, u, joint.theta0, tol=1e-10, max_iter=5000)
     assert converged
