@@ -211,6 +211,9 @@ class LAF(Aggregator):
     # Hessian block costs tens of gradients, while L-BFGS needs about ten
     # iterations per solve, so Newton steps would slow the fit down.
     second_order = False
+    # Each outer evaluation is an iterative inner solve and a conjugate-gradient
+    # hypergradient, both first-order: stacking's budget of outer evaluations.
+    outer_budget = 8
 
     def __init__(
         self,
