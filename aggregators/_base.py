@@ -298,6 +298,12 @@ class Aggregator(BaseEstimator):
     #: :meth:`forward` cost far more than first ones. Functions that are not
     #: ``smooth`` never get Newton steps.
     second_order: bool = True
+    #: At most this many outer evaluations (hyperparameter values tried, line
+    #: searches included) when tuning with L-BFGS-B, or ``None`` (default):
+    #: ``2 * max_outer_iter``, the estimator's bound. For functions whose
+    #: evaluations are dear and whose validation loss changes little after
+    #: the first few steps; the smaller of the two bounds is kept.
+    outer_budget: int | None = None
     #: Whether :meth:`forward` is differentiable in the base outputs ``Z``.
     #: ``False`` for integrals that sort their inputs or take their minima
     #: (Choquet; Sugeno's max-min is a soft one): a wrapper whose trained parameters move ``Z``

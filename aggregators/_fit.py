@@ -574,6 +574,7 @@ def fit_aggregated(
                     callback=_Progress(len(splits)) if params["verbose"] else None,
                     inner_solver=_inner_solver(agg_spec), scale=space.scales(),
                     shared_stage=getattr(agg_spec, "shared_stage", False),
+                    max_evals=getattr(agg_spec, "outer_budget", None),
                 )
             except InnerDivergenceError as e:
                 raise ValueError(

@@ -211,6 +211,9 @@ class LAF(Aggregator):
     # Hessian block costs tens of gradients, while L-BFGS needs about ten
     # iterations per solve, so Newton steps would slow the fit down.
     second_order = False
+    # Each outer evaluation is an iterative inner solve and a conjugate-gradient
+    # hypergradient, both first-order: stacking's budget of outer evaluations.
+    outer_budget = 8
 
     def __init__(
         self,
@@ -296,35 +299,41 @@ class LAF(Aggregator):
         """Every unit on ``x`` of shape (n, m, c): returns (n, c, units)."""
         p, q, r = self._exponents(params)
         kinds = self._kinds()
-        dual = torch.as_tensor(kinds, device=x.device)
         x = x.clamp(self.eps, 1 - self.eps).transpose(1, 2)  # (n, c, m)
-        # Gini units read x, dual units 1 - x; each needs two power sums:
-        # Gini: sum w x^p and sum w x^q; dual: sum w (1-x)^r and sum w (1-x)^0.
-        logs = torch.stack([torch.log(x), torch.log1p(-x)], -2)[..., dual.long(), :]
-        # Exponents in unit order: the Gini units' (p, q) and the dual units'
-        # (r, 0), placed by indexing (batches under torch.vmap; masked_scatter
-        # has no batching rule).
+        lw = params.get("model_logits")
+        w = None if lw is None else lw.shape[0] * torch.softmax(lw, 0)
+        m = x.shape[-1]
+
+        def log_power_sums(logs, ex):
+            # log sum_i w_i x_i^b for every exponent b in ex (any shape), with
+            # x_i^b = e^{b top} e^{b (log x_i - top)}, top = max_i log x_i: every
+            # exponential is at most 1 and the largest input's is 1, so nothing
+            # overflows or underflows to 0. The shift does not depend on the
+            # parameters, so nothing of it is differentiated.
+            top = logs.amax(-1, keepdim=True)  # (n, c, 1)
+            shifted = (logs - top).reshape(*logs.shape[:-1], *([1] * ex.dim()), m)
+            powers = torch.exp(ex[..., None] * shifted)  # (n, c, *ex.shape, m)
+            sums = powers.sum(-1) if w is None else powers @ w
+            return torch.log(sums) + ex * top.reshape(*top.shape[:-1], *([1] * ex.dim()))
+
+        # Gini units read x through two power sums each (exponents p and q);
+        # dual units read 1 - x through one, sum_i w_i (1 - x_i)^r: their
+        # other sum has exponent 0 and is sum_i w_i = m whatever the
+        # multiplicities, so it costs no exponentials.
+        out = []
+        if p.numel():
+            ls = log_power_sums(torch.log(x), torch.stack([p, q], -1))  # (n, c, Ug, 2)
+            out.append(torch.exp((ls[..., 0] - ls[..., 1]) / (p - q)))
+        if r.numel():
+            ls = log_power_sums(torch.log1p(-x), r)  # (n, c, Ud)
+            out.append(1 - torch.exp((ls - math.log(m)) / r))
+        # Back to unit order: the Gini units first, then the dual ones, placed
+        # by indexing (batches under torch.vmap; masked_scatter has no rule).
         order = torch.as_tensor(
             np.argsort(np.concatenate([np.flatnonzero(~kinds), np.flatnonzero(kinds)])),
             device=x.device,
         )
-        hi = torch.cat([p, r])[order]
-        lo = torch.cat([q, torch.zeros_like(r)])[order]
-        ex = torch.stack([hi, lo], -1)  # (U, 2)
-        # sum_i w_i x_i^b = e^{b top} sum_i w_i e^{b (log x_i - top)}, top = max_i log x_i:
-        # every exponential is at most 1 and the largest input's is 1, so nothing
-        # overflows or underflows to 0 (a log-sum-exp whose shift does not depend
-        # on the parameters, so its backward is cheaper than torch.logsumexp's).
-        top = logs.amax(-1)  # (n, c, U)
-        powers = torch.exp(ex[..., None] * (logs - top[..., None]).unsqueeze(-2))  # (n,c,U,2,m)
-        if "model_logits" in params:
-            lw = params["model_logits"]
-            sums = powers @ (lw.shape[0] * torch.softmax(lw, 0))  # (n, c, U, 2)
-        else:
-            sums = powers.sum(-1)
-        log_sums = torch.log(sums) + ex * top[..., None]
-        mean = torch.exp((log_sums[..., 0] - log_sums[..., 1]) / (ex[:, 0] - ex[:, 1]))
-        return torch.where(dual, 1 - mean, mean)
+        return torch.cat(out, -1)[..., order]
 
     def _mixture(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return self._units(params, x) @ torch.softmax(params["mix"], 0)  # (n, c)

@@ -282,6 +282,9 @@ class Sugeno(Aggregator):
     # a Hessian block costs about as many gradients as it has rows, more
     # than L-BFGS spends on a whole solve.
     second_order = False
+    # Each outer evaluation is an iterative inner solve and a conjugate-gradient
+    # hypergradient, both first-order: stacking's budget of outer evaluations.
+    outer_budget = 8
 
     def __init__(
         self,

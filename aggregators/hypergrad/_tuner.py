@@ -187,7 +187,7 @@ class _Stalled(Exception):
 
 
 class _Budget(Exception):
-    """The evaluation budget of a tuning with ``shared_stage`` is spent."""
+    """The evaluation budget (``shared_stage``, ``max_evals``) is spent."""
 
 
 #: Evaluations in a row that may fail to improve the best outer loss (by
@@ -232,6 +232,7 @@ def tune(
     inner_solver: str = "auto",
     scale: torch.Tensor | None = None,
     shared_stage: bool = False,
+    max_evals: int | None = None,
 ) -> TuningResult:
     """Minimise ``sum_k Q_k(theta_k*(h), h)`` over box-bounded ``h``.
 
@@ -292,6 +293,11 @@ def tune(
         most ``SHARED_BUDGET`` evaluations (see :func:`_shared_search`). For
         a vector of like hyperparameters (one L2 weight per base model),
         whose common level matters most.
+    max_evals : int, default=None
+        With ``optimizer="lbfgs"``: at most this many outer evaluations, line
+        searches included (``None``: ``2 * max_outer_iter``; the smaller of
+        the two is kept). An aggregation function whose evaluations are dear
+        declares it (``Aggregator.outer_budget``).
 
     Returns
     -------
@@ -388,7 +394,8 @@ def tune(
             state["message"] = "no tuning asked for"
         elif optimizer == "lbfgs":
             _run_lbfgs(
-                evaluate, h0, lower, upper, max_outer_iter, tol, state, scale, shared_stage
+                evaluate, h0, lower, upper, max_outer_iter, tol, state, scale, shared_stage,
+                max_evals,
             )
         elif optimizer == "adam":
             _run_adam(evaluate, h0, lower, upper, max_outer_iter, outer_lr, tol, state, project)
@@ -530,7 +537,8 @@ def _shared_search(raw, x0, xlo, xhi, n_evals):
 
 
 def _run_lbfgs(
-    evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=None, shared_stage=False
+    evaluate, h0, lower, upper, max_outer_iter, tol, state, scale=None, shared_stage=False,
+    max_evals=None,
 ):
     dtype, device = h0.dtype, h0.device
     lo, hi = lower.detach().cpu().numpy(), upper.detach().cpu().numpy()
@@ -551,13 +559,17 @@ def _run_lbfgs(
     shared_stage = shared_stage and x0.size > 1
     if shared_stage:
         max_fun = min(max_fun, SHARED_BUDGET)
+    # A hard budget (L-BFGS-B's maxfun alone lets a line search overrun it).
+    budget = shared_stage or max_evals is not None
+    if max_evals is not None:
+        max_fun = max(1, min(max_fun, int(max_evals)))
     n_raw = [0]
     # L-BFGS-B minimises gain * Q, gain fixed at the first evaluation (see FIRST_STEP).
     gain: list = [None]
 
     def raw(x):
         # Only the hyperparameter vector crosses to the host here.
-        if shared_stage and n_raw[0] >= max_fun:
+        if budget and n_raw[0] >= max_fun:
             state["message"] = f"reached the budget of {max_fun} outer evaluations"
             raise _Budget  # L-BFGS-B's line search may overrun its maxfun
         n_raw[0] += 1
