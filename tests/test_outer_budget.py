@@ -50,3 +50,34 @@ def test_estimator_bound_wins_when_smaller(frozen_pool, cancer_pool):
     # max_outer_iter=1 gives L-BFGS-B 2 evaluations, fewer than the budget of 8.
     n, _ = _evals(frozen_pool, cancer_pool, LAF(), max_outer_iter=1)
     assert n <= 2
+
+
+def test_line_searches_never_overrun_twice_max_outer_iter():
+    # Choquet on 200 rows of diabetes (six models): with max_outer_iter=3,
+    # L-BFGS-B's line searches spent 9 evaluations although maxfun was 6;
+    # the estimator promises at most twice max_outer_iter.
+    from sklearn.datasets import load_diabetes
+    from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+    from sklearn.linear_model import Ridge
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.tree import DecisionTreeRegressor
+
+    from aggregators import AggregatedRegressor
+
+    X, y = load_diabetes(return_X_y=True)
+    fit_rows, agg_rows = slice(0, 180), slice(180, 380)
+    pool = [
+        (name, model.fit(X[fit_rows], y[fit_rows]))
+        for name, model in [
+            ("ridge", Ridge()),
+            ("knn", KNeighborsRegressor(10)),
+            ("tree", DecisionTreeRegressor(max_depth=4, random_state=0)),
+            ("forest", RandomForestRegressor(30, random_state=0)),
+            ("gb", GradientBoostingRegressor(n_estimators=50, random_state=0)),
+        ]
+    ]
+    for k in (1, 2, 3):
+        est = AggregatedRegressor(pool, aggregator="choquet", cv=None, max_outer_iter=k,
+                                  random_state=0).fit(X[agg_rows], y[agg_rows])
+        assert 1 <= len(est.tuning_history_) <= 2 * k
+        assert est.validation_loss_ == pytest.approx(est.tuning_history_["validation_loss"].min())
