@@ -23,7 +23,9 @@ import torch
 from ._base import AggregationContext, Aggregator
 from .hypergrad import BilevelProblem, is_out_of_memory
 
-__all__ = ["ANALYTIC", "WEIGHTS_ANALYTIC", "attach_linear_derivatives", "attach_weights_derivatives"]
+__all__ = [
+    "ANALYTIC", "WEIGHTS_ANALYTIC", "attach_linear_derivatives", "attach_weights_derivatives",
+]
 
 #: Whether :mod:`._bilevel` gives linear-design problems closed-form
 #: derivatives (``False``: autograd throughout, for comparison).
@@ -285,17 +287,21 @@ class _LinearRows:
         return H - torch.bmm(KwT, K)
 
 
+def _padded_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Folds' tensors (rows first) padded with zeros to one length and stacked:
+    with zero row weights, padding rows add nothing to a loss."""
+    n = max(t.shape[0] for t in tensors)
+    return torch.stack([
+        torch.cat([t, t.new_zeros((n - t.shape[0],) + tuple(t.shape[1:]))]) for t in tensors
+    ])
+
+
 def _stack_rows(task, parts, c) -> _LinearRows:
     """``parts``: per fold ``(design, y, weights)``; padded to one length with weight 0."""
-    n = max(D.shape[0] for D, _, _ in parts)
-
-    def pad(t):
-        return torch.cat([t, t.new_zeros((n - t.shape[0],) + tuple(t.shape[1:]))])
-
-    D = torch.stack([pad(D) for D, _, _ in parts])
-    y = torch.stack([pad(y.reshape(y.shape[0], -1) if task != "classification" else y)
-                     for _, y, _ in parts])
-    w = torch.stack([pad(w) for _, _, w in parts])
+    D = _padded_stack([D for D, _, _ in parts])
+    y = _padded_stack([y.reshape(y.shape[0], -1) if task != "classification" else y
+                       for _, y, _ in parts])
+    w = _padded_stack([w for _, _, w in parts])
     return _LinearRows(task, D, y, w, c)
 
 
@@ -619,15 +625,8 @@ def attach_weights_derivatives(
     classify = ctx.task == "classification"
 
     def stacked(which: int) -> _MixtureRows:
-        parts = [f[which] for f in folds]
-        n = max(Z.shape[0] for Z, _, _, _ in parts)
-
-        def pad(t):
-            return torch.cat([t, t.new_zeros((n - t.shape[0],) + tuple(t.shape[1:]))])
-
-        Z = torch.stack([pad(Z) for Z, _, _, _ in parts])
-        y = torch.stack([pad(y) for _, _, y, _ in parts])
-        w = torch.stack([pad(w) for _, _, _, w in parts])
+        parts = [f[which] for f in folds]  # (Z, X, y, w) each
+        Z, y, w = (_padded_stack([part[k] for part in parts]) for k in (0, 2, 3))
         return _MixtureRows(ctx.task, agg.pool, agg.eps, Z, y, w)
 
     train, val = stacked(1), stacked(2)

@@ -89,6 +89,13 @@ class Hyperparameter:
     labels: tuple | None = None
     limits: tuple | None = None
 
+    @classmethod
+    def held(cls, name: str, value, limits: tuple, **kwargs) -> "Hyperparameter":
+        """One held at ``value`` by default: a box of width 0 there. The
+        estimator's ``hyperparams`` or ``tune_ranges`` can still fix it, or
+        tune it, anywhere within ``limits``."""
+        return cls(name, value, value, value, limits=tuple(limits), **kwargs)
+
     def initial(self) -> np.ndarray:
         """The initial value as a float array of length ``size``, moved into the box."""
         v = np.broadcast_to(np.asarray(self.init, dtype=np.float64), (self.size,))

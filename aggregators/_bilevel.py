@@ -841,8 +841,8 @@ def _kfold_value_hypergrad(
     hypergradient by the adjoint: with ``A_k theta_k = 2 b_k - r`` and
     ``lambda_k = A_k^{-1} dQ_k/dtheta_k``, ``dQ/du = -sum_k lambda_k^T
     (dA/du theta_k + dr/du)``. Autograd then runs through the penalty's terms
-    alone, not through the factorisation and the residuals of every row, which
-    on a stacking meta-learner's few coefficients was most of an outer step.
+    alone, not through the factorisation and the residuals of every row, whose
+    graph dominates an outer step on a stacking meta-learner's few coefficients.
     ``theta`` is empty (the problem has no inner parameters).
     """
     moments: list = []  # formed at the first call: the refit's problem never calls

@@ -46,6 +46,7 @@ from ._bilevel import (
     make_linear_cv_problem,
     make_problem,
     parse_range,
+    unseen_error_charge,
 )
 from ._registry import resolve_aggregator
 from .hypergrad import HessianDecision, InnerDivergenceError, solve_inner, tune
@@ -239,7 +240,7 @@ def _cv_mode(
         reason = f"{name} declares smooth = False (a Newton step is wrong at a kink)"
     elif data_penalty is not None:
         reason = f"{name} adds a data_penalty (statistics over each fold's own rows)"
-    elif getattr(agg, "charge_unseen_errors", False) and ctx.task == "classification":
+    elif unseen_error_charge(agg, ctx.task, full.y.shape[0]):
         reason = (f"{name} charges its validation rows for unseen errors, which one "
                   "Newton step's shared row losses do not")
     else:

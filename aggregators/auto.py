@@ -68,8 +68,7 @@ OUTER_STEPS = 3
 #: Standard errors of the paired difference within which a simpler candidate
 #: is preferred to the one with the lowest estimate. Chosen by
 #: leave-one-dataset-out over 0.5, 1, 1.5, 2 and 3 on the out-of-fold losses of
-#: 15 datasets x 5 seeds (``benchmarks/bench_regret.py``, ``bench_unseen.py``):
-#: 1.5 was the pick for 13 of the 15 held-out datasets.
+#: ``benchmarks/bench_regret.py``'s and ``bench_unseen.py``'s datasets and seeds.
 N_STANDARD_ERRORS = 1.5
 #: Racing: after each outer fold but the last, a candidate whose estimate on
 #: the rows scored so far is more than this many standard errors (of its

@@ -486,11 +486,9 @@ NOISE_SCALE_LIMITS = (0.05, 1.0)
 
 
 def _held_unless_ranged(name: str, value, bounds, limits) -> Hyperparameter:
-    """A hyperparameter tuned in ``bounds``, or held at ``value`` (a box of width 0) when ``None``."""
+    """A hyperparameter tuned in ``bounds``, or held at ``value`` when ``None``."""
     if bounds is None:
-        # The box is a single point: the estimator's hyperparams or tune_ranges
-        # can still fix or tune it anywhere within the limits.
-        return Hyperparameter(name, value, value, value, limits=limits)
+        return Hyperparameter.held(name, value, limits)
     return Hyperparameter(name, value, *bounds)
 
 

@@ -65,10 +65,9 @@ class LearnedWeights(Aggregator):
     short_name = "weights"
     #: :mod:`._analytic` has the derivatives of its loss in the logits in closed form.
     convex_mixture = True
-    #: The tuner's budget of 8 outer evaluations (see ``Stacking``): on
-    #: flat validation losses (a small ``l2`` that no longer matters) the
-    #: unbudgeted L-BFGS-B wandered for up to 27 evaluations without a better
-    #: test loss.
+    #: The tuner's budget of 8 outer evaluations (see ``Stacking``): on a
+    #: flat validation loss (a small ``l2`` that no longer matters) an
+    #: unbudgeted L-BFGS-B keeps wandering without finding a better fit.
     shared_stage = True
     #: Hyperparameters tuned by default; the others are held at their value
     #: unless the estimator's ``hyperparams`` or ``tune_ranges`` name them.
@@ -114,9 +113,7 @@ class LearnedWeights(Aggregator):
     def _declared(self, name: str, value, low: float, high: float) -> Hyperparameter:
         if name in self.tuned_by_default:
             return Hyperparameter(name, value, low, high)
-        # Held: a box of width 0 at its value; the estimator's hyperparams or
-        # tune_ranges can still fix or tune it anywhere within (low, high).
-        return Hyperparameter(name, value, value, value, limits=(low, high))
+        return Hyperparameter.held(name, value, (low, high))
 
     def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:
         shape = (ctx.n_models,) if self.per == "global" else (ctx.n_models, ctx.n_outputs)

@@ -102,10 +102,10 @@ def decide_exact_hessian(problem: BilevelProblem, theta: torch.Tensor, h: torch.
     Hessian-vector products, batched), and forming them at ``(theta, h)``
     works; or, for a problem that gives its blocks in closed form
     (``inner_hessian``), at most :data:`NEWTON_MAX_BLOCK_CLOSED_FORM`. When
-    the batched products fail but one plain Hessian-vector product works, an operation of the loss has no batched (vmap) second
-    derivative: conjugate gradient and L-BFGS still run. When the plain
-    product fails for want of a derivative (``NotImplementedError``), the
-    loss has no second derivative: L-BFGS still runs, and a method that
+    the batched products fail but one plain Hessian-vector product works, an
+    operation of the loss has no batched (vmap) second derivative: conjugate
+    gradient and L-BFGS still run. When the plain product fails for want of a
+    derivative (``NotImplementedError``), the loss has no second derivative: L-BFGS still runs, and a method that
     needs Hessian-vector products raises that error itself. Any other error,
     an out-of-memory error included, propagates.
     """

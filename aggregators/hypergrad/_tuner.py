@@ -559,9 +559,8 @@ def _run_lbfgs(
     shared_stage = shared_stage and x0.size > 1
     if shared_stage:
         max_fun = min(max_fun, SHARED_BUDGET)
-    # A hard budget: L-BFGS-B's maxfun alone lets a line search overrun it
-    # (9 evaluations for max_outer_iter=3 were seen), and the estimator
-    # promises at most twice max_outer_iter.
+    # A hard budget: L-BFGS-B's maxfun alone lets a line search overrun it,
+    # and the estimator promises at most twice max_outer_iter.
     if max_evals is not None:
         max_fun = max(1, min(max_fun, int(max_evals)))
     n_raw = [0]
