@@ -108,6 +108,26 @@ def test_each_row_is_scored_by_fits_that_never_saw_it(monkeypatch, frozen_pool, 
     assert final_steps is None  # the winner is fitted as the estimator's parameters say
 
 
+def test_fold_fits_take_each_candidates_own_step_bound_under_the_estimators(
+        monkeypatch, frozen_pool, cancer_pool):
+    steps = {}
+    real = auto_module._fit_on_outputs
+
+    def spy(params, agg, Z, X, y, y_model, rows, **kw):
+        if len(rows) < len(y):  # a fold fit, not the winner's
+            steps.setdefault(type(agg).__name__, set()).add(kw["max_outer_iter"])
+        return real(params, agg, Z, X, y, y_model, rows, **kw)
+
+    monkeypatch.setattr(auto_module, "_fit_on_outputs", spy)
+    monkeypatch.setattr(auto_module, "RACE_STANDARD_ERRORS", np.inf)
+    monkeypatch.setattr(auto_module, "FOLD_OUTER_STEPS", {"choquet": 1, "weights": 5})
+    c = cancer_pool
+    AggregatedClassifier(frozen_pool, random_state=0, max_outer_iter=4).fit(c.X_agg, c.y_agg)
+    assert steps["Choquet"] == {1}
+    assert steps["Stacking"] == {auto_module.OUTER_STEPS}
+    assert steps["LearnedWeights"] == {4}  # the estimator's max_outer_iter bounds it
+
+
 def test_auto_is_at_or_near_the_best_single_model_on_test(auto_fit):
     est, cancer = auto_fit
     frozen = [(name, FrozenEstimator(m)) for name, m in cancer.pool.items()]
