@@ -17,10 +17,10 @@ the estimator's own parameters say.
 
 The base models' outputs are computed once; every candidate fit reuses them.
 Candidate fits on the outer folds use one inner split (``cv=None``) and at most
-``OUTER_STEPS`` outer steps, and the candidates race: after each fold, one
-clearly worse than the best so far is not fitted on the next folds, so that
-the whole choice costs a few fits of ``stacking`` (see
-``benchmarks/bench_regret.py``).
+``OUTER_STEPS`` outer steps (``FOLD_OUTER_STEPS`` for the dearest), and the
+candidates race: after each fold, one clearly worse than the best so far is
+not fitted on the next folds, so that the whole choice costs a few fits of
+``stacking`` (see ``benchmarks/bench_regret.py`` and ``bench_auto_cost.py``).
 """
 
 from __future__ import annotations
@@ -65,6 +65,14 @@ N_OUTER = 3
 #: Bound on the outer (hyperparameter) steps of a candidate fitted on an outer
 #: fold: the estimate needs a good fit, not the last digit of the tuning.
 OUTER_STEPS = 3
+#: Outer steps of the fold fits of the candidates named here, instead of
+#: ``OUTER_STEPS``. ``choquet``'s fold fits (inner Newton solves through
+#: autograd Hessians) cost several times every other candidate's: its fold
+#: fits stop a step earlier. Too few steps leave its estimate that of a
+#: barely tuned fit, which moves the reference the rule measures the simpler
+#: candidates against (the trade-off: ``benchmarks/bench_regret.py
+#: --fold-steps choquet=K``).
+FOLD_OUTER_STEPS: dict[str, int] = {"choquet": 2}
 #: Standard errors of the paired difference within which a simpler candidate
 #: is preferred to the one with the lowest estimate. Chosen by
 #: leave-one-dataset-out over 0 to 5 on the out-of-fold losses of
@@ -260,8 +268,8 @@ def fit_estimator(
     y_strat = y_model if task == "classification" else None
     folds = outer_folds(n, y_strat, seed)
     dtype = torch.float64 if params["dtype"] == "float64" else torch.float32
-    fast = dict(cv=None, max_outer_iter=min(OUTER_STEPS, params["max_outer_iter"]),
-                random_state=seed)
+    fast = [dict(cv=None, random_state=seed, max_outer_iter=min(
+        FOLD_OUTER_STEPS.get(name, OUTER_STEPS), params["max_outer_iter"])) for name, _ in specs]
 
     # Fold by fold, every candidate still in the race (racing): after a fold,
     # one clearly worse than the best on the rows scored so far is dropped.
@@ -282,7 +290,7 @@ def fit_estimator(
                     # A short tuning on a fold may stop early; the estimate says how it fared.
                     warnings.simplefilter("ignore")
                     fitted = _fit_on_outputs(params, specs[i][1], Z, X, y, y_model, tr,
-                                             **kw, **fast)
+                                             **kw, **fast[i])
                     raw[i, va], unseen[i, va] = _held_out_losses(
                         fitted, Z[va], X[va], y_model[va], task, standardize, dtype
                     )

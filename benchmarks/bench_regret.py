@@ -30,7 +30,9 @@ one (many), ``choquet`` 3; the single model and greedy selection none.
 Run: ``python benchmarks/bench_regret.py [--seeds 0 1 2 3 4] [--datasets ...]
 [--out regret.csv]``; ``--from regret.csv`` re-summarises saved rows;
 ``--reuse regret.csv --outer-steps 1 --out other.csv`` refits only ``auto``
-(with another protocol) next to the candidates' saved fits.
+(with another protocol) next to the candidates' saved fits; ``--fold-steps
+choquet=2`` sets one candidate's fold steps (``--fold-steps`` alone: every
+candidate at ``--outer-steps``).
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ def run(name: str, seed: int, reuse: list[dict] | None = None) -> list[dict]:
     rows.append({**base, "method": "auto", "seconds": sec, "test": test_loss(est),
                  "chosen": str(cand.index[cand["chosen"]][0]),
                  "n_outer": auto_module.N_OUTER, "outer_steps": auto_module.OUTER_STEPS,
+                 "fold_steps": str(auto_module.FOLD_OUTER_STEPS),
                  "n_se": auto_module.N_STANDARD_ERRORS,
                  "race_se": auto_module.RACE_STANDARD_ERRORS})
     return rows
@@ -244,6 +247,8 @@ def main(argv=None) -> None:
                              "own fits (deterministic) from it")
     parser.add_argument("--outer-steps", type=int, default=None,
                         help="set aggregators.auto.OUTER_STEPS (to measure the trade-off)")
+    parser.add_argument("--fold-steps", nargs="*", default=None, metavar="NAME=K",
+                        help="set aggregators.auto.FOLD_OUTER_STEPS (none given: empty)")
     parser.add_argument("--n-outer", type=int, default=None,
                         help="set aggregators.auto.N_OUTER")
     parser.add_argument("--race-se", type=float, default=None,
@@ -254,6 +259,9 @@ def main(argv=None) -> None:
         return
     if args.outer_steps is not None:
         auto_module.OUTER_STEPS = args.outer_steps
+    if args.fold_steps is not None:
+        auto_module.FOLD_OUTER_STEPS = {
+            k: int(v) for k, v in (item.split("=") for item in args.fold_steps)}
     if args.n_outer is not None:
         auto_module.N_OUTER = args.n_outer
     if args.race_se is not None:

@@ -99,10 +99,33 @@ def test_each_row_is_scored_by_fits_that_never_saw_it(monkeypatch, frozen_pool, 
         held_out = np.concatenate([np.setdiff1d(np.arange(n), rows) for rows in train_sets])
         # Every row is held out by exactly one fit of each candidate.
         np.testing.assert_array_equal(np.sort(held_out), np.arange(n))
-        assert all(steps == auto_module.OUTER_STEPS for _, _, steps in fits[:n_cand * k])
+        # Each candidate's fold fits take its own bound on the outer steps.
+        name = est.candidates_.index[i]
+        bound = auto_module.FOLD_OUTER_STEPS.get(name, auto_module.OUTER_STEPS)
+        assert all(steps == bound for _, _, steps in fits[i:n_cand * k:n_cand])
     _, final_rows, final_steps = fits[-1]
     np.testing.assert_array_equal(final_rows, np.arange(n))
     assert final_steps is None  # the winner is fitted as the estimator's parameters say
+
+
+def test_fold_fits_take_each_candidates_own_step_bound_under_the_estimators(
+        monkeypatch, frozen_pool, cancer_pool):
+    steps = {}
+    real = auto_module._fit_on_outputs
+
+    def spy(params, agg, Z, X, y, y_model, rows, **kw):
+        if len(rows) < len(y):  # a fold fit, not the winner's
+            steps.setdefault(type(agg).__name__, set()).add(kw["max_outer_iter"])
+        return real(params, agg, Z, X, y, y_model, rows, **kw)
+
+    monkeypatch.setattr(auto_module, "_fit_on_outputs", spy)
+    monkeypatch.setattr(auto_module, "RACE_STANDARD_ERRORS", np.inf)
+    monkeypatch.setattr(auto_module, "FOLD_OUTER_STEPS", {"choquet": 1, "weights": 5})
+    c = cancer_pool
+    AggregatedClassifier(frozen_pool, random_state=0, max_outer_iter=4).fit(c.X_agg, c.y_agg)
+    assert steps["Choquet"] == {1}
+    assert steps["Stacking"] == {auto_module.OUTER_STEPS}
+    assert steps["LearnedWeights"] == {4}  # the estimator's max_outer_iter bounds it
 
 
 def test_auto_is_at_or_near_the_best_single_model_on_test(auto_fit):
