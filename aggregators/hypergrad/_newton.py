@@ -295,9 +295,12 @@ def newton_solve(
     damping = 0.0
     # Closed-form derivatives where the problem has them (no graph to build).
     analytic = problem.inner_value_grad is not None and problem.inner_hessian is not None
+    accepted = None  # (loss, gradient) at the point the line search accepted
     for it in range(max_iter + 1):
         with torch.enable_grad():
-            if analytic:
+            if accepted is not None:
+                loss, g = accepted
+            elif analytic:
                 loss, g = problem.inner_value_grad(theta, h)
             else:
                 loss, g_graph, th = _loss_and_grad_graph(problem, theta, h)
@@ -328,13 +331,16 @@ def newton_solve(
         problem.newton_factor = (h, chol)
         slope = g @ step
         t = 1.0
+        accepted = None
         with torch.no_grad():
             while True:
-                new = (
-                    problem.inner_value_grad(theta + t * step, h)[0] if analytic
-                    else problem.inner_loss(theta + t * step, h)
-                )
+                if analytic:  # its gradient comes in the same pass: kept for the next step
+                    new, g_new = problem.inner_value_grad(theta + t * step, h)
+                else:
+                    new = problem.inner_loss(theta + t * step, h)
                 if torch.isfinite(new) and new <= loss + 1e-4 * t * slope:
+                    if analytic:
+                        accepted = (new, g_new)
                     break
                 t *= 0.5
                 if t < 1e-8:
