@@ -96,8 +96,12 @@ def solve_inner(
             (g,) = torch.autograd.grad(loss, xx)
         return loss.detach(), g
 
+    precond = None
+    if problem.inner_value_grad is not None and problem.inner_preconditioner is not None:
+        precond = problem.inner_preconditioner(start.detach(), h)
     theta, n_iter, _ = lbfgs(
-        fun_grad, start, max_iter=max_iter, tol=tol, tolerance_change=tolerance_change
+        fun_grad, start, max_iter=max_iter, tol=tol, tolerance_change=tolerance_change,
+        precond=precond,
     )
     n_iter += newton_iter
     theta = theta.detach()

@@ -94,6 +94,7 @@ def lbfgs(
     tol: float = 1e-7,
     tolerance_change: float = 1e-20,
     history_size: int = 20,
+    precond: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int, bool]:
     """Minimise a smooth function of one flat tensor.
 
@@ -110,6 +111,12 @@ def lbfgs(
         Also stop when a step changes the loss, or every parameter, by less.
     history_size : int, default=20
         Curvature pairs kept.
+    precond : callable, default=None
+        ``v -> M v`` for a symmetric positive definite ``M`` near the inverse
+        Hessian: the initial inverse-Hessian model (scaled by
+        ``s^T y / y^T M y`` once there are curvature pairs) in place of a
+        multiple of the identity, and the first step ``-M g`` tried at unit
+        length.
 
     Returns
     -------
@@ -157,8 +164,13 @@ def lbfgs(
             alphas.append(a)
         if pairs:
             s, y, _ = pairs[-1]
-            q = q * ((s @ y) / (y @ y))
+            if precond is None:
+                q = q * ((s @ y) / (y @ y))
+            else:
+                q = precond(q) * ((s @ y) / (y @ precond(y)))
             t0 = 1.0
+        elif precond is not None:
+            q, t0 = precond(q), 1.0
         else:
             t0 = min(1.0, 1.0 / float(g.abs().sum()))
         for (s, y, rho), a in zip(pairs, reversed(alphas)):
@@ -169,6 +181,12 @@ def lbfgs(
             pairs.clear()
             d, gd = -g, -float(g @ g)
             t0 = min(1.0, 1.0 / float(g.abs().sum()))
+            if precond is not None:
+                d = -precond(g)
+                gd, t0 = float(g @ d), 1.0
+                if not gd < 0:  # a preconditioner that is not positive definite here
+                    d, gd = -g, -float(g @ g)
+                    t0 = min(1.0, 1.0 / float(g.abs().sum()))
 
         def phi(t: float, d=d):
             ft, gt = trial(x + t * d)

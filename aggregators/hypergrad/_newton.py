@@ -207,6 +207,34 @@ def _unpad(m: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([m[k, :s] for k, s in enumerate(sizes)])
 
 
+def block_factor(
+    blocks: torch.Tensor, damping: float = 0.0
+) -> tuple[torch.Tensor, float]:
+    """Cholesky factors of ``H + lambda I``, block by block (see :func:`block_solve`).
+
+    Returns
+    -------
+    chol : Tensor
+        ``(n_blocks, width, width)`` lower factors.
+    damping : float
+        The relative damping that was needed.
+    """
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    scale = blocks.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-12)[:, None, None]
+    lam = damping
+    for _ in range(30):
+        chol, info = torch.linalg.cholesky_ex(blocks + lam * scale * eye)
+        if not bool(info.any()):
+            return chol, lam
+        lam = max(10.0 * lam, 1e-10)
+    raise torch.linalg.LinAlgError("the Hessian blocks could not be made positive definite")
+
+
+def factor_solve(chol: torch.Tensor, b: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """``x`` with ``L L^T x = b`` for the factors of :func:`block_factor`."""
+    return _unpad(torch.cholesky_solve(_pad(b, sizes)[..., None], chol)[..., 0], sizes)
+
+
 def block_solve(
     blocks: torch.Tensor, b: torch.Tensor, sizes: tuple[int, ...], damping: float = 0.0
 ) -> tuple[torch.Tensor, float]:
@@ -223,16 +251,8 @@ def block_solve(
     damping : float
         The relative damping that was needed (``0.0`` for none).
     """
-    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
-    scale = blocks.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-12)[:, None, None]
-    lam = damping
-    for _ in range(30):
-        chol, info = torch.linalg.cholesky_ex(blocks + lam * scale * eye)
-        if not bool(info.any()):
-            x = torch.cholesky_solve(_pad(b, sizes)[..., None], chol)[..., 0]
-            return _unpad(x, sizes), lam
-        lam = max(10.0 * lam, 1e-10)
-    raise torch.linalg.LinAlgError("the Hessian blocks could not be made positive definite")
+    chol, lam = block_factor(blocks, damping)
+    return factor_solve(chol, b, sizes), lam
 
 
 def newton_solve(
@@ -275,9 +295,12 @@ def newton_solve(
     damping = 0.0
     # Closed-form derivatives where the problem has them (no graph to build).
     analytic = problem.inner_value_grad is not None and problem.inner_hessian is not None
+    accepted = None  # (loss, gradient) at the point the line search accepted
     for it in range(max_iter + 1):
         with torch.enable_grad():
-            if analytic:
+            if accepted is not None:
+                loss, g = accepted
+            elif analytic:
                 loss, g = problem.inner_value_grad(theta, h)
             else:
                 loss, g_graph, th = _loss_and_grad_graph(problem, theta, h)
@@ -299,18 +322,25 @@ def newton_solve(
             else:
                 blocks = hessian_blocks(g_graph, th, sizes).detach()
         try:
-            step, damping = block_solve(blocks, -g, sizes, damping)
+            chol, damping = block_factor(blocks, damping)
         except torch.linalg.LinAlgError:
             return theta, it, False
+        step = factor_solve(chol, -g, sizes)
+        # The factors at the start of the last step: a preconditioner of the
+        # hypergradient's linear system at the solution (implicit_hypergradient).
+        problem.newton_factor = (h, chol)
         slope = g @ step
         t = 1.0
+        accepted = None
         with torch.no_grad():
             while True:
-                new = (
-                    problem.inner_value_grad(theta + t * step, h)[0] if analytic
-                    else problem.inner_loss(theta + t * step, h)
-                )
+                if analytic:  # its gradient comes in the same pass: kept for the next step
+                    new, g_new = problem.inner_value_grad(theta + t * step, h)
+                else:
+                    new = problem.inner_loss(theta + t * step, h)
                 if torch.isfinite(new) and new <= loss + 1e-4 * t * slope:
+                    if analytic:
+                        accepted = (new, g_new)
                     break
                 t *= 0.5
                 if t < 1e-8:

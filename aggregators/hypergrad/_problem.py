@@ -118,6 +118,16 @@ class BilevelProblem:
         ``(theta, h, v) -> (d2L / dh dtheta) v``, shape of ``h``. The
         implicit methods use the closed-form callables only when this one is
         given too (the hypergradient needs it).
+    inner_preconditioner : callable, default=None
+        ``(theta, h) -> apply``: ``apply(v)`` is ``M v`` for a symmetric
+        positive definite ``M`` near the inverse Hessian of ``L`` at
+        ``(theta, h)``, block diagonal like it (``blocks``). L-BFGS takes it
+        as its initial inverse-Hessian model and conjugate gradient as its
+        preconditioner; it changes how fast they converge, not where to.
+    newton_factor : tuple, default=None
+        Set by the engine: ``(h, chol)``, the Cholesky factors of the Hessian
+        blocks that the last Newton step solved with (at ``h``, the step's
+        start), which precondition the hypergradient's solve at the solution.
     """
 
     inner_loss: Loss
@@ -132,6 +142,8 @@ class BilevelProblem:
     inner_hessian: Loss | None = None
     outer_value_grads: Callable | None = None
     mixed_product: Callable | None = None
+    inner_preconditioner: Callable | None = None
+    newton_factor: tuple | None = field(default=None, repr=False)
 
     def second_order_loss(self, theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``L(theta, h)`` through :attr:`hessian_loss` when given."""
