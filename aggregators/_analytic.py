@@ -574,23 +574,18 @@ class _MixtureRows:
         self.Dt = self.D.transpose(1, 2)
         self.shape = (F, n, K)
 
-    def terms(self, wts: torch.Tensor, T: torch.Tensor | None, order: int):
-        """Loss, and up to ``order`` derivatives in the weights ``wts`` ``(F, m)``:
-        ``(value, g (F, m), H (F, m, m))``."""
+    def first(self, wts: torch.Tensor, T: torch.Tensor | None):
+        """Loss and its gradient in the weights ``wts`` ``(F, m)``, and what
+        :meth:`second` needs for the Hessian at the same point (Newton asks
+        for the Hessian where its line search has just taken the gradient)."""
         F, n, K = self.shape
         mix = torch.bmm(self.D, wts[..., None]).reshape(F, n, K)
         w = self.w[..., None]
         if self.task != "classification":
             resid = mix - self.y
             value = (w * resid.pow(2)).sum() / K
-            if order == 0:
-                return value, None, None
             g = torch.bmm(self.Dt, ((2.0 / K) * w * resid).reshape(F, n * K, 1))[..., 0]
-            H = None
-            if order > 1:
-                coef = ((2.0 / K) * w).expand(F, n, K).reshape(F, n * K, 1)
-                H = torch.bmm(self.Dt, coef * self.D)
-            return value, g, H
+            return value, g, (w,)
         if self.pool == "linear":
             p = mix.clamp_min(self.eps)
             o = torch.log(p) / T
@@ -599,55 +594,71 @@ class _MixtureRows:
         else:
             o = mix / T
             q = None
-        lse = torch.logsumexp(o, -1, keepdim=True)
-        value = (w * (lse - o.gather(-1, self.y))).sum()
-        if order == 0:
-            return value, None, None
-        s = torch.exp(o - lse)
-        r = s.scatter_add(-1, self.y, -torch.ones_like(lse))  # s - e_y
+        # log_softmax, not o - logsumexp(o): one kernel, under half the time here.
+        ls = torch.log_softmax(o, -1)
+        value = -(w * ls.gather(-1, self.y)).sum()
+        s = ls.exp()
+        r = s.scatter_add(-1, self.y, -torch.ones_like(w))  # s - e_y
         qq = 1.0 / T if q is None else q
         g = torch.bmm(self.Dt, (w * r * qq).reshape(F, n * K, 1))[..., 0]
-        H = None
-        if order > 1:
-            # sum_n w_n [A diag(s) A^T - (A s)(A s)^T] with A_mk = Z_mk q_k, plus,
-            # for the linear pool, the logarithm's curvature -T A diag(r) A^T.
-            d = s if q is None else s - T * r
-            coef = (w * d * qq * qq).reshape(F, n * K, 1)
-            As = torch.matmul((s * qq)[:, :, None, :], self.D.reshape(F, n, K, -1))[:, :, 0]
-            H = torch.bmm(self.Dt, coef * self.D) - torch.bmm(As.transpose(1, 2), w * As)
-        return value, g, H
+        return value, g, (w, s, r, q, qq, T)
+
+    def second(self, state) -> torch.Tensor:
+        """The Hessian ``(F, m, m)`` in the weights from :meth:`first`'s ``state``."""
+        F, n, K = self.shape
+        if self.task != "classification":
+            (w,) = state
+            coef = ((2.0 / K) * w).expand(F, n, K).reshape(F, n * K, 1)
+            return torch.bmm(self.Dt, coef * self.D)
+        w, s, r, q, qq, T = state
+        # sum_n w_n [A diag(s) A^T - (A s)(A s)^T] with A_mk = Z_mk q_k, plus,
+        # for the linear pool, the logarithm's curvature -T A diag(r) A^T.
+        d = s if q is None else s - T * r
+        coef = (w * d * qq * qq).reshape(F, n * K, 1)
+        As = torch.matmul((s * qq)[:, :, None, :], self.D.reshape(F, n, K, -1))[:, :, 0]
+        return torch.bmm(self.Dt, coef * self.D) - torch.bmm(As.transpose(1, 2), w * As)
 
 
-def _softmax_chain(wts, g, H):
-    """Gradient and Hessian in the logits ``a`` from those in ``w = softmax(a)``:
-    ``J g`` and ``J H J + diag(u - s w) - u w^T - w u^T + 2 s w w^T`` with
-    ``J = diag(w) - w w^T``, ``u = g * w``, ``s = g . w``."""
+def _softmax_grad(wts, g):
+    """``J g`` with ``J = diag(w) - w w^T``: the gradient in the logits ``a``
+    from that in ``w = softmax(a)`` (elementwise; no ``(m, m)`` matrix)."""
+    u = g * wts
+    return u - wts * u.sum(1, keepdim=True)
+
+
+def _softmax_hessian(wts, g, H):
+    """The Hessian in the logits from those in ``w = softmax(a)``:
+    ``J H J + diag(u - s w) - u w^T - w u^T + 2 s w w^T`` with ``u = g * w``,
+    ``s = g . w``."""
     ww = wts[:, :, None] * wts[:, None, :]
     J = torch.diag_embed(wts) - ww
-    ga = torch.einsum("fij,fj->fi", J, g)
-    if H is None:
-        return ga, None
     u = g * wts
     s = u.sum(1, keepdim=True)
     uw = u[:, :, None] * wts[:, None, :]
     second = torch.diag_embed(u - s * wts) - uw - uw.transpose(1, 2) + 2 * s[..., None] * ww
-    return ga, J @ H @ J + second
+    return J @ H @ J + second
 
 
-def _entropy_terms(a, wts, order: int):
-    """Entropy ``-sum w log w`` of ``w = softmax(a)`` per fold, its gradient and Hessian in ``a``."""
-    c = a - (wts * a).sum(1, keepdim=True)  # log w - sum w log w
-    value = -(wts * (a - torch.logsumexp(a, 1, keepdim=True))).sum(1)
+def _entropy_terms(logw, wts, order: int):
+    """Entropy ``-sum w log w`` of ``w = softmax(a)`` per fold, its gradient and
+    Hessian in ``a``, from ``logw = log_softmax(a)``."""
+    wlogw = (wts * logw).sum(1, keepdim=True)
+    c = logw - wlogw  # log w - sum w log w
+    value = -wlogw[:, 0]
     if order == 0:
         return value, None, None
     wc = wts * c
     g = -wc
     if order == 1:
         return value, g, None
+    return value, g, _entropy_hessian(wts, wc)
+
+
+def _entropy_hessian(wts, wc):
+    """The entropy's Hessian in the logits, from ``wc = w * (log w - sum w log w)``."""
     ww = wts[:, :, None] * wts[:, None, :]
-    H = (-torch.diag_embed(wc + wts) + wc[:, :, None] * wts[:, None, :]
-         + wts[:, :, None] * wc[:, None, :] + ww)
-    return value, g, H
+    return (-torch.diag_embed(wc + wts) + wc[:, :, None] * wts[:, None, :]
+            + wts[:, :, None] * wc[:, None, :] + ww)
 
 
 def attach_weights_derivatives(
@@ -701,36 +712,52 @@ def attach_weights_derivatives(
         T = hyper["temperature"].reshape(()) if classify else None
         return T, hyper["l2"].reshape(()), hyper["entropy"].reshape(())
 
-    def inner_terms(theta, h, order):
+    eye = torch.eye(m, dtype=problem.theta0.dtype, device=problem.theta0.device)
+
+    def inner_first(theta, h):
+        """Inner loss and gradient in the logits, and what :func:`inner_second`
+        needs for the Hessian at the same point."""
         T, l2, ent = unpack(h)
         a = theta.reshape(F, m)
-        wts = torch.softmax(a, 1)
-        value, g, H = train.terms(wts, T, order)
-        if order:
-            g, H = _softmax_chain(wts, g, H)
-        ev, eg, eH = _entropy_terms(a, wts, order)
+        logw = torch.log_softmax(a, 1)
+        wts = logw.exp()
+        value, gw, state = train.first(wts, T)
+        ev, eg, _ = _entropy_terms(logw, wts, 1)
         value = value + 0.5 * l2 * a.pow(2).sum() + ent * ev.sum()
-        if order:
-            g = g + l2 * a + ent * eg
-        if order > 1:
-            H = H + ent * eH + l2 * torch.eye(m, dtype=a.dtype, device=a.device)
-        return value, g, H
+        g = _softmax_grad(wts, gw) + l2 * a + ent * eg
+        return value, g, (wts, gw, state, -eg, l2, ent)
 
-    last: list = [None, None, None]  # theta, h, (value, gradient)
+    def inner_second(first_state):
+        wts, gw, state, wc, l2, ent = first_state
+        H = _softmax_hessian(wts, gw, train.second(state))
+        return H + ent * _entropy_hessian(wts, wc) + l2 * eye
+
+    def inner_terms(theta, h, order):
+        value, g, first_state = inner_first(theta, h)
+        return value, g, inner_second(first_state) if order > 1 else None
+
+    # theta, h, (value, gradient), first_state: Newton's line search evaluates
+    # the point its next iteration starts from, and takes its Hessian there.
+    last: list = [None, None, None, None]
+
+    def cached(theta, h):
+        return (last[0] is not None and last[0].shape == theta.shape
+                and torch.equal(last[0], theta) and torch.equal(last[1], h))
 
     @torch.no_grad()
     def inner_value_grad(theta, h):
-        # Newton's line search evaluates the point its next iteration starts from.
-        if (last[0] is not None and last[0].shape == theta.shape and torch.equal(last[0], theta)
-                and torch.equal(last[1], h)):
+        if cached(theta, h):
             return last[2]
-        value, g, _ = inner_terms(theta, h, 1)
-        last[:] = theta.detach().clone(), h.detach().clone(), (value, g.reshape(-1))
+        value, g, first_state = inner_first(theta, h)
+        last[:] = theta.detach().clone(), h.detach().clone(), (value, g.reshape(-1)), first_state
         return last[2]
 
     @torch.no_grad()
     def inner_hessian(theta, h):
-        return 0.5 * (lambda H: H + H.transpose(1, 2))(inner_terms(theta, h, 2)[2])
+        if not cached(theta, h):
+            inner_value_grad(theta, h)
+        H = inner_second(last[3])
+        return 0.5 * (H + H.transpose(1, 2))
 
     def inner_hvp(theta, h):
         H = inner_hessian(theta, h)
@@ -745,8 +772,8 @@ def attach_weights_derivatives(
             hh = h.detach().requires_grad_(classify)
             T, _, _ = unpack(hh)
             wts = torch.softmax(theta.detach().reshape(F, m), 1)
-            value, g, _ = val.terms(wts, T, 1)
-            ga, _ = _softmax_chain(wts, g, None)
+            value, g, _ = val.first(wts, T)
+            ga = _softmax_grad(wts, g)
             dh = None
             if value.requires_grad:  # a tuned temperature: Q depends on h directly
                 (dh,) = torch.autograd.grad(value, hh, allow_unused=True)

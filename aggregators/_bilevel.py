@@ -503,19 +503,31 @@ def make_fold_problems(
         problems.append(prob)
         parts.append((packer, buffers))
     joint, split = stack_problems(problems)
-    if len(folds) > 1:
-        batched = _batched_problem(agg, ctx, folds, space, parts, joint, charge)
-        if batched is not None:
-            joint = batched
-    if not charge and len({(tuple(p.names), tuple(p.shapes)) for p, _ in parts}) == 1:
+    closed_form = not charge and len({(tuple(p.names), tuple(p.shapes)) for p, _ in parts}) == 1
+
+    def attach() -> str:
         # Weights as the losses use them: each fold's a weighted mean.
         def rows(part: Split):
             w = part.mean_weights()
             n = part.y.shape[0]
             return part.Z, part.X, part.y, (part.Z.new_ones(n) if w is None else w) / n
-        _attach(joint, agg, ctx, space, parts[0][0], [
+        return _attach(joint, agg, ctx, space, parts[0][0], [
             (buffers, rows(train), rows(val)) for (train, val), (_, buffers) in zip(folds, parts)
         ])
+
+    if closed_form and getattr(agg, "convex_mixture", False):
+        # LearnedWeights' closed form answers every loss and derivative the
+        # engine asks of the folds: batching their autograd losses, and checking
+        # the batch against them, would cost a tenth of a small fit for nothing.
+        closed_form = False
+        if attach() == "":
+            return joint, split, parts
+    if len(folds) > 1:
+        batched = _batched_problem(agg, ctx, folds, space, parts, joint, charge)
+        if batched is not None:
+            joint = batched
+    if closed_form:
+        attach()
     return joint, split, parts
 
 

@@ -203,7 +203,8 @@ class SparseMoE(Aggregator):
     weights, whose scale ``gate_l2`` already sets; the balancing losses push
     rows towards weaker models, which an ensemble of a few pretrained models
     rarely gains from; and each tuned hyperparameter costs outer steps, each
-    of them an inner fit per fold.
+    of them an inner fit per fold. The tuning takes at most 4 outer
+    evaluations (``outer_budget``; ``2 * max_outer_iter`` if fewer).
 
     Parameters
     ----------
@@ -292,6 +293,11 @@ default=None
     # The training relaxation uses smooth_kth_excluding, analytic in the
     # logits (Shazeer's kth_excluding is piecewise linear).
     smooth = True
+    #: Outer evaluations (see ``Aggregator.outer_budget``). Each is an L-BFGS
+    #: inner solve of the gate and a conjugate-gradient hypergradient, and one
+    #: hyperparameter (``gate_l2``) is tuned by default: past the fourth
+    #: evaluation its validation loss moves in the fourth digit.
+    outer_budget = 4
 
     def __init__(
         self,

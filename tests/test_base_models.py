@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from scipy.special import expit, softmax
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, clone, is_classifier, is_regressor
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
 from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
@@ -34,6 +34,7 @@ from base_models import (
     check_class_order,
     check_probabilities,
     class_probabilities,
+    is_fitted_estimator,
     regression_outputs,
     resolve_device,
     resolve_dtype,
@@ -914,3 +915,26 @@ def test_calling_leaves_our_named_errors_alone():
         with calling("m", "predict"):
             raise err
     assert info.value is err
+
+
+def test_frozen_estimator_read_through_without_copying_its_tags(monkeypatch):
+    # A FrozenEstimator's tags are a deep copy of its model's; its task and
+    # whether it is fitted are read from the model, without that copy.
+    X, y = load_iris(return_X_y=True)
+    fitted = FrozenEstimator(LogisticRegression(max_iter=500).fit(X, y))
+    unfitted = FrozenEstimator(LogisticRegression())
+    regressor = FrozenEstimator(Ridge().fit(X, y))
+
+    def copy_forbidden(self):
+        raise AssertionError("FrozenEstimator's tags were copied")
+
+    monkeypatch.setattr(FrozenEstimator, "__sklearn_tags__", copy_forbidden)
+    assert SklearnModel(fitted).task == "classification"
+    assert SklearnModel(regressor).task == "regression"
+    assert is_fitted_estimator(fitted) and not is_fitted_estimator(unfitted)
+    with pytest.raises(UnfittedBaseModelError, match="not fitted"):
+        SklearnModel(unfitted).predict_raw(X)
+    monkeypatch.undo()
+    # The same answers as scikit-learn's own, through the copy.
+    assert is_classifier(fitted) and is_regressor(regressor)
+    assert SklearnModel(fitted).predict_raw(X[:3]).shape == (3, 3)

@@ -11,6 +11,7 @@ from sklearn.model_selection import KFold, train_test_split
 from sklearn.naive_bayes import GaussianNB
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
+import aggregators._analytic as analytic
 import aggregators._bilevel as bilevel
 from aggregators import AggregatedClassifier, AggregatedRegressor, Aggregator, Hyperparameter
 from aggregators._base import AggregationContext
@@ -68,6 +69,8 @@ def _losses_and_grads(problem, theta, u):
 @pytest.mark.parametrize("name", ["stacking", "weights", "choquet", "sugeno", "uninorm", "laf"])
 def test_batched_folds_equal_the_fold_by_fold_sum(pool_outputs, monkeypatch, name):
     ctx, folds = pool_outputs
+    # Weights' closed form would stand in for the batch (see the next test).
+    monkeypatch.setattr(analytic, "WEIGHTS_ANALYTIC", False)
     calls = _spy(monkeypatch)
     agg = resolve_aggregator(name)
     space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
@@ -86,6 +89,31 @@ def test_batched_folds_equal_the_fold_by_fold_sum(pool_outputs, monkeypatch, nam
     for a, b in zip(_losses_and_grads(batched, theta, u), _losses_and_grads(sequential, theta, u)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert [t.numel() for t in split(theta)] == list(batched.blocks)
+
+
+def test_weights_closed_form_needs_no_batch(pool_outputs, monkeypatch):
+    ctx, folds = pool_outputs
+    calls = _spy(monkeypatch)
+    agg = resolve_aggregator("weights")
+    space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
+    problem, _, _ = make_fold_problems(agg, ctx, folds, space)
+    # Its closed form answers every loss and derivative the engine asks: the
+    # folds' autograd losses are not batched (nor checked against a batch).
+    assert calls == [] and problem.inner_value_grad is not None
+    sequential, _ = stack_problems(
+        [bilevel.make_problem(agg, ctx, tr, va, space)[0] for tr, va in folds]
+    )
+    u = space.initial() + 0.2
+    theta = problem.theta0 + 0.3
+    for a, b in zip(_losses_and_grads(problem, theta, u), _losses_and_grads(sequential, theta, u)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    value, grad = problem.inner_value_grad(theta, u)
+    torch.testing.assert_close(value, _losses_and_grads(sequential, theta, u)[0])
+    torch.testing.assert_close(grad, _losses_and_grads(sequential, theta, u)[1])
+    # Without the closed form, the folds are batched as before.
+    monkeypatch.setattr(analytic, "WEIGHTS_ANALYTIC", False)
+    problem, _, _ = make_fold_problems(agg, ctx, folds, space)
+    assert calls == [True] and problem.inner_value_grad is None
 
 
 def test_large_folds_take_hessian_blocks_fold_by_fold(pool_outputs, monkeypatch):

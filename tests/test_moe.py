@@ -248,6 +248,15 @@ def test_only_gate_l2_is_tuned_by_default(specialists):
         ).fit(X_agg, y_agg)
 
 
+def test_tuning_keeps_to_its_budget_of_outer_evaluations(specialists):
+    pool, X_agg, y_agg, *_ = specialists
+    fit = lambda agg, **kw: AggregatedClassifier(  # noqa: E731
+        pool, aggregator=agg, **{**FAST, **kw}).fit(X_agg, y_agg).tuning_history_
+    assert SparseMoE.outer_budget == 4
+    assert 2 <= len(fit(SparseMoE(k=2), max_outer_iter=20)) <= 4
+    assert len(fit(SparseMoE(k=2), max_outer_iter=1)) <= 2  # 2 * max_outer_iter if fewer
+
+
 def test_mlp_gate_and_regression():
     X, _, owner = _regions(800, 5)
     t = X[np.arange(len(X)), 2 + owner]  # regression target: the owner's feature
