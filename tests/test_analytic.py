@@ -200,7 +200,8 @@ def test_not_attached_where_it_does_not_apply(monkeypatch):
         assert joint.inner_value_grad is None and joint.inner_hvp is None
 
 
-def _fit_pair(monkeypatch, n_classes, **params):
+def _pool_and_rows(n_classes):
+    """Three frozen models trained on the first 150 of 400 generated rows."""
     X, y = make_classification(400, 8, n_informative=5, n_classes=n_classes,
                                n_clusters_per_class=1, random_state=0)
     pool = [
@@ -209,6 +210,11 @@ def _fit_pair(monkeypatch, n_classes, **params):
         ("tree", FrozenEstimator(DecisionTreeClassifier(max_depth=3, random_state=0)
                                  .fit(X[:150], y[:150]))),
     ]
+    return pool, X, y
+
+
+def _fit_pair(monkeypatch, n_classes, **params):
+    pool, X, y = _pool_and_rows(n_classes)
     fits = []
     for flag in (False, True):
         monkeypatch.setattr(analytic, "ANALYTIC", flag)

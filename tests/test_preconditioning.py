@@ -7,11 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import make_classification
-from sklearn.frozen import FrozenEstimator
-from sklearn.linear_model import LogisticRegression
-from sklearn.naive_bayes import GaussianNB
-from sklearn.tree import DecisionTreeClassifier
 
 import aggregators._analytic as analytic
 import aggregators.hypergrad._implicit as implicit
@@ -21,7 +16,7 @@ from aggregators.hypergrad import implicit_hypergradient, solve_inner
 from aggregators.hypergrad._implicit import conjugate_gradient
 from aggregators.hypergrad._lbfgs import lbfgs
 from aggregators.hypergrad._newton import newton_solve
-from test_analytic import _data, _folds
+from test_analytic import _data, _folds, _pool_and_rows
 
 DT = torch.float64
 
@@ -124,18 +119,6 @@ def test_newton_factor_serves_the_hypergradient():
     newton_solve(joint, h + 0.5, joint.theta0, tol=1e-10)
     other = implicit_hypergradient(joint, theta, h, solver="direct", tol=1e-12)
     assert not other.info.get("newton_factor")
-
-
-def _pool_and_rows(n_classes):
-    X, y = make_classification(400, 8, n_informative=5, n_classes=n_classes,
-                               n_clusters_per_class=1, random_state=0)
-    pool = [
-        ("lr", FrozenEstimator(LogisticRegression(max_iter=500).fit(X[:150], y[:150]))),
-        ("nb", FrozenEstimator(GaussianNB().fit(X[:150], y[:150]))),
-        ("tree", FrozenEstimator(DecisionTreeClassifier(max_depth=3, random_state=0)
-                                 .fit(X[:150], y[:150]))),
-    ]
-    return pool, X, y
 
 
 @pytest.mark.parametrize("n_classes", [3, 5], ids=["newton", "lbfgs-cg"])
