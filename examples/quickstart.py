@@ -116,8 +116,9 @@ def main(
     for s in range(seed, seed + splits):
         split_rows, fitted = one_split(X, y, s, shown)
         rows += split_rows
-        agg = fitted["default"].aggregator_
-        chosen.append(getattr(agg, "short_name", None) or type(agg).__name__)
+        # candidates_ names the best single model "single" (greedy selection of one round).
+        cands = fitted["default"].candidates_
+        chosen.append(str(cands.index[cands["chosen"]][0]))
         first = first or fitted
     runs = pd.DataFrame(rows)
     table = runs.groupby("method", sort=False).agg(
