@@ -204,6 +204,17 @@ def _as_2d(y: np.ndarray) -> np.ndarray:
     return y[:, None] if y.ndim == 1 else y
 
 
+def chosen_aggregator(est) -> str:
+    """The aggregation function a fitted estimator holds, by the name ``candidates_``
+    gives it under ``aggregator="auto"`` (``"single"`` for the best single model,
+    which is greedy selection of one round), else its short name."""
+    cands = getattr(est, "candidates_", None)
+    if cands is not None:
+        return str(cands.index[cands["chosen"]][0])
+    agg = est.aggregator_
+    return getattr(agg, "short_name", None) or type(agg).__name__
+
+
 def rmse(pred: np.ndarray, y: np.ndarray) -> float:
     """Root mean squared error over all rows and targets."""
     return float(np.sqrt(np.mean((_as_2d(pred) - _as_2d(y)) ** 2)))

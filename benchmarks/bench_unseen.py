@@ -96,6 +96,7 @@ from _peers import (  # noqa: E402
     blend,
     caruana_selection,
     caruana_selection_sq,
+    chosen_aggregator,
     convex_weights_sq,
     library_version,
     load_average,
@@ -190,8 +191,7 @@ def methods_for(task: str, frozen: dict, classes, multi: bool, seed: int, args, 
     def ours(name, **params):
         def fit(X, y):
             est = Est(list(frozen.items()), random_state=seed, **params).fit(X, y)
-            agg = est.aggregator_
-            info["chosen"] = getattr(agg, "short_name", None) or type(agg).__name__
+            info["chosen"] = chosen_aggregator(est)
             return est.predict_proba if cls else est.predict
 
         return name, "ours", fit

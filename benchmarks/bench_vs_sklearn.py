@@ -132,6 +132,7 @@ from _peers import (  # noqa: E402
     blend,
     caruana_selection,
     caruana_selection_sq,
+    chosen_aggregator,
     convex_weights_sq,
     library_version,
     load_average,
@@ -384,8 +385,7 @@ def ours(name: str, task: str, frozen, seed: int, **params) -> Method:
 
     def fit(X, y):
         est = Est(frozen, random_state=seed, **params).fit(X, y)
-        agg = est.aggregator_
-        method.info["aggregator"] = getattr(agg, "short_name", None) or type(agg).__name__
+        method.info["aggregator"] = chosen_aggregator(est)
         method.info["outer steps"] = int(getattr(est, "n_iter_", 0) or 0)
         return est.predict_proba if task == "cls" else est.predict
 
