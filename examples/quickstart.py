@@ -8,8 +8,8 @@ validation-loss hypergradients inside ``fit``), and compares them on the last
 method wins changes from split to split), so this is repeated over 5 random
 splits and the table gives each method's mean test log-loss with its
 standard deviation. The default estimator, ``AggregatedClassifier(pool)``
-with no ``aggregator`` argument, is marked. Saves a plot of the tuning
-trajectory of the first split.
+with no ``aggregator`` argument, is marked. Saves plots of the tuning
+trajectory of the first split and of how the default chose there.
 
 Run:  python examples/quickstart.py [--dataset breast_cancer|wine|digits|iris] [--splits 5]
 """
@@ -147,6 +147,7 @@ def main(
             print(first["weights"].aggregator_.weights_.round(3).to_string())
 
     plot_tuning(first, OUT / f"quickstart_tuning_{dataset}.png")
+    plot_choice(first["default"], OUT / f"quickstart_choice_{dataset}.png", seed)
     print(f"\ntotal run time {time.perf_counter() - start:.1f} s")
     return table
 
@@ -174,6 +175,38 @@ def plot_tuning(fitted: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"\nsaved the tuning trajectory to {path}")
+
+
+def plot_choice(default, path: Path, split: int) -> None:
+    """How the default chose: each candidate's held-out estimate, the margin
+    within which the simplest candidate is kept, and the winner."""
+    cands = default.candidates_
+    n_se = cands.attrs["n_se"]
+    raced = cands["folds"] == cands["folds"].max()
+    best = cands.loc[raced, "estimate"].min()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    y = np.arange(len(cands))[::-1]
+    colors = ["tab:green" if c else ("tab:blue" if r else "lightgray")
+              for c, r in zip(cands["chosen"], raced)]
+    ax.barh(y, cands["estimate"], color=colors)
+    # A candidate is within the margin when its estimate minus n_se standard
+    # errors (of its difference to the best) reaches the best's estimate.
+    margin = n_se * cands.loc[raced, "se_diff"].fillna(0.0).to_numpy()
+    ax.errorbar(cands.loc[raced, "estimate"], y[raced.to_numpy()],
+                xerr=[margin, np.zeros_like(margin)], fmt="none", ecolor="black", capsize=3)
+    ax.axvline(best, color="black", lw=0.8, ls="--")
+    n_folds = cands["folds"].max()
+    ax.set_yticks(y, [f"{name} ({f}/{n_folds} folds)"
+                      for name, f in zip(cands.index, cands["folds"])])
+    ax.set_xlabel(f"held-out log-loss, charged for unseen errors\n(whiskers: {n_se:g} standard "
+                  "errors of the difference to the lowest, dashed)")
+    ax.set_title(f"aggregator='auto', split {split}: the simplest candidate whose whisker\n"
+                 "reaches the lowest is kept (green; gray: dropped by the race)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"saved the default's choice to {path}")
 
 
 if __name__ == "__main__":
