@@ -35,7 +35,6 @@ ANALYTIC = True
 #: gradient) a block-Jacobi preconditioner: the closed-form Hessian's blocks
 #: of one fold and one output (``False``: unpreconditioned, for comparison).
 PRECONDITION = True
-REFRESH = True
 
 #: Largest number of parameters per fold whose penalty Hessian is formed as a
 #: matrix (once per hyperparameter vector); above it the penalty's
@@ -281,8 +280,8 @@ class _LinearRows:
             s = self.w[..., None] * P * (1.0 - P)
         F, n, q = self.D.shape
         c = s.shape[-1]
-        # One product per fold, every output at once (q x n times n x q c):
-        # many small ones per (fold, output) pair run several times slower.
+        # One product per fold, every output at once (q x n times n x q c),
+        # rather than one small product per (fold, output) pair.
         Ds = (self.D[..., None] * s[:, :, None, :]).reshape(F, n, q * c)
         return torch.bmm(self.Dt, Ds).reshape(F, q, q, c).permute(0, 3, 1, 2)
 
@@ -484,14 +483,12 @@ def attach_linear_derivatives(
         R = penalty_class_blocks(h)
         if R is None:
             return None
-        if REFRESH or "data_blocks" not in cache:
-            _, _, P = train.value_grad(shaped(theta))
-            cache["data_blocks"] = train.class_blocks(P)
-        chol, info = torch.linalg.cholesky_ex(cache["data_blocks"] + R)
+        _, _, P = train.value_grad(shaped(theta))
+        chol, info = torch.linalg.cholesky_ex(train.class_blocks(P) + R)
         if bool(info.any()):
             return None
-        # Explicit inverses: one batched product per application, where
-        # triangular solves on many small blocks cost several times more.
+        # Explicit inverses: one batched product per application rather than
+        # a triangular solve per small block.
         inv = torch.cholesky_inverse(chol).reshape(F * c, q, q)
 
         def apply(v: torch.Tensor) -> torch.Tensor:
@@ -594,7 +591,7 @@ class _MixtureRows:
         else:
             o = mix / T
             q = None
-        # log_softmax, not o - logsumexp(o): one kernel, under half the time here.
+        # log_softmax, not o - logsumexp(o): one kernel where that takes several.
         ls = torch.log_softmax(o, -1)
         value = -(w * ls.gather(-1, self.y)).sum()
         s = ls.exp()
@@ -795,7 +792,7 @@ def attach_weights_derivatives(
     scale = 1e-8 if theta.dtype == torch.float64 else 1e-4
     # LearnedWeights itself is checked by the tests (tests/test_weights_analytic.py);
     # a subclass (its _weights or _mix redefined, say) against its own losses
-    # here. The check costs a vmapped autograd pass: a tenth of a small fit.
+    # here (the check is a vmapped autograd pass, dear next to a small fit).
     if type(agg) is not LearnedWeights and not _match_autograd(
         problem, theta, hs, scale, inner_value_grad, outer_value_grads
     ):

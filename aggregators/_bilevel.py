@@ -515,18 +515,17 @@ def make_fold_problems(
             (buffers, rows(train), rows(val)) for (train, val), (_, buffers) in zip(folds, parts)
         ])
 
-    if closed_form and getattr(agg, "convex_mixture", False):
-        # LearnedWeights' closed form answers every loss and derivative the
-        # engine asks of the folds: batching their autograd losses, and checking
-        # the batch against them, would cost a tenth of a small fit for nothing.
-        closed_form = False
-        if attach() == "":
-            return joint, split, parts
+    # LearnedWeights' closed form answers every loss and derivative the engine
+    # asks of the folds: where it attaches, batching their autograd losses (and
+    # checking the batch against them) is work that nothing would use.
+    attach_first = closed_form and getattr(agg, "convex_mixture", False)
+    if attach_first and attach() == "":
+        return joint, split, parts
     if len(folds) > 1:
         batched = _batched_problem(agg, ctx, folds, space, parts, joint, charge)
         if batched is not None:
             joint = batched
-    if closed_form:
+    if closed_form and not attach_first:
         attach()
     return joint, split, parts
 

@@ -67,8 +67,8 @@ N_OUTER = 3
 OUTER_STEPS = 3
 #: Outer steps of the fold fits of the candidates named here, instead of
 #: ``OUTER_STEPS``. ``choquet``'s fold fits (inner Newton solves through
-#: autograd Hessians) cost several times every other candidate's: its fold
-#: fits stop a step earlier. Too few steps leave its estimate that of a
+#: autograd Hessians) are the dearest of the candidates': they stop a step
+#: earlier. Too few steps leave its estimate that of a
 #: barely tuned fit, which moves the reference the rule measures the simpler
 #: candidates against (the trade-off: ``benchmarks/bench_regret.py
 #: --fold-steps choquet=K``).

@@ -295,8 +295,8 @@ default=None
     smooth = True
     #: Outer evaluations (see ``Aggregator.outer_budget``). Each is an L-BFGS
     #: inner solve of the gate and a conjugate-gradient hypergradient, and one
-    #: hyperparameter (``gate_l2``) is tuned by default: past the fourth
-    #: evaluation its validation loss moves in the fourth digit.
+    #: hyperparameter (``gate_l2``) is tuned by default, which L-BFGS-B's first
+    #: few evaluations bring close to its best; each further one is dear.
     outer_budget = 4
 
     def __init__(

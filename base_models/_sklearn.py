@@ -18,8 +18,8 @@ _METHODS = ("auto", "predict_proba", "decision_function", "predict")
 def _unwrapped(estimator):
     """The model inside a ``FrozenEstimator`` (the class itself, not a subclass),
     else ``estimator``. Its tags are a deep copy of the model's and it is fitted
-    when the model is: read from the model, both skip the copy (a few hundred
-    microseconds a model, in every fit and every check)."""
+    when the model is: read from the model, both skip the copy, which every
+    fit and every check would otherwise pay per model."""
     return estimator.estimator if type(estimator) is FrozenEstimator else estimator
 
 

@@ -146,9 +146,9 @@ def neumann_series(
 
 #: Conjugate-gradient iterations allowed to the solve preconditioned by the
 #: inner solve's last Newton factors before the Hessian blocks are formed anew.
-#: Factors from one Newton step away solve the system at the solution to a
-#: relative residual of 1e-10 in a few iterations; a solve that needs more
-#: is better served by fresh blocks.
+#: Factors from one Newton step away are close to those at the solution, so
+#: the preconditioned solve needs few iterations; one that needs more is
+#: better served by fresh blocks.
 NEWTON_FACTOR_MAX_ITER = 8
 
 
@@ -276,7 +276,6 @@ def implicit_hypergradient(
             refined = _refine_with_newton_factor(problem, theta, h, g_theta, tol, v0)
         if refined is not None:
             v, n_it, res = refined
-            blocks = None
         elif analytic:
             if solver == "direct":
                 sizes = block_sizes(problem, theta)
