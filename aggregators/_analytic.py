@@ -226,6 +226,21 @@ class _PenaltyModel:
             return None
         return self.R.to_dense() if isinstance(self.R, _SparseSym) else self.R
 
+    def class_blocks(self, q: int, c: int) -> torch.Tensor | None:
+        """``(c, q, q)``: the entries of ``R`` that couple one output's parameters
+        (``Theta`` of shape ``(q, c)`` in row-major order), one block per output."""
+        if self.R is None:
+            return None
+        if not isinstance(self.R, _SparseSym):
+            return torch.diagonal(self.R.reshape(q, c, q, c), dim1=1, dim2=3).permute(2, 0, 1)
+        # Straight from the coordinates: the dense p x p matrix is mostly zeros.
+        S = self.R
+        keep = (S.rows % c) == (S.cols % c)
+        rows, cols, values = S.rows[keep], S.cols[keep], S.values[keep]
+        out = values.new_zeros(c, q, q)
+        out[rows % c, rows // c, cols // c] = values
+        return out
+
 
 class _LinearRows:
     """One set of rows per fold: design ``(F, n, q)``, targets, row weights ``(F, n)``.
@@ -460,11 +475,7 @@ def attach_linear_derivatives(
         """``(c, q, q)``: the penalty Hessian's blocks of one output (cached per h)."""
         m = model(h)
         if cache.get("class_blocks_of") is not m:
-            R = m.dense()
-            cache["class_blocks"] = (
-                None if R is None
-                else torch.diagonal(R.reshape(q, c, q, c), dim1=1, dim2=3).permute(2, 0, 1)
-            )
+            cache["class_blocks"] = m.class_blocks(q, c)
             cache["class_blocks_of"] = m
         return cache["class_blocks"]
 

@@ -341,8 +341,9 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         Bound on outer (hyperparameter) iterations. With ``optimizer="lbfgs"``
         the line search may evaluate up to twice as many points, each a row
         of ``tuning_history_``; an aggregation function that declares
-        ``shared_stage = True`` (``Stacking``) is tuned in at most 8
-        evaluations (its L2 weights moved together first, then L-BFGS-B).
+        ``shared_stage = True`` is tuned in at most 8 evaluations (its
+        weights moved together first, then L-BFGS-B), ``Stacking`` in at
+        most 6 (its ``outer_budget``).
         ``0`` neither tunes nor validates: the parameters are fitted on all
         rows at the initial (or fixed) hyperparameters, and
         ``validation_loss_`` is NaN (as for a function with neither

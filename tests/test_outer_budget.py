@@ -81,3 +81,17 @@ def test_line_searches_never_overrun_twice_max_outer_iter():
                                   random_state=0).fit(X[agg_rows], y[agg_rows])
         assert 1 <= len(est.tuning_history_) <= 2 * k
         assert est.validation_loss_ == pytest.approx(est.tuning_history_["validation_loss"].min())
+
+
+def test_stacking_spends_at_most_its_budget_of_six(frozen_pool, cancer_pool):
+    from aggregators import Stacking
+
+    class _StackingNoBudget(Stacking):
+        outer_budget = None
+
+    assert Stacking.outer_budget == 6
+    free, _ = _evals(frozen_pool, cancer_pool, _StackingNoBudget())
+    assert free > 6  # the shared stage's budget of 8 alone would spend more here
+    n, est = _evals(frozen_pool, cancer_pool, Stacking())
+    assert n == 6
+    assert est.validation_loss_ == pytest.approx(est.tuning_history_["validation_loss"].min())
