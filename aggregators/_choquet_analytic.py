@@ -181,13 +181,13 @@ class _Rows:
         return torch.einsum("fncp,fcp->fnc", self.f, mu)
 
 
-def _classification_terms(rows: _Rows, C, b, T, order: int):
-    """Loss and its derivatives in ``(C, b)`` per row, row weights applied.
+def _classification_terms(rows: _Rows, C, b, T):
+    """Loss and its gradients in the integrals ``C`` and the thresholds ``b``,
+    row weights applied, and what :func:`_classification_curvature` needs.
 
     ``s = (C - 1/2) / T - RHO_THRESHOLD b``; log-scores ``[0, s]`` (binary) or
     ``log sigmoid(s)``; cross-entropy. Returns ``value, gC (F, n, c), gt (F, c),
-    BC (F, n, c, c), XCt (F, n, c, c), Htt (F, c, c)`` (the last three with
-    ``order > 1``).
+    state``.
     """
     gamma, rho = 1.0 / T, RHO_THRESHOLD
     s = gamma * (C - 0.5) - rho * b[:, None, :]
@@ -197,32 +197,47 @@ def _classification_terms(rows: _Rows, C, b, T, order: int):
         value = (w * (F.softplus(s) - yy * s)).sum()
         sg = torch.sigmoid(s)
         r = w * (sg - yy)
-        Bs = (w * sg * (1.0 - sg))[..., None]  # (F, n, 1, 1)
+        state = (sg, None, None)
     else:
-        out = F.logsigmoid(s)
-        ls = torch.log_softmax(out, -1)
+        ls = torch.log_softmax(F.logsigmoid(s), -1)
         y = rows.y[..., None]
         value = -(rows.w * ls.gather(-1, y)[..., 0]).sum()
         pi = ls.exp()
         res = pi.scatter_add(-1, y, -torch.ones_like(pi[..., :1]))  # pi - e_y
         D = torch.sigmoid(-s)  # d out / ds
         r = w * res * D
-        Bs = None
-        if order > 1:  # D (diag(pi) - pi pi^T) D + diag(res * d2 out / ds2)
-            dpi = D * pi
-            Bs = (torch.diag_embed(w * (D * dpi - res * D * (1.0 - D)))
-                  - (w * dpi)[..., :, None] * dpi[..., None, :])
-    gC = gamma * r
-    gt = -rho * r.sum(1)
-    if order < 2:
-        return value, gC, gt, None, None, None
-    return value, gC, gt, gamma * gamma * Bs, -gamma * rho * Bs, rho * rho * Bs.sum(1)
+        state = (pi, res, D)
+    return value, gamma * r, -rho * r.sum(1), state
 
 
-def _regression_terms(rows: _Rows, C, log_scale, offset, lo, span, order: int):
+def _classification_curvature(rows: _Rows, T, state):
+    """Second derivatives in ``(C, b)``: the ``c x c`` matrix of each row in
+    ``C`` as ``diag(dC) - uC uC^T`` (``uC`` ``None`` for one integral), and
+    ``XCt (F, n, c, c)``, ``Htt (F, c, c)``.
+
+    Multiclass: ``d2 l / ds2 = D (diag(pi) - pi pi^T) D + diag((pi - e_y) d2
+    out / ds2)`` with ``D = sigmoid(-s)`` the derivative of ``log sigmoid``.
+    """
+    gamma, rho = 1.0 / T, RHO_THRESHOLD
+    w = rows.w[..., None]
+    if rows.binary:
+        sg = state[0]
+        d = w * sg * (1.0 - sg)
+        Bs, u = d[..., None], None
+    else:
+        pi, res, D = state
+        dpi = D * pi
+        d = w * (D * dpi - res * D * (1.0 - D))
+        u = torch.sqrt(w) * dpi
+        Bs = torch.diag_embed(d) - u[..., :, None] * u[..., None, :]
+    return (gamma * gamma * d, None if u is None else gamma * u,
+            -gamma * rho * Bs, rho * rho * Bs.sum(1))
+
+
+def _regression_terms(rows: _Rows, C, log_scale, offset, lo, span):
     """The same for the regression map ``lo + E (C - lo) + RHO_OFFSET span off``,
-    ``E = exp(RHO_SCALE log_scale)``; squared error averaged over the ``K`` targets.
-    ``t = (log_scale (K), offset (K))``: ``XCt (F, n, K, 2K)``, ``Htt (F, 2K, 2K)``."""
+    ``E = exp(RHO_SCALE log_scale)``; squared error averaged over the ``K``
+    targets; ``t = (log_scale (K), offset (K))``."""
     K = C.shape[-1]
     E = torch.exp(RHO_SCALE * log_scale)[:, None, :]  # (F, 1, K)
     lo_, span_ = lo[:, None, :], span[:, None, :]
@@ -234,12 +249,16 @@ def _regression_terms(rows: _Rows, C, log_scale, offset, lo, span, order: int):
     r = (2.0 / K) * w * resid  # dl/d out
     v = RHO_SCALE * E * dev  # d out / d log_scale
     o = (RHO_OFFSET * span_).expand_as(v)  # d out / d offset
-    gC = r * E
     gt = torch.cat([(r * v).sum(1), (r * o).sum(1)], -1)
-    if order < 2:
-        return value, gC, gt, None, None, None
-    c2 = (2.0 / K) * w
-    BC = torch.diag_embed(c2 * E * E)
+    return value, r * E, gt, (E, r, v, o)
+
+
+def _regression_curvature(rows: _Rows, state):
+    """Second derivatives in ``(C, t)`` of :func:`_regression_terms`: ``dC``
+    (diagonal in ``C``), ``XCt (F, n, K, 2K)``, ``Htt (F, 2K, 2K)``."""
+    E, r, v, o = state
+    K = r.shape[-1]
+    c2 = (2.0 / K) * rows.w[..., None]
     XCt = torch.cat([torch.diag_embed(c2 * E * v + r * RHO_SCALE * E),
                      torch.diag_embed(c2 * E * o)], -1)
     h_ss = (c2 * v * v + r * RHO_SCALE * v).sum(1)
@@ -247,33 +266,44 @@ def _regression_terms(rows: _Rows, C, log_scale, offset, lo, span, order: int):
     h_oo = (c2 * o * o).sum(1)
     Htt = torch.cat([torch.cat([torch.diag_embed(h_ss), torch.diag_embed(h_so)], -1),
                      torch.cat([torch.diag_embed(h_so), torch.diag_embed(h_oo)], -1)], -2)
-    return value, gC, gt, BC, XCt, Htt
+    return c2 * E * E, None, XCt, Htt
 
 
-def _mu_blocks(rows: _Rows, cap: int, gC, BC, XCt):
-    """The data loss's gradient ``(F, cap, P)`` and Hessian blocks in ``mu``:
-    ``(F, cap P, cap P)`` and, with the output parameters, ``(F, cap P, n_t)``."""
+def _mu_gradient(rows: _Rows, cap: int, gC) -> torch.Tensor:
+    """The data loss's gradient in the masses, ``(F, cap, P)``."""
+    Fo, n, c, P = rows.f.shape
+    if cap == 1:
+        return torch.bmm(gC.reshape(Fo, 1, n * c), rows.flat)
+    return torch.einsum("fncp,fnc->fcp", rows.f, gC)
+
+
+def _mu_hessian(rows: _Rows, cap: int, dC, uC, XCt):
+    """The data loss's Hessian blocks in the masses ``(F, cap P, cap P)`` and
+    across masses and output parameters ``(F, cap P, n_t)``, from each row's
+    ``diag(dC) - uC uC^T`` in its integrals: a product of the features with
+    themselves weighted by ``dC``, less ``G^T G`` with ``G_n = [uC_nc f_nc]``
+    (summed over the integrals when they share one capacity)."""
     f = rows.f
     Fo, n, c, P = f.shape
     if cap == 1:
-        g_mu = torch.bmm(gC.reshape(Fo, 1, n * c), rows.flat)  # (F, 1, P)
-        if BC is None:
-            return g_mu, None, None
-        H = torch.bmm(rows.flat.transpose(1, 2), torch.matmul(BC, f).reshape(Fo, n * c, P))
+        H = torch.bmm(rows.flat.transpose(1, 2), dC.reshape(Fo, n * c, 1) * rows.flat)
+        if uC is not None:
+            G = (uC[..., None] * f).sum(2)  # (F, n, P)
+            H = H - torch.bmm(G.transpose(1, 2), G)
         Ht = torch.bmm(rows.flat.transpose(1, 2), XCt.reshape(Fo, n * c, -1))
-        return g_mu, H, Ht
-    g_mu = torch.einsum("fncp,fnc->fcp", f, gC)
-    if BC is None:
-        return g_mu, None, None
-    # Block (k, l): sum_n BC[n, k, l] f_nk f_nl^T; one batched product per
-    # fold (the (n, c, c, P) factor is the largest temporary).
-    H = f.new_empty(Fo, c, P, c, P)
-    for k in range(Fo):
-        fk = f[k]  # (n, c, P)
-        T = (BC[k][..., None] * fk[:, None, :, :]).permute(1, 0, 2, 3).reshape(c, n, c * P)
-        H[k] = torch.bmm(fk.permute(1, 2, 0), T).reshape(c, P, c, P)
+        return H, Ht
+    fT = f.permute(0, 2, 3, 1).reshape(Fo * c, P, n)
+    diag = torch.bmm(fT, (dC.permute(0, 2, 1).reshape(Fo * c, n, 1)
+                          * fT.transpose(1, 2))).reshape(Fo, c, P, P)
+    idx = torch.arange(c, device=f.device)
+    H = f.new_zeros(Fo, c, P, c, P)
+    H[:, idx, :, idx, :] = diag.permute(1, 0, 2, 3)
+    H = H.reshape(Fo, c * P, c * P)
+    if uC is not None:
+        G = (uC[..., None] * f).reshape(Fo, n, c * P)
+        H = H - torch.bmm(G.transpose(1, 2), G)
     Ht = torch.einsum("fncp,fnct->fcpt", f, XCt)
-    return g_mu, H.reshape(Fo, c * P, c * P), Ht.reshape(Fo, c * P, -1)
+    return H, Ht.reshape(Fo, c * P, -1)
 
 
 def attach_choquet_derivatives(
@@ -354,9 +384,9 @@ def attach_choquet_derivatives(
         inter = hyper["interaction"].reshape(()) if "interaction" in hyper else None
         return T, inter, hyper["l2"].reshape(())
 
-    def first(theta, h, order_: int):
-        """Inner loss and gradient (packer order); with ``order_ > 1`` what the
-        Hessian needs."""
+    def first(theta, h):
+        """Inner loss and gradient (packer order), and what :func:`second` needs
+        for the Hessian at the same point."""
         T, inter, l2 = unpack(h)
         th = theta.reshape(Fo, p)[:, order]  # (F, p) in capacity order
         u = th[:, : cap * P].reshape(Fo * cap, P)
@@ -365,12 +395,10 @@ def attach_choquet_derivatives(
         mu = chain.mu.reshape(Fo, cap, P)
         C = train.integrals(mu)
         if classify:
-            value, gC, gt, BC, XCt, Htt = _classification_terms(train, C, t, T, order_)
+            value, gC, gt, rows_state = _classification_terms(train, C, t, T)
         else:
-            value, gC, gt, BC, XCt, Htt = _regression_terms(
-                train, C, t[:, :K], t[:, K:], lo, span, order_)
-        g_mu, H_mu, H_mt = _mu_blocks(train, cap, gC, BC, XCt)
-        g_mu = g_mu.reshape(Fo * cap, P)
+            value, gC, gt, rows_state = _regression_terms(train, C, t[:, :K], t[:, K:], lo, span)
+        g_mu = _mu_gradient(train, cap, gC).reshape(Fo * cap, P)
         pen = 0.5 * l2 * u.pow(2).sum()
         if inter is not None and pairs:
             wi = inter * M / cap
@@ -386,16 +414,19 @@ def attach_choquet_derivatives(
             g_t = g_t + torch.cat([l2 * RHO_SCALE ** 2 * ls, torch.zeros_like(ls)], -1)
         g = torch.cat([(g_u + l2 * u).reshape(Fo, cap * P), g_t], -1)
         value = value + pen
-        grad = g[:, pos].reshape(-1)
-        state = (chain, g_mu, gN, H_mu, H_mt, Htt, inter, l2) if order_ > 1 else None
-        return value, grad, state
+        return value, g[:, pos].reshape(-1), (chain, g_mu, gN, rows_state, T, inter, l2)
 
     eye_pairs = None
     if pairs:
         eye_pairs = torch.cat([problem.theta0.new_zeros(m), problem.theta0.new_ones(M)])
 
     def second(state) -> torch.Tensor:
-        chain, g_mu, gN, H_mu, H_mt, Htt, inter, l2 = state
+        chain, g_mu, gN, rows_state, T, inter, l2 = state
+        if classify:
+            dC, uC, XCt, Htt = _classification_curvature(train, T, rows_state)
+        else:
+            dC, uC, XCt, Htt = _regression_curvature(train, rows_state)
+        H_mu, H_mt = _mu_hessian(train, cap, dC, uC, XCt)
         if inter is not None and pairs:  # the interaction penalty's curvature in mu
             d = (2.0 * inter * M / cap) * eye_pairs.repeat(cap)
             H_mu = H_mu + torch.diag_embed(d.expand(Fo, cap * P))
@@ -424,30 +455,28 @@ def attach_choquet_derivatives(
     # point its next iteration starts from, and takes its Hessian there.
     last: list = [None, None, None, None]
 
-    def cached(theta, h, need_state):
+    def cached(theta, h):
         return (last[0] is not None and last[0].shape == theta.shape
-                and torch.equal(last[0], theta) and torch.equal(last[1], h)
-                and (last[3] is not None or not need_state))
+                and torch.equal(last[0], theta) and torch.equal(last[1], h))
 
     @torch.no_grad()
     def inner_value_grad(theta, h):
-        if cached(theta, h, False):
+        if cached(theta, h):
             return last[2]
-        value, g, _ = first(theta, h, 1)
-        last[:] = theta.detach().clone(), h.detach().clone(), (value, g), None
+        value, g, state = first(theta, h)
+        last[:] = theta.detach().clone(), h.detach().clone(), (value, g), state
         return last[2]
 
     @torch.no_grad()
     def inner_hessian(theta, h):
-        if not cached(theta, h, True):
-            value, g, state = first(theta, h, 2)
-            last[:] = theta.detach().clone(), h.detach().clone(), (value, g), state
+        if not cached(theta, h):
+            inner_value_grad(theta, h)
         return second(last[3])
 
     def mixed_product(theta, h, v):
         with torch.enable_grad():
             hh = h.detach().requires_grad_(True)
-            _, g, _ = first(theta.detach(), hh, 1)
+            _, g, _ = first(theta.detach(), hh)
             gv = (g * v.reshape(-1)).sum()
             if not gv.requires_grad:  # nothing tuned
                 return torch.zeros_like(h)
