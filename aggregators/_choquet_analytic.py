@@ -47,7 +47,7 @@ from ._capacity import n_capacities, pair_index
 from ._outputs import RHO_OFFSET, RHO_SCALE, RHO_THRESHOLD, class_inputs
 from .hypergrad import BilevelProblem
 
-__all__ = ["CHOQUET_ANALYTIC", "attach_choquet_derivatives", "mass_chain"]
+__all__ = ["CHOQUET_ANALYTIC", "MAX_FEATURE_ENTRIES", "attach_choquet_derivatives", "mass_chain"]
 
 #: Whether :mod:`._bilevel` gives 2-additive Choquet problems closed-form
 #: inner derivatives (``False``: autograd throughout, for comparison).
@@ -57,6 +57,12 @@ CHOQUET_ANALYTIC = True
 #: the engine's own bound on closed-form Newton blocks; above it the inner
 #: solve is L-BFGS and the Hessian is not formed.
 MAX_BLOCK = 256
+
+
+#: Largest number of feature entries (all folds' training rows x integrals x
+#: masses) copied for the closed form; the Hessian's temporaries take as much
+#: again. Above it autograd runs on the aggregator's own feature cache.
+MAX_FEATURE_ENTRIES = 2**26
 
 
 # -- the masses map ------------------------------------------------------------------
@@ -364,6 +370,9 @@ def attach_choquet_derivatives(
         return "the parameters are not Choquet's k <= 2 layout"
     if p > MAX_BLOCK:
         return f"a fold has {p} parameters, more than MAX_BLOCK = {MAX_BLOCK}"
+    rows = sum(int(f[1][0].shape[0]) for f in folds)
+    if rows * (1 if binary else K) * P > MAX_FEATURE_ENTRIES:
+        return f"the features would hold more than MAX_FEATURE_ENTRIES = {MAX_FEATURE_ENTRIES}"
     train = _Rows(ctx.task, binary, [(f[1][0], f[1][2], f[1][3]) for f in folds], pairs, K)
     if not classify:
         lo = torch.stack([f[0]["x_low"] for f in folds])

@@ -168,3 +168,11 @@ def test_whole_fit_matches_autograd(monkeypatch, params):
     np.testing.assert_allclose(closed.validation_loss_, auto.validation_loss_, rtol=1e-6)
     np.testing.assert_allclose(closed.predict_proba(X[:150]), auto.predict_proba(X[:150]),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_not_attached_above_the_feature_bound(monkeypatch):
+    full, ctx = _data("classification", 3, False)
+    monkeypatch.setattr(choquet_analytic, "MAX_FEATURE_ENTRIES", 100)
+    agg = Choquet()
+    joint, _, _ = make_fold_problems(agg, ctx, _folds(full), _space(agg, ctx))
+    assert joint.inner_value_grad is None and joint.inner_hessian is None
