@@ -30,7 +30,7 @@ from aggregators.hypergrad._newton import block_sizes, hessian_blocks
 from test_analytic import ATOL, DT, _folds, _plain  # noqa: E402
 
 
-def _data(task, n_outputs, weighted, n=80, m=4):
+def _data(task, n_outputs, weighted, n=80, m=4, device="cpu"):
     rng = np.random.default_rng(1)
     if task == "classification":
         Z = rng.dirichlet(np.full(n_outputs, 0.7), size=(n, m))
@@ -41,10 +41,12 @@ def _data(task, n_outputs, weighted, n=80, m=4):
         Z = rng.normal(size=(n, m, n_outputs))
         y = torch.as_tensor(rng.normal(size=(n, n_outputs)), dtype=DT)
     w = torch.as_tensor(rng.uniform(0.2, 2.0, n), dtype=DT) if weighted else None
-    full = Split(torch.as_tensor(Z, dtype=DT), y, None, w)
+    dev = torch.device(device)
+    full = Split(torch.as_tensor(Z, dtype=DT).to(dev), y.to(dev), None,
+                 None if w is None else w.to(dev))
     ctx = AggregationContext(
         task=task, n_models=m, n_outputs=n_outputs, n_features=3,
-        model_names=[f"m{i}" for i in range(m)], dtype=DT,
+        model_names=[f"m{i}" for i in range(m)], dtype=DT, device=dev,
         generator=torch.Generator().manual_seed(0), n_train=int(0.8 * n),
     )
     return full, ctx
@@ -176,3 +178,26 @@ def test_not_attached_above_the_feature_bound(monkeypatch):
     agg = Choquet()
     joint, _, _ = make_fold_problems(agg, ctx, _folds(full), _space(agg, ctx))
     assert joint.inner_value_grad is None and joint.inner_hessian is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("share", ["global", "per_class"])
+def test_callables_equal_autograd_on_cuda(share):
+    full, ctx = _data("classification", 4, True, device="cuda")
+    agg = Choquet(share=share)
+    space = HyperSpace(agg.hyperparameters(ctx), {}, ctx.device, DT)
+    folds = [(full.take(tr.to(ctx.device)), full.take(va.to(ctx.device)))
+             for tr, va in ((torch.arange(0, 60), torch.arange(60, 80)),
+                            (torch.arange(20, 80), torch.arange(0, 20)))]
+    joint, _, _ = make_fold_problems(agg, ctx, folds, space)
+    assert joint.inner_hessian is not None
+    plain = _plain(joint)
+    theta = 0.1 * torch.arange(joint.theta0.numel(), dtype=DT, device=ctx.device).sin()
+    u = space.initial() + 0.5
+    torch.testing.assert_close(joint.inner_value_grad(theta, u)[1],
+                               plain.inner_grad(theta, u), rtol=0, atol=ATOL)
+    with torch.enable_grad():
+        th = theta.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(plain.inner_loss(th, u), th, create_graph=True)
+        ref = hessian_blocks(g, th, block_sizes(plain, theta))
+    torch.testing.assert_close(joint.inner_hessian(theta, u), ref.detach(), rtol=0, atol=ATOL)
