@@ -24,15 +24,15 @@ in the pair masses) enters at the ``mu`` level, the L2 penalty at the ``u``
 level.
 
 :func:`attach_choquet_derivatives` gives a :class:`BilevelProblem` built by
-:mod:`._bilevel` the inner problem's value, gradient, Hessian blocks
-and the mixed product in the hyperparameters (autograd through the
-closed-form gradient, whose graph has only the hyperparameters as leaves),
-after checking the value and gradient against the problem's own autograd
-loss. No Hessian-vector products: one costs what the blocks cost (a pass
-over the rows), and without them the hypergradient's linear solve is the
-exact one autograd's blocks get, so a fit tunes to the same numbers. The validation loss (charged for unseen
-errors on classifiers) stays with autograd: one backward pass per outer
-evaluation.
+:mod:`._bilevel` the inner problem's value, gradient, Hessian blocks and the
+mixed product in the hyperparameters (autograd through the closed-form
+gradient, whose graph has only the hyperparameters as leaves), after checking
+the value and gradient against the problem's own autograd loss. No
+Hessian-vector products: one costs what the blocks cost (a pass over the
+rows), and without them the hypergradient's linear solve is the exact one
+autograd's blocks get, so a fit tunes to the same numbers. The validation loss
+(charged for unseen errors on classifiers) stays with autograd: one backward
+pass per outer evaluation.
 """
 
 from __future__ import annotations
