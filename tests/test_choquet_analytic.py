@@ -1,10 +1,11 @@
 """Closed-form inner derivatives of 2-additive ``Choquet`` problems (``_choquet_analytic``).
 
 The inner loss, its gradient, Hessian blocks and the mixed product in the
-hyperparameters equal autograd on the problem's own losses to 1e-10 in float64: binary, multiclass, regression (one and two
-targets), global and per-class capacities, k = 1 and k = 2, weighted rows;
-the masses map's Jacobian and curvature equal autograd's; the hypergradient
-agrees; and a whole fit tunes to the same numbers with and without them.
+hyperparameters equal autograd on the problem's own losses to 1e-10 in
+float64: binary, multiclass, regression (one and two targets), global and
+per-class capacities, k = 1 and k = 2, weighted rows; the masses map's
+Jacobian and curvature equal autograd's; the hypergradient agrees; and a
+whole fit tunes to the same numbers with and without them.
 """
 
 from __future__ import annotations
