@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ._analytic import attach_linear_derivatives, attach_weights_derivatives
-from ._choquet_analytic import attach_choquet_derivatives
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
+from ._choquet_analytic import attach_choquet_derivatives
 from .hypergrad import (
     BilevelProblem,
     InnerDivergenceError,
