@@ -14,6 +14,7 @@ import torch
 
 from ._analytic import attach_linear_derivatives, attach_weights_derivatives
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
+from ._choquet_analytic import attach_choquet_derivatives
 from .hypergrad import (
     BilevelProblem,
     InnerDivergenceError,
@@ -381,7 +382,7 @@ def make_problem(
         return data_loss(ctx.task, forward(theta, u, part), part.y, val_w, charge)
 
     problem = BilevelProblem(inner, outer, start.detach())
-    if analytic and row_weights is None and not charge:
+    if analytic and row_weights is None:
         n_tr = train.y.shape[0]
         w_tr = (sample_w if sample_w is not None else train.Z.new_ones(n_tr)) / n_tr
         part = val if val is not None else train
@@ -389,16 +390,25 @@ def make_problem(
         w_va = w_va / part.y.shape[0]
         _attach(problem, agg, ctx, space, packer, [(
             buffers, (train.Z, train.X, train.y, w_tr), (part.Z, part.X, part.y, w_va),
-        )], check=not analytic_checked)
+        )], check=not analytic_checked, charge=charge)
     return problem, packer, buffers
 
 
-def _attach(problem, agg, ctx, space, packer, folds, check: bool = True) -> str:
+def _attach(problem, agg, ctx, space, packer, folds, check: bool = True,
+            charge: float = 0.0) -> str:
     """Closed-form derivatives on ``problem`` where ``agg`` is linear in its parameters
     (checked at the start and at the box's ends, unless ``check`` is ``False``);
-    returns why not, or ``""``."""
+    returns why not, or ``""``. ``charge``: the validation loss's charge for
+    unseen errors, which only closed forms that leave the outer loss to
+    autograd (Choquet's) serve."""
     if type(agg).data_penalty is not Aggregator.data_penalty:
         return f"{type(agg).__name__} adds a data_penalty"
+    if getattr(agg, "short_name", None) == "choquet":
+        return attach_choquet_derivatives(
+            problem, agg, ctx, folds, space.values, _check_points(space), check=check
+        )
+    if charge:
+        return "the closed forms know no charge on the validation loss"
     if getattr(agg, "convex_mixture", False):  # LearnedWeights: its own closed form
         return _attach_weights(problem, agg, ctx, space, folds)
     if type(agg).linear_design is Aggregator.linear_design:
@@ -503,7 +513,7 @@ def make_fold_problems(
         problems.append(prob)
         parts.append((packer, buffers))
     joint, split = stack_problems(problems)
-    closed_form = not charge and len({(tuple(p.names), tuple(p.shapes)) for p, _ in parts}) == 1
+    closed_form = len({(tuple(p.names), tuple(p.shapes)) for p, _ in parts}) == 1
 
     def attach() -> str:
         # Weights as the losses use them: each fold's a weighted mean.
@@ -513,7 +523,7 @@ def make_fold_problems(
             return part.Z, part.X, part.y, (part.Z.new_ones(n) if w is None else w) / n
         return _attach(joint, agg, ctx, space, parts[0][0], [
             (buffers, rows(train), rows(val)) for (train, val), (_, buffers) in zip(folds, parts)
-        ])
+        ], charge=charge)
 
     # LearnedWeights' closed form answers every loss and derivative the engine
     # asks of the folds: where it attaches, batching their autograd losses (and

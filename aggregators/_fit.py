@@ -36,7 +36,7 @@ from base_models import (
     to_tensor,
 )
 
-from ._base import AggregationContext
+from ._base import AggregationContext, Aggregator
 from ._bilevel import (
     HyperSpace,
     Split,
@@ -606,8 +606,13 @@ def fit_aggregated(
             else:
                 fold_thetas = split_theta(result.thetas[0])
                 warm = fold_thetas[0]
-                if joint.inner_value_grad is not None:  # convex (linear design): the
-                    warm = torch.stack(fold_thetas).mean(0)  # folds' mean starts nearer
+                # Convex (a linear design, or weights' mixture): the folds' mean
+                # starts nearer. (Choquet's closed form is not a convex problem.)
+                if joint.inner_value_grad is not None and (
+                    getattr(agg_spec, "convex_mixture", False)
+                    or type(agg_spec).linear_design is not Aggregator.linear_design
+                ):
+                    warm = torch.stack(fold_thetas).mean(0)
             aggregator, _ = _refit(
                 agg_spec, ctx, full, space, specs, result.h, warm, refit_iter,
                 warm_is_fit=linear_solutions is not None,

@@ -270,8 +270,12 @@ class Choquet(Aggregator):
     For ``k <= 2`` the forward pass is ``[x, F] . [m_1, m_2]`` with
     ``F`` the pairwise minima of the inputs; ``[x, F]`` does not depend on the
     parameters: while fitting it is computed once per data tensor and kept
-    (up to 3 GiB), so each forward pass is one matrix-vector product (and a
-    Hessian block one batched matrix product). For
+    (up to 3 GiB), so each forward pass is one matrix-vector product. The
+    inner problem's gradient and Hessian blocks are then in closed form
+    (:mod:`aggregators._choquet_analytic`: the loss's curvature in each row's
+    integrals contracted with the features, carried to the free parameters
+    by the chain rule through the small masses map), with no autograd pass
+    per parameter over the rows. For
     ``k >= 3`` the sort-based formula with the capacity on the lattice is
     used (``O(m log m)`` per row).
 
