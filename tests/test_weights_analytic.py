@@ -153,3 +153,60 @@ def test_subclass_with_other_mixing_is_checked_and_keeps_autograd():
     agg = Squared()
     joint, _, _ = make_fold_problems(agg, ctx, _folds(full), _space(agg, ctx))
     assert joint.inner_value_grad is None
+
+
+def _em_pool(seed=0):
+    X, y = make_classification(500, 8, n_informative=5, n_classes=3,
+                               n_clusters_per_class=1, random_state=seed)
+    models = [LogisticRegression(max_iter=500), GaussianNB(),
+              DecisionTreeClassifier(max_depth=2, random_state=0)]
+    pool = [(f"m{i}", FrozenEstimator(m.fit(X[:200], y[:200]))) for i, m in enumerate(models)]
+    return pool, X[200:], y[200:]
+
+
+def test_linear_pool_starts_from_the_maximum_likelihood_weights():
+    """The inner solves start from EM's mixture weights: centred logits whose
+    weights fit the rows better than the uniform ones, near EM's fixed point."""
+    import aggregators.weights as weights_module
+
+    full, ctx = _data("classification", 3, False)
+    agg = LearnedWeights()
+    agg.bind(ctx)
+    a = agg.init_params(ctx, full.Z, full.y)["logits"]
+    assert a.shape == (ctx.n_models,)
+    assert float(a.sum()) == pytest.approx(0.0, abs=1e-10)
+    assert float(a.max() - a.min()) <= -np.log(weights_module.START_FLOOR) + 1e-9
+    p = full.Z[torch.arange(full.y.shape[0]), :, full.y].clamp_min(agg.eps)
+
+    def nll(w):
+        return float(-torch.log(p @ w).mean())
+
+    w = torch.softmax(a, 0)
+    uniform = torch.full_like(w, 1.0 / w.numel())
+    assert nll(w) < nll(uniform)
+    em = (p * w / (p @ w)[:, None]).mean(0)  # one more EM step barely moves it
+    assert nll(w) - nll(em) < 1e-3
+    # Other pools, regression and per-class weights start uniform.
+    for other in (LearnedWeights(pool="log"), LearnedWeights(per="per_output")):
+        other.bind(ctx)
+        assert not other.init_params(ctx, full.Z, full.y)["logits"].any()
+
+
+def test_em_start_changes_the_start_not_the_fit(monkeypatch):
+    """From the uniform start or EM's, the solves meet the same optimum."""
+    import aggregators.weights as weights_module
+
+    pool, X, y = _em_pool()
+    fits = []
+    for steps in (0, weights_module.START_EM_STEPS):
+        monkeypatch.setattr(weights_module, "START_EM_STEPS", steps)
+        fits.append(AggregatedClassifier(pool, aggregator="weights", hyperparams="fixed",
+                                         random_state=0).fit(X, y))
+    np.testing.assert_allclose(fits[1].aggregator_.weights_.values,
+                               fits[0].aggregator_.weights_.values, atol=1e-5)
+    monkeypatch.setattr(weights_module, "START_EM_STEPS", 0)
+    uniform = AggregatedClassifier(pool, aggregator="weights", random_state=0).fit(X, y)
+    monkeypatch.undo()
+    em = AggregatedClassifier(pool, aggregator="weights", random_state=0).fit(X, y)
+    assert em.validation_loss_ == pytest.approx(uniform.validation_loss_, rel=1e-3)
+    assert em.tuning_history_["inner_iter"].iloc[0] < uniform.tuning_history_["inner_iter"].iloc[0]
