@@ -17,7 +17,7 @@ START_EM_STEPS = 30
 #: Smallest starting weight, relative to the largest: EM drives unused
 #: models' weights towards 0, whose logits would start far out on the
 #: softmax's flat tail.
-START_FLOOR = 1e-3
+START_FLOOR = 1e-2
 
 
 class LearnedWeights(Aggregator):
