@@ -636,39 +636,33 @@ def _softmax_grad(wts, g):
     return u - wts * u.sum(1, keepdim=True)
 
 
-def _softmax_hessian(wts, g, H):
-    """The Hessian in the logits from those in ``w = softmax(a)``:
-    ``J H J + diag(u - s w) - u w^T - w u^T + 2 s w w^T`` with ``u = g * w``,
-    ``s = g . w``."""
+def _logit_hessian(wts, g, H, wc, ent, l2):
+    """The inner loss's Hessian in the logits ``a`` (``w = softmax(a)``), from
+    the gradient ``g`` and Hessian ``H`` of the data loss in ``w``, ``wc = w *
+    (log w - sum w log w)``, and the entropy and L2 weights.
+
+    The softmax's chain rule gives ``J H J + diag(u - s w) - u w^T - w u^T +
+    2 s w w^T`` with ``J = diag(w) - w w^T``, ``u = g * w``, ``s = g . w``; the
+    entropy's Hessian is ``-diag(wc + w) + wc w^T + w wc^T + w w^T``. Their
+    diagonal and rank-two terms are gathered into one ``diag + y w^T + w y^T
+    + c w w^T``: at a few models the count of small tensor operations, not
+    the arithmetic, is what a Newton iteration costs."""
     ww = wts[:, :, None] * wts[:, None, :]
     J = torch.diag_embed(wts) - ww
     u = g * wts
     s = u.sum(1, keepdim=True)
-    uw = u[:, :, None] * wts[:, None, :]
-    second = torch.diag_embed(u - s * wts) - uw - uw.transpose(1, 2) + 2 * s[..., None] * ww
-    return J @ H @ J + second
+    y = ent * wc - u
+    yw = y[:, :, None] * wts[:, None, :]
+    diag = u - s * wts - ent * (wc + wts) + l2
+    return J @ H @ J + (torch.diag_embed(diag) + yw + yw.transpose(1, 2)
+                        + (2 * s + ent)[..., None] * ww)
 
 
-def _entropy_terms(logw, wts, order: int):
-    """Entropy ``-sum w log w`` of ``w = softmax(a)`` per fold, its gradient and
-    Hessian in ``a``, from ``logw = log_softmax(a)``."""
+def _entropy_terms(logw, wts):
+    """Entropy ``-sum w log w`` of ``w = softmax(a)`` per fold and its gradient
+    in ``a``, from ``logw = log_softmax(a)`` (its Hessian is in :func:`_logit_hessian`)."""
     wlogw = (wts * logw).sum(1, keepdim=True)
-    c = logw - wlogw  # log w - sum w log w
-    value = -wlogw[:, 0]
-    if order == 0:
-        return value, None, None
-    wc = wts * c
-    g = -wc
-    if order == 1:
-        return value, g, None
-    return value, g, _entropy_hessian(wts, wc)
-
-
-def _entropy_hessian(wts, wc):
-    """The entropy's Hessian in the logits, from ``wc = w * (log w - sum w log w)``."""
-    ww = wts[:, :, None] * wts[:, None, :]
-    return (-torch.diag_embed(wc + wts) + wc[:, :, None] * wts[:, None, :]
-            + wts[:, :, None] * wc[:, None, :] + ww)
+    return -wlogw[:, 0], -wts * (logw - wlogw)
 
 
 def attach_weights_derivatives(
@@ -747,8 +741,6 @@ def attach_weights_derivatives(
             (d,) = torch.autograd.grad(total, hh)
         return d
 
-    eye = torch.eye(m, dtype=problem.theta0.dtype, device=problem.theta0.device)
-
     def inner_first(theta, h):
         """Inner loss and gradient in the logits, and what :func:`inner_second`
         needs for the Hessian at the same point."""
@@ -757,15 +749,14 @@ def attach_weights_derivatives(
         logw = torch.log_softmax(a, 1)
         wts = logw.exp()
         value, gw, state = train.first(wts, T)
-        ev, eg, _ = _entropy_terms(logw, wts, 1)
+        ev, eg = _entropy_terms(logw, wts)
         value = value + 0.5 * l2 * a.pow(2).sum() + ent * ev.sum()
         g = _softmax_grad(wts, gw) + l2 * a + ent * eg
         return value, g, (wts, gw, state, -eg, l2, ent)
 
     def inner_second(first_state):
         wts, gw, state, wc, l2, ent = first_state
-        H = _softmax_hessian(wts, gw, train.second(state))
-        return H + ent * _entropy_hessian(wts, wc) + l2 * eye
+        return _logit_hessian(wts, gw, train.second(state), wc, ent, l2)
 
     def inner_terms(theta, h, order):
         value, g, first_state = inner_first(theta, h)
