@@ -10,15 +10,6 @@ from ._base import AggregationContext, Aggregator, Hyperparameter, Params
 
 __all__ = ["LearnedWeights"]
 
-#: EM steps towards the maximum-likelihood mixture weights that give a
-#: linear-pool classifier's inner solves their start (0: uniform weights).
-START_EM_STEPS = 30
-
-#: Smallest starting weight, relative to the largest: EM drives unused
-#: models' weights towards 0, whose logits would start far out on the
-#: softmax's flat tail.
-START_FLOOR = 1e-2
-
 
 class LearnedWeights(Aggregator):
     """A convex combination of the base models, ``w = softmax(a)``.
@@ -126,39 +117,7 @@ class LearnedWeights(Aggregator):
 
     def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:
         shape = (ctx.n_models,) if self.per == "global" else (ctx.n_models, ctx.n_outputs)
-        if not (self.per == "global" and self.pool == "linear"
-                and ctx.task == "classification" and START_EM_STEPS > 0
-                # a subclass that mixes otherwise: its own weights, not these
-                and type(self)._weights is LearnedWeights._weights
-                and type(self).forward is LearnedWeights.forward):
-            return {"logits": ctx.zeros(*shape)}  # uniform weights
-        return {"logits": self._em_start(ctx, Z, y)}
-
-    def _em_start(self, ctx: AggregationContext, Z, y) -> torch.Tensor:
-        """Logits of the mixture weights that maximise the rows' likelihood,
-        by ``START_EM_STEPS`` EM steps from uniform weights, centred.
-
-        The linear pool's likelihood is concave in the weights, and its EM
-        steps (``w_m <- mean over rows of w_m p_m(y) / sum_j w_j p_j(y)``)
-        are a few vector operations on the models' probabilities of the true
-        classes. Newton on the logits from the uniform weights starts where
-        the loss is not convex in the logits (damped, backtracking steps):
-        from near the maximum likelihood it converges in a few full steps.
-        The logits are centred (the penalised optimum's sum to zero: the
-        loss does not change when all of them shift) and kept within
-        ``log(START_FLOOR)`` of the largest.
-        """
-        n, m = Z.shape[0], Z.shape[1]
-        if n == 0:
-            return ctx.zeros(m)
-        p = Z[torch.arange(n, device=Z.device), :, y.long()]
-        p = p.detach().to("cpu", torch.float64).numpy().clip(self.eps, None)
-        w = np.full(m, 1.0 / m)
-        for _ in range(START_EM_STEPS):
-            r = p * w
-            w = (r / r.sum(1, keepdims=True)).mean(0)
-        a = np.log(np.maximum(w, START_FLOOR * w.max()))
-        return torch.as_tensor(a - a.mean(), device=Z.device, dtype=Z.dtype)
+        return {"logits": ctx.zeros(*shape)}  # uniform weights
 
     @staticmethod
     def _weights(params: Params) -> torch.Tensor:
