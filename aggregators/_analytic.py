@@ -758,10 +758,6 @@ def attach_weights_derivatives(
         wts, gw, state, wc, l2, ent = first_state
         return _logit_hessian(wts, gw, train.second(state), wc, ent, l2)
 
-    def inner_terms(theta, h, order):
-        value, g, first_state = inner_first(theta, h)
-        return value, g, inner_second(first_state) if order > 1 else None
-
     # theta, h, (value, gradient), first_state: Newton's line search evaluates
     # the point its next iteration starts from, and takes its Hessian there.
     last: list = [None, None, None, None]

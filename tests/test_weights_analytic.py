@@ -153,4 +153,3 @@ def test_subclass_with_other_mixing_is_checked_and_keeps_autograd():
     agg = Squared()
     joint, _, _ = make_fold_problems(agg, ctx, _folds(full), _space(agg, ctx))
     assert joint.inner_value_grad is None
-
