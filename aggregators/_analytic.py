@@ -609,7 +609,20 @@ class _MixtureRows:
         r = s.scatter_add(-1, self.y, -torch.ones_like(w))  # s - e_y
         qq = 1.0 / T if q is None else q
         g = torch.bmm(self.Dt, (w * r * qq).reshape(F, n * K, 1))[..., 0]
-        return value, g, (w, s, r, q, qq, T)
+        return value, g, (w, s, r, q, qq, T, o)
+
+    def temperature_terms(self, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """``d value / dT`` and ``d g / dT`` ``(F, m)`` from :meth:`first`'s
+        ``state`` (classifiers): ``o`` is ``T``'s reciprocal times a function of
+        the weights, so ``do/dT = -o / T``, and ``qq`` is ``1/T`` times one, so
+        ``d qq / dT = -qq / T``."""
+        F, n, K = self.shape
+        w, s, r, _, qq, T, o = state
+        u = -o / T
+        su = (s * u).sum(-1, keepdim=True)
+        dvalue = (w * r * u).sum()
+        coef = w * qq * (s * (u - su) - r / T)
+        return dvalue, torch.bmm(self.Dt, coef.reshape(F, n * K, 1))[..., 0]
 
     def second(self, state) -> torch.Tensor:
         """The Hessian ``(F, m, m)`` in the weights from :meth:`first`'s ``state``."""
@@ -618,7 +631,7 @@ class _MixtureRows:
             (w,) = state
             coef = ((2.0 / K) * w).expand(F, n, K).reshape(F, n * K, 1)
             return torch.bmm(self.Dt, coef * self.D)
-        w, s, r, q, qq, T = state
+        w, s, r, q, qq, T, _ = state
         # sum_n w_n [A diag(s) A^T - (A s)(A s)^T] with A_mk = Z_mk q_k, plus,
         # for the linear pool, the logarithm's curvature -T A diag(r) A^T.
         d = s if q is None else s - T * r
@@ -634,39 +647,33 @@ def _softmax_grad(wts, g):
     return u - wts * u.sum(1, keepdim=True)
 
 
-def _softmax_hessian(wts, g, H):
-    """The Hessian in the logits from those in ``w = softmax(a)``:
-    ``J H J + diag(u - s w) - u w^T - w u^T + 2 s w w^T`` with ``u = g * w``,
-    ``s = g . w``."""
+def _logit_hessian(wts, g, H, wc, ent, l2):
+    """The inner loss's Hessian in the logits ``a`` (``w = softmax(a)``), from
+    the gradient ``g`` and Hessian ``H`` of the data loss in ``w``, ``wc = w *
+    (log w - sum w log w)``, and the entropy and L2 weights.
+
+    The softmax's chain rule gives ``J H J + diag(u - s w) - u w^T - w u^T +
+    2 s w w^T`` with ``J = diag(w) - w w^T``, ``u = g * w``, ``s = g . w``; the
+    entropy's Hessian is ``-diag(wc + w) + wc w^T + w wc^T + w w^T``. Their
+    diagonal and rank-two terms are gathered into one ``diag + y w^T + w y^T
+    + c w w^T``: at a few models the count of small tensor operations, not
+    the arithmetic, is what a Newton iteration costs."""
     ww = wts[:, :, None] * wts[:, None, :]
     J = torch.diag_embed(wts) - ww
     u = g * wts
     s = u.sum(1, keepdim=True)
-    uw = u[:, :, None] * wts[:, None, :]
-    second = torch.diag_embed(u - s * wts) - uw - uw.transpose(1, 2) + 2 * s[..., None] * ww
-    return J @ H @ J + second
+    y = ent * wc - u
+    yw = y[:, :, None] * wts[:, None, :]
+    diag = u - s * wts - ent * (wc + wts) + l2
+    return J @ H @ J + (torch.diag_embed(diag) + yw + yw.transpose(1, 2)
+                        + (2 * s + ent)[..., None] * ww)
 
 
-def _entropy_terms(logw, wts, order: int):
-    """Entropy ``-sum w log w`` of ``w = softmax(a)`` per fold, its gradient and
-    Hessian in ``a``, from ``logw = log_softmax(a)``."""
+def _entropy_terms(logw, wts):
+    """Entropy ``-sum w log w`` of ``w = softmax(a)`` per fold and its gradient
+    in ``a``, from ``logw = log_softmax(a)`` (its Hessian is in :func:`_logit_hessian`)."""
     wlogw = (wts * logw).sum(1, keepdim=True)
-    c = logw - wlogw  # log w - sum w log w
-    value = -wlogw[:, 0]
-    if order == 0:
-        return value, None, None
-    wc = wts * c
-    g = -wc
-    if order == 1:
-        return value, g, None
-    return value, g, _entropy_hessian(wts, wc)
-
-
-def _entropy_hessian(wts, wc):
-    """The entropy's Hessian in the logits, from ``wc = w * (log w - sum w log w)``."""
-    ww = wts[:, :, None] * wts[:, None, :]
-    return (-torch.diag_embed(wc + wts) + wc[:, :, None] * wts[:, None, :]
-            + wts[:, :, None] * wc[:, None, :] + ww)
+    return -wlogw[:, 0], -wts * (logw - wlogw)
 
 
 def attach_weights_derivatives(
@@ -720,29 +727,47 @@ def attach_weights_derivatives(
         T = hyper["temperature"].reshape(()) if classify else None
         return T, hyper["l2"].reshape(()), hyper["entropy"].reshape(())
 
-    eye = torch.eye(m, dtype=problem.theta0.dtype, device=problem.theta0.device)
+    # The values at the last h: the inner solver asks at one h many times.
+    unpacked: list = [None, None]
+
+    def unpack_detached(h):
+        if unpacked[0] is None or unpacked[0].shape != h.shape or not torch.equal(unpacked[0], h):
+            with torch.no_grad():
+                unpacked[:] = h.detach().clone(), unpack(h.detach())
+        return unpacked[1]
+
+    def chain_to_h(h, coefs):
+        """``sum_i coefs[i] * d value_i / dh`` over (temperature, l2, entropy):
+        the derivatives in the values are closed forms, and only the map from
+        ``h`` to the values (an ``exp`` per tuned entry) goes through autograd."""
+        with torch.enable_grad():
+            hh = h.detach().requires_grad_(True)
+            total = None
+            for value, coef in zip(unpack(hh), coefs):
+                if value is not None and coef is not None and value.requires_grad:
+                    term = value * coef
+                    total = term if total is None else total + term
+            if total is None:  # nothing tuned that the quantity depends on
+                return torch.zeros_like(h)
+            (d,) = torch.autograd.grad(total, hh)
+        return d
 
     def inner_first(theta, h):
         """Inner loss and gradient in the logits, and what :func:`inner_second`
         needs for the Hessian at the same point."""
-        T, l2, ent = unpack(h)
+        T, l2, ent = unpack_detached(h)
         a = theta.reshape(F, m)
         logw = torch.log_softmax(a, 1)
         wts = logw.exp()
         value, gw, state = train.first(wts, T)
-        ev, eg, _ = _entropy_terms(logw, wts, 1)
+        ev, eg = _entropy_terms(logw, wts)
         value = value + 0.5 * l2 * a.pow(2).sum() + ent * ev.sum()
         g = _softmax_grad(wts, gw) + l2 * a + ent * eg
         return value, g, (wts, gw, state, -eg, l2, ent)
 
     def inner_second(first_state):
         wts, gw, state, wc, l2, ent = first_state
-        H = _softmax_hessian(wts, gw, train.second(state))
-        return H + ent * _entropy_hessian(wts, wc) + l2 * eye
-
-    def inner_terms(theta, h, order):
-        value, g, first_state = inner_first(theta, h)
-        return value, g, inner_second(first_state) if order > 1 else None
+        return _logit_hessian(wts, gw, train.second(state), wc, ent, l2)
 
     # theta, h, (value, gradient), first_state: Newton's line search evaluates
     # the point its next iteration starts from, and takes its Hessian there.
@@ -775,28 +800,32 @@ def attach_weights_derivatives(
 
         return product
 
+    @torch.no_grad()
     def outer_value_grads(theta, h):
-        with torch.enable_grad():
-            hh = h.detach().requires_grad_(classify)
-            T, _, _ = unpack(hh)
-            wts = torch.softmax(theta.detach().reshape(F, m), 1)
-            value, g, _ = val.first(wts, T)
-            ga = _softmax_grad(wts, g)
-            dh = None
-            if value.requires_grad:  # a tuned temperature: Q depends on h directly
-                (dh,) = torch.autograd.grad(value, hh, allow_unused=True)
-        return (value.detach(), ga.reshape(-1).detach(),
-                torch.zeros_like(h) if dh is None else dh)
+        T, _, _ = unpack_detached(h)
+        wts = torch.softmax(theta.detach().reshape(F, m), 1)
+        value, g, state = val.first(wts, T)
+        ga = _softmax_grad(wts, g)
+        dh = chain_to_h(h, (val.temperature_terms(state)[0], None, None)) if classify \
+            else torch.zeros_like(h)
+        return value, ga.reshape(-1), dh
 
+    @torch.no_grad()
     def mixed_product(theta, h, v):
-        with torch.enable_grad():
-            hh = h.detach().requires_grad_(True)
-            _, g, _ = inner_terms(theta.detach(), hh, 1)
-            gv = (g * v.reshape(F, m)).sum()
-            if not gv.requires_grad:  # nothing tuned
-                return torch.zeros_like(h)
-            (prod,) = torch.autograd.grad(gv, hh, allow_unused=True)
-        return torch.zeros_like(h) if prod is None else prod.detach()
+        """``d/dh (g . v)`` with ``g`` the inner gradient in the logits: in
+        the temperature through :meth:`_MixtureRows.temperature_terms` (the
+        softmax's Jacobian is symmetric, so ``(J dg_w/dT) . v = dg_w/dT . J v``),
+        in ``l2`` and the entropy weight their own terms' gradients."""
+        a = theta.detach().reshape(F, m)
+        vv = v.reshape(F, m)
+        if not cached(theta, h):  # at the inner solution its last pass is cached
+            inner_value_grad(theta, h)
+        wts, _, state, wc, _, _ = last[3]
+        c_T = None
+        if classify:
+            c_T = (train.temperature_terms(state)[1] * _softmax_grad(wts, vv)).sum()
+        eg = -wc
+        return chain_to_h(h, (c_T, (a * vv).sum(), (eg * vv).sum()))
 
     gen = torch.Generator(device="cpu").manual_seed(1)
     theta = torch.randn(F * m, generator=gen, dtype=torch.float64).to(problem.theta0)

@@ -203,7 +203,7 @@ class SparseMoE(Aggregator):
     weights, whose scale ``gate_l2`` already sets; the balancing losses push
     rows towards weaker models, which an ensemble of a few pretrained models
     rarely gains from; and each tuned hyperparameter costs outer steps, each
-    of them an inner fit per fold. The tuning takes at most 4 outer
+    of them an inner fit per fold. The tuning takes at most 3 outer
     evaluations (``outer_budget``; ``2 * max_outer_iter`` if fewer).
 
     Parameters
@@ -297,7 +297,7 @@ default=None
     #: inner solve of the gate and a conjugate-gradient hypergradient, and one
     #: hyperparameter (``gate_l2``) is tuned by default, which L-BFGS-B's first
     #: few evaluations bring close to its best; each further one is dear.
-    outer_budget = 4
+    outer_budget = 3
 
     def __init__(
         self,

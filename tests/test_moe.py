@@ -252,8 +252,8 @@ def test_tuning_keeps_to_its_budget_of_outer_evaluations(specialists):
     pool, X_agg, y_agg, *_ = specialists
     fit = lambda agg, **kw: AggregatedClassifier(  # noqa: E731
         pool, aggregator=agg, **{**FAST, **kw}).fit(X_agg, y_agg).tuning_history_
-    assert SparseMoE.outer_budget == 4
-    assert 2 <= len(fit(SparseMoE(k=2), max_outer_iter=20)) <= 4
+    assert SparseMoE.outer_budget == 3
+    assert 2 <= len(fit(SparseMoE(k=2), max_outer_iter=20)) <= 3
     assert len(fit(SparseMoE(k=2), max_outer_iter=1)) <= 2  # 2 * max_outer_iter if fewer
 
 
