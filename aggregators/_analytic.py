@@ -22,6 +22,7 @@ import torch
 
 from ._base import AggregationContext, Aggregator
 from .hypergrad import BilevelProblem, is_out_of_memory
+from .hypergrad._problem import vjp
 
 __all__ = [
     "ANALYTIC", "WEIGHTS_ANALYTIC", "attach_linear_derivatives", "attach_weights_derivatives",
@@ -215,8 +216,7 @@ class _PenaltyModel:
             return torch.zeros_like
 
         def product(V: torch.Tensor) -> torch.Tensor:
-            (out,) = torch.autograd.grad(g, t, grad_outputs=V, retain_graph=True,
-                                         allow_unused=True)
+            (out,) = vjp(g, t, V, retain_graph=True, allow_unused=True)
             return torch.zeros_like(V) if out is None else out
 
         return product
@@ -522,8 +522,7 @@ def attach_linear_derivatives(
             (g,) = torch.autograd.grad(value, t, create_graph=True, allow_unused=True)
             if g is None or not g.requires_grad:
                 return torch.zeros_like(h)
-            (prod,) = torch.autograd.grad(g, hh, grad_outputs=v.reshape(F, p),
-                                          allow_unused=True)
+            (prod,) = vjp(g, hh, v.reshape(F, p), allow_unused=True)
         return torch.zeros_like(h) if prod is None else prod.detach()
 
     blocks_ok = max(train.D.shape[1], p) * p <= HESSIAN_MAX_ENTRIES

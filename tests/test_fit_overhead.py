@@ -252,3 +252,36 @@ def test_check_points_are_distinct():
     assert len(_check_points(tuned)) == 3
     fixed = HyperSpace([spec], {"l2": np.ones(2)}, torch.device("cpu"), torch.float64)
     assert len(_check_points(fixed)) == 1
+
+
+def test_vjp_equals_grad_outputs_without_importing_sympy():
+    """The engine's vector-Jacobian products (conjugate-gradient Hessian
+    products, mixed products) skip ``grad_outputs``' shape check, whose first
+    call in a process imports SymPy: a fresh process's first hypergradient
+    paid that import."""
+    import subprocess
+    import sys
+
+    from aggregators.hypergrad._problem import vjp
+
+    x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    g = torch.autograd.grad((x**3).sum() + (x[:3] * x[3:]).sum(), x, create_graph=True)[0]
+    v = torch.randn(6, dtype=torch.float64)
+    (ours,) = vjp(g, x, v, retain_graph=True)
+    (ref,) = torch.autograd.grad(g, x, grad_outputs=v)
+    assert torch.equal(ours, ref)
+
+    code = (
+        "import sys, torch\n"
+        "from aggregators.hypergrad._problem import vjp\n"
+        "before = 'sympy' in sys.modules\n"
+        "x = torch.randn(4, dtype=torch.float64, requires_grad=True)\n"
+        "g = torch.autograd.grad((x ** 3).sum(), x, create_graph=True)[0]\n"
+        "vjp(g, x, torch.ones(4, dtype=torch.float64))\n"
+        "print(before, 'sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    if out[0] == "True":
+        pytest.skip("this torch imports SymPy on import")
+    assert out == ["False", "False"]

@@ -16,7 +16,7 @@ from ._inner import lipschitz_estimate
 from ._newton import (
     block_sizes, block_solve, decide_exact_hessian, factor_solve, hessian_blocks,
 )
-from ._problem import BilevelProblem, HypergradResult, fd_mixed_product, outer_grads
+from ._problem import BilevelProblem, HypergradResult, fd_mixed_product, outer_grads, vjp
 
 __all__ = ["conjugate_gradient", "implicit_hypergradient", "neumann_series"]
 
@@ -292,7 +292,7 @@ def implicit_hypergradient(
             g_inner = torch.autograd.grad(problem.inner_loss(th, hh), th, create_graph=True)[0]
 
             def matvec(v: torch.Tensor) -> torch.Tensor:
-                (out,) = torch.autograd.grad(g_inner, th, grad_outputs=v, retain_graph=True)
+                (out,) = vjp(g_inner, th, v, retain_graph=True)
                 return out
 
         def hvp(v: torch.Tensor) -> torch.Tensor:
@@ -335,9 +335,7 @@ def implicit_hypergradient(
         elif analytic:
             prod = problem.mixed_product(theta.detach(), h.detach(), v.detach())
         else:
-            (prod,) = torch.autograd.grad(
-                g_inner, hh, grad_outputs=v.detach(), allow_unused=True
-            )
+            (prod,) = vjp(g_inner, hh, v.detach(), allow_unused=True)
     if prod is None:
         prod = torch.zeros_like(h)
     info["mixed"] = mixed

@@ -6,7 +6,7 @@ import torch
 
 from ._lbfgs import lbfgs
 from ._newton import decide_exact_hessian, newton_solve
-from ._problem import BilevelProblem, InnerDivergenceError
+from ._problem import BilevelProblem, InnerDivergenceError, vjp
 
 __all__ = ["solve_inner", "lipschitz_estimate"]
 
@@ -126,7 +126,7 @@ def lipschitz_estimate(
         v = v / v.norm()
         lam = torch.zeros((), dtype=th.dtype, device=th.device)
         for _ in range(n_iter):
-            (hv,) = torch.autograd.grad(g, th, grad_outputs=v, retain_graph=True)
+            (hv,) = vjp(g, th, v, retain_graph=True)
             lam = hv.norm()
             if lam <= 0:
                 break

@@ -14,11 +14,25 @@ __all__ = [
     "InnerDivergenceError",
     "fd_mixed_product",
     "is_out_of_memory",
+    "vjp",
 ]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ValueGrad = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 HvpFactory = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def vjp(outputs: torch.Tensor, inputs, v: torch.Tensor, **kwargs):
+    """``torch.autograd.grad(outputs, inputs, grad_outputs=v, **kwargs)``, computed as
+    the gradient of ``<outputs, v>``.
+
+    The same vector-Jacobian product (the backward of the sum and of the
+    product hands ``v`` on unchanged), without ``grad_outputs``' shape check,
+    whose first call in a process imports ``torch.fx``'s symbolic shapes and
+    SymPy: a fresh process's first fit would pay that import inside its
+    first hypergradient.
+    """
+    return torch.autograd.grad((outputs * v).sum(), inputs, **kwargs)
 
 
 class InnerDivergenceError(RuntimeError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._inner import lipschitz_estimate
-from ._problem import BilevelProblem, HypergradResult, outer_grads
+from ._problem import BilevelProblem, HypergradResult, outer_grads, vjp
 
 __all__ = ["drmad_hypergradient", "reverse_hypergradient"]
 
@@ -183,7 +183,7 @@ def drmad_hypergradient(
             th = point.detach().requires_grad_(True)
             hh = h.detach().requires_grad_(True)
             g = problem.inner_grad(th, hh, create_graph=True)
-            h_adj, b_adj = torch.autograd.grad(g, (th, hh), grad_outputs=adj, allow_unused=True)
+            h_adj, b_adj = vjp(g, (th, hh), adj, allow_unused=True)
         if b_adj is not None:
             grad = grad - lr * b_adj
         if h_adj is not None:
