@@ -66,12 +66,12 @@ N_OUTER = 3
 #: fold: the estimate needs a good fit, not the last digit of the tuning.
 OUTER_STEPS = 3
 #: Outer steps of the fold fits of the candidates named here, instead of
-#: ``OUTER_STEPS``. ``choquet``'s fold fits (inner Newton solves through
-#: autograd Hessians) are the dearest of the candidates': they stop a step
-#: earlier. Too few steps leave its estimate that of a
-#: barely tuned fit, which moves the reference the rule measures the simpler
-#: candidates against (the trade-off: ``benchmarks/bench_regret.py
-#: --fold-steps choquet=K``).
+#: ``OUTER_STEPS``. ``choquet``'s fold fits are still the dearest of the
+#: candidates' (more parameters, and a Newton solve per step): they stop a
+#: step earlier, where a third step changed no choice on the regret
+#: benchmarks. Too few steps leave its estimate that of a barely tuned fit,
+#: which moves the reference the rule measures the simpler candidates against
+#: (the trade-off: ``benchmarks/bench_regret.py --fold-steps choquet=K``).
 FOLD_OUTER_STEPS: dict[str, int] = {"choquet": 2}
 #: Standard errors of the paired difference within which a simpler candidate
 #: is preferred to the one with the lowest estimate. Chosen by
