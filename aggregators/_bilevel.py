@@ -15,6 +15,7 @@ import torch
 from ._analytic import attach_linear_derivatives, attach_weights_derivatives
 from ._base import AggregationContext, Aggregator, Hyperparameter, Params
 from ._choquet_analytic import attach_choquet_derivatives
+from .choquet import Choquet
 from .hypergrad import (
     BilevelProblem,
     InnerDivergenceError,
@@ -403,7 +404,7 @@ def _attach(problem, agg, ctx, space, packer, folds, check: bool = True,
     autograd (Choquet's) serve."""
     if type(agg).data_penalty is not Aggregator.data_penalty:
         return f"{type(agg).__name__} adds a data_penalty"
-    if getattr(agg, "short_name", None) == "choquet":
+    if isinstance(agg, Choquet):
         return attach_choquet_derivatives(
             problem, agg, ctx, folds, space.values, _check_points(space), check=check
         )

@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.naive_bayes import GaussianNB
 from sklearn.tree import DecisionTreeClassifier
 
+import aggregators._bilevel as bilevel
 import aggregators._choquet_analytic as choquet_analytic
 from aggregators import AggregatedClassifier
 from aggregators._base import AggregationContext
@@ -146,11 +147,18 @@ def test_whole_fit_matches_autograd(monkeypatch, params):
     pool = [(n, FrozenEstimator(e.fit(X[:150], y[:150]))) for n, e in [
         ("lr", LogisticRegression(max_iter=500)), ("nb", GaussianNB()),
         ("tree", DecisionTreeClassifier(max_depth=3, random_state=0))]]
-    fits = {}
+    fits, attached = {}, {}
+    real = bilevel.attach_choquet_derivatives
     for on in (True, False):
         monkeypatch.setattr(choquet_analytic, "CHOQUET_ANALYTIC", on)
+        answers = []
+        monkeypatch.setattr(bilevel, "attach_choquet_derivatives",
+                            lambda *a, **k: answers.append(real(*a, **k)) or answers[-1])
         clf = AggregatedClassifier(pool, aggregator=Choquet(**params), random_state=0)
         fits[on] = clf.fit(X[150:], y[150:])
+        attached[on] = "" in answers
+    # The closed form served the first fit (and only it): the two are not the same path.
+    assert attached == {True: True, False: False}
     closed, auto = fits[True], fits[False]
     assert closed.tuning_history_.attrs["exact_hessian"]
     np.testing.assert_allclose(closed.validation_loss_, auto.validation_loss_, rtol=1e-6)
