@@ -65,7 +65,8 @@ class LearnedWeights(Aggregator):
     short_name = "weights"
     #: :mod:`._analytic` has the derivatives of its loss in the logits in closed form.
     convex_mixture = True
-    #: The tuner's budget of 8 outer evaluations (see ``Stacking``): on a
+    #: The shared stage and its budget of 8 outer evaluations (``SHARED_BUDGET``
+    #: in :mod:`.hypergrad._tuner`; ``Stacking`` keeps 6 of them): on a
     #: flat validation loss (a small ``l2`` that no longer matters) an
     #: unbudgeted L-BFGS-B keeps wandering without finding a better fit.
     shared_stage = True
