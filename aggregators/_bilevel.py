@@ -6,6 +6,7 @@ already on the device, the engine gets flat ``theta`` / ``h`` losses back.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -148,11 +149,31 @@ class HyperSpace:
         self.ranged = set(ranges)  # the ones whose box the user gave
         self.device, self.dtype = device, dtype
         self.tuned = [s for s in specs if s.name not in fixed]
+        self._penalties = {s.name for s in specs if s.penalty}
+        self.penalty_factor = 1.0  # see rescaled
+        # The fixed values as the problems see them (penalties scaled).
         self.constants = {}
         for s in specs:
             if s.name in fixed:
                 v = s.check(fixed[s.name], owner, f"given as hyperparams={{{s.name!r}: ...}}")
                 self.constants[s.name] = torch.as_tensor(v, device=device, dtype=dtype)
+
+    def rescaled(self, penalty_factor: float) -> "HyperSpace":
+        """The same space whose :meth:`values` multiply the penalty weights
+        (:attr:`Hyperparameter.penalty`), tuned or fixed, by ``penalty_factor``.
+
+        ``n / m`` for the problems on a subsample of ``m`` of the ``n`` rows: the
+        same tuned vector (its start and bounds unchanged) then means the same
+        prior there as on all rows. :meth:`flat_values`, the record of the
+        tuning, gives the unscaled values.
+        """
+        out = copy.copy(self)
+        out.penalty_factor = float(penalty_factor)
+        ratio = out.penalty_factor / self.penalty_factor
+        out.constants = {
+            k: v * ratio if k in self._penalties else v for k, v in self.constants.items()
+        }
+        return out
 
     @staticmethod
     def _with_range(s: Hyperparameter, rng: tuple[float, float, bool]) -> Hyperparameter:
@@ -201,6 +222,8 @@ class HyperSpace:
             seg = u[..., off : off + s.size]
             off += s.size
             out[s.name] = torch.exp(seg) if s.log else seg
+            if self.penalty_factor != 1.0 and s.penalty:
+                out[s.name] = out[s.name] * self.penalty_factor
         return out
 
     def entry_names(self) -> list[str]:
@@ -212,7 +235,7 @@ class HyperSpace:
         batch = u.shape[:-1]
         if not self.specs:
             return np.zeros((*batch, 0))
-        vals = self.values(u)
+        vals = self.rescaled(1.0).values(u) if self.penalty_factor != 1.0 else self.values(u)
         cols = []
         for s in self.specs:
             v = vals[s.name].detach().cpu().reshape(-1, s.size)  # (1 or batch, size)
