@@ -754,10 +754,10 @@ def make_linear_cv_problem(
         if like is not None:  # the checks made for the splits hold here
             return _closed_form(
                 designs, full, n, train, val, penalty, like.penalty_kind, parts, "",
-                like.penalty_terms,
+                like.penalty_terms, space,
             )
         kind = quadratic_penalty_kind(penalty, p, [h0], dtype=dtype, device=device)
-        return _closed_form(designs, full, n, train, val, penalty, kind, parts, "", None)
+        return _closed_form(designs, full, n, train, val, penalty, kind, parts, "", None, space)
     gen = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(p, generator=gen, dtype=torch.float64).to(full.Z.dtype).to(full.Z.device)
     out = agg.forward({**packer.unflatten(probe), **buffers}, space.values(h0), full.Z, full.X)
@@ -793,7 +793,7 @@ def make_linear_cv_problem(
     return _closed_form(designs, full, n, train, val, penalty, kind, parts, (
         f"{name} is linear in its {p} parameters with squared loss and a quadratic "
         "penalty: each split's fit in closed form"
-    ), terms)
+    ), terms, space)
 
 
 def _tuned_values(space: HyperSpace):
@@ -837,15 +837,128 @@ class LinearSolutions:
         return self.fits(u)
 
 
-def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, terms):
+def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, terms, space):
     D, y, T, V = torch.stack(designs), full.y.reshape(n), torch.stack(train), torch.stack(val)
     problem, solutions = linear_kfold_problem(
         D, y, T, V, penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
         penalty_terms=terms,
     )
     if terms is not None:
-        problem.outer_value_grads = _kfold_value_hypergrad(D, y, T, V, terms)
+        problem.outer_value_grads = _chosen_value_hypergrad(D, y, T, V, terms, space)
     return problem, LinearSolutions(solutions, kind, terms), parts, reason
+
+
+def _chosen_value_hypergrad(D, y, train, val, terms, space) -> Callable:
+    """The host version where it applies, else the torch one; chosen at the first
+    call (the refit's problem never calls, and pays for neither)."""
+    chosen: list = []
+
+    def value_grads(theta, u):
+        if not chosen:
+            host = _host_kfold_value_hypergrad(D, y, train, val, terms, space, u)
+            value_grads.on_host = host is not None  # for tests: which one serves
+            chosen.append(host or _kfold_value_hypergrad(D, y, train, val, terms))
+        return chosen[0](theta, u)
+
+    value_grads.on_host = None  # not chosen yet
+    return value_grads
+
+
+def _host_values(space: HyperSpace, u0: torch.Tensor) -> Callable | None:
+    """``u -> (v, dv/du)`` in numpy: the tuned values of :func:`_tuned_values` and
+    their derivative (``exp`` for log-scaled entries, else the identity).
+
+    ``None`` unless it matches :meth:`HyperSpace.values` at ``u0`` and half a
+    unit from it (a space that maps ``u`` otherwise keeps autograd).
+    """
+    log = np.concatenate(
+        [np.full(s.size, bool(s.log)) for s in space.tuned] or [np.zeros(0, dtype=bool)]
+    )
+
+    def host(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        v = np.where(log, np.exp(np.where(log, u, 0.0)), u)
+        return v, np.where(log, v, 1.0)
+
+    values = _tuned_values(space)[0]
+    for h in (u0, u0 + 0.5):
+        want = values(h).detach().cpu().numpy()
+        if want.shape != log.shape or not np.allclose(
+            host(h.detach().cpu().numpy())[0], want, rtol=1e-12, atol=0.0
+        ):
+            return None
+    return host
+
+
+def _host_kfold_value_hypergrad(D, y, train, val, terms, space, u0) -> Callable | None:
+    """:func:`_kfold_value_hypergrad` in numpy on the host, for CPU tensors and
+    penalty terms affine in the tuned values with a diagonal ``R`` (an L2
+    weight per coefficient: ``terms.table``, see
+    :func:`~aggregators.hypergrad._acv_linear.linear_penalty_terms`).
+
+    The same fit, value and adjoint, with the terms' derivative in ``u`` by
+    hand (``slopes`` times ``dv/du``) instead of an autograd graph: on a
+    stacking meta-learner's few coefficients an outer step is a few dozen
+    tiny operations, and torch's fixed cost per operation (and autograd's per
+    graph) was most of it. ``None`` where it does not apply (the torch version
+    then serves); ``u0``: the first point asked for, where the values are checked.
+    """
+    table = getattr(terms, "table", None)
+    if table is None or not table[2] or D.device.type != "cpu" or space is None:
+        return None
+    host_values = _host_values(space, u0.detach())
+    if host_values is None:
+        return None
+    base, slopes = (t.detach().numpy() for t in table[:2])
+    K, _, p = D.shape
+    moments: list = []  # formed at the first call: the refit's problem never calls
+
+    def value_grads(theta, u):
+        if not moments:
+            Dn, yn, tr, va = (t.detach().numpy() for t in (D, y, train, val))
+            # One design for every split where they are the same (no buffers).
+            same = all(np.array_equal(Dn[0], Dn[k]) for k in range(1, K))
+            trn = tr / tr.sum(1)[:, None]
+            gram = np.einsum("ki,kij,kil->kjl", trn, Dn, Dn)
+            moments.extend([
+                gram + gram.transpose(0, 2, 1),  # 2 G_k, symmetric to the last bit
+                2.0 * np.einsum("ki,kij,i->kj", trn, Dn, yn),
+                Dn[0] if same else Dn, va / va.sum(1)[:, None], yn,
+            ])
+        gram2, moment2, Dm, val_share, yn = moments
+        v, dv = host_values(u.detach().cpu().numpy())
+        flat = base + slopes @ v
+        A = gram2.copy()
+        A[:, np.arange(p), np.arange(p)] += flat[:p]
+        try:
+            np.linalg.cholesky(A)  # the fits' problems strictly convex, as the torch path asks
+        except np.linalg.LinAlgError as e:
+            raise InnerDivergenceError(
+                "the training loss of a split is not strictly convex at these "
+                "hyperparameters (its Gram matrix plus penalty is singular)."
+            ) from e
+        thetas = np.linalg.solve(A, (moment2 - flat[p:])[..., None])[..., 0]  # (K, p)
+        if Dm.ndim == 2:
+            resid = thetas @ Dm.T - yn  # (K, n)
+            weighted = val_share * resid
+            adj = weighted @ Dm
+        else:
+            resid = np.einsum("kij,kj->ki", Dm, thetas) - yn
+            weighted = val_share * resid
+            adj = np.einsum("kij,ki->kj", Dm, weighted)
+        value = float((weighted * resid).sum())
+        # Half the adjoint: lambda_k / 2 = A_k^{-1} D_k^T (v_k * resid_k) / sum v_k.
+        half = np.linalg.solve(A, adj[..., None])[..., 0]
+        # d/du of -(sum_k lambda_k^T diag(d) theta_k + lambda_k^T r): d and r are
+        # base + slopes @ v, so the derivative in v is one product with slopes.
+        d_flat = -np.concatenate([2.0 * np.einsum("kj,kj->j", half, thetas), 2.0 * half.sum(0)])
+        grad = (d_flat @ slopes) * dv
+        return (
+            torch.tensor(value, dtype=u.dtype, device=u.device),
+            theta.new_zeros(theta.shape),
+            torch.from_numpy(np.asarray(grad, dtype=base.dtype)).to(u.dtype),
+        )
+
+    return value_grads
 
 
 def _kfold_value_hypergrad(

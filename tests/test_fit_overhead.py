@@ -158,6 +158,8 @@ def test_closed_form_hypergradient_equals_autograd(passthrough, weighted):
         assert float(got.value) == pytest.approx(float(want.value), rel=1e-12)
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-14)
         assert not got.grad.requires_grad and not got.value.requires_grad
+    # On the CPU with an L2 weight per coefficient: numpy on the host served.
+    assert problem.outer_value_grads.on_host is True
 
 
 def test_refit_from_a_wrong_warm_start_solves_with_closed_form_derivatives():

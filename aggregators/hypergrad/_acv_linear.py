@@ -446,7 +446,9 @@ def linear_penalty_terms(
     not finite (a penalty not linear in ``v``, or undefined at ``v = 0``):
     the caller then forms the terms by autograd. Without tuned values
     (``n_values = 0``) the terms are constants, still a function of ``h``
-    for autograd.
+    for autograd. The function returned carries ``table = (base, slopes,
+    diagonal)``: ``R``'s diagonal (or flattened ``R``) and ``r``, concatenated,
+    are ``base + slopes @ v``.
     """
 
     # The terms at v = 0 and at each unit vector.
@@ -496,6 +498,9 @@ def linear_penalty_terms(
         flat = base + slopes @ values(h)
         R = torch.diag(flat[:n_R]) if diagonal else flat[:n_R].reshape(p, p)
         return R, flat[n_R:]
+
+    # For callers that differentiate the terms in v by hand (no autograd graph).
+    affine.table = (base, slopes, diagonal)
 
     gen = torch.Generator(device="cpu").manual_seed(1)
     points = [
