@@ -6,6 +6,7 @@ already on the device, the engine gets flat ``theta`` / ``h`` losses back.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -44,7 +45,7 @@ class ParamPacker:
     def __init__(self, params: Params):
         self.names = list(params)
         self.shapes = [params[k].shape for k in self.names]
-        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.sizes = [math.prod(s) for s in self.shapes]
 
     def flatten(self, params: Params) -> torch.Tensor:
         parts = [params[k].reshape(-1) for k in self.names]
@@ -711,36 +712,44 @@ def make_linear_cv_problem(
     if any(va is None for _, va in splits):
         return None, None, [], "there is no validation split"
     agg.bind(ctx)
-    n = full.y.shape[0]
-    w = full.w if full.w is not None else full.Z.new_ones(n)
-    designs, train, val, parts = [], [], [], []
+    n, K = full.y.shape[0], len(splits)
     h0 = space.initial()
-    for tr, va in splits:
-        rows = full.take(torch.as_tensor(tr, device=full.Z.device))
+    hyper0 = space.values(h0)
+    # The base class's data_penalty is None: no need to ask it per split.
+    own_data_penalty = type(agg).data_penalty is not Aggregator.data_penalty
+    designs, parts, design = [], [], None
+    train_rows, val_rows = np.zeros((K, n)), np.zeros((K, n))
+    device = full.Z.device
+    for k, (tr, va) in enumerate(splits):
+        rows = full.take(torch.as_tensor(tr, device=device))
         if full.w is not None:  # the iterative folds' error for a weightless split
             rows.mean_weights()
-            full.take(torch.as_tensor(va, device=full.Z.device)).mean_weights()
+            full.take(torch.as_tensor(va, device=device)).mean_weights()
         buffers = agg.fit_buffers(ctx, rows.Z, rows.y, rows.X)
         init = agg.init_params(ctx, rows.Z, rows.y, rows.X)
         packer = ParamPacker(init)
-        if agg.data_penalty({**init, **buffers}, space.values(h0), rows.Z, rows.X) is not None:
+        if own_data_penalty and agg.data_penalty(
+            {**init, **buffers}, hyper0, rows.Z, rows.X
+        ) is not None:
             return None, None, [], f"{name} adds a data_penalty (not a quadratic loss)"
-        design = agg.linear_design(buffers, full.Z, full.X)
-        if design is None:
-            return None, None, [], (
-                f"{name} has no single linear design (several targets, each with "
-                "its own coefficients, or not linear in its parameters)"
-            )
+        # The design reads the split's rows only through its buffers: without
+        # any, every split has the same one.
+        if buffers or design is None:
+            design = agg.linear_design(buffers, full.Z, full.X)
+            if design is None:
+                return None, None, [], (
+                    f"{name} has no single linear design (several targets, each with "
+                    "its own coefficients, or not linear in its parameters)"
+                )
         if design.shape[1] != sum(packer.sizes):
             return None, None, [], f"{name}'s linear design does not match its parameters"
-        mask_tr = torch.zeros(n, dtype=w.dtype, device=w.device)
-        mask_tr[torch.as_tensor(tr, device=w.device)] = 1.0
-        mask_va = torch.zeros_like(mask_tr)
-        mask_va[torch.as_tensor(va, device=w.device)] = 1.0
+        train_rows[k, tr] = 1.0
+        val_rows[k, va] = 1.0
         designs.append(design)
-        train.append(mask_tr * w)
-        val.append(mask_va * w)
         parts.append((packer, buffers))
+    w = full.w if full.w is not None else full.Z.new_ones(n)
+    train = torch.as_tensor(train_rows, dtype=w.dtype, device=device) * w
+    val = torch.as_tensor(val_rows, dtype=w.dtype, device=device) * w
     packer, buffers = parts[0]
     p = designs[0].shape[1]
 
@@ -760,7 +769,7 @@ def make_linear_cv_problem(
         return _closed_form(designs, full, n, train, val, penalty, kind, parts, "", None, space)
     gen = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(p, generator=gen, dtype=torch.float64).to(full.Z.dtype).to(full.Z.device)
-    out = agg.forward({**packer.unflatten(probe), **buffers}, space.values(h0), full.Z, full.X)
+    out = agg.forward({**packer.unflatten(probe), **buffers}, hyper0, full.Z, full.X)
     # Tolerances scale with the precision: float32 rounds at ~1e-7.
     tol = max(1e-8, 100 * torch.finfo(full.Z.dtype).eps)
     if out.reshape(n, -1).shape[1] != 1 or not torch.allclose(
@@ -838,7 +847,7 @@ class LinearSolutions:
 
 
 def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, terms, space):
-    D, y, T, V = torch.stack(designs), full.y.reshape(n), torch.stack(train), torch.stack(val)
+    D, y, T, V = torch.stack(designs), full.y.reshape(n), train, val
     problem, solutions = linear_kfold_problem(
         D, y, T, V, penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
         penalty_terms=terms,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.func import grad, hessian, vmap
+from torch.func import grad, grad_and_value, hessian, vmap
 
 from ._acv import (
     ACV_METHODS,
@@ -456,15 +456,28 @@ def linear_penalty_terms(
         torch.zeros(1, n_values, dtype=dtype, device=device),
         torch.eye(n_values, dtype=dtype, device=device),
     ])
-    g = None
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    points = [
+        torch.randn(p, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+        for _ in range(2)
+    ]
+    g, checked = None, None
     if diagonal:
         # quadratic_penalty_terms' diagonal reading (gradients at theta = 0
         # and 1) at every basis point: one batched gradient where the penalty
         # runs under vmap, else one backward pass through each point's penalty.
+        # The same batch evaluates the penalty where it is checked below:
+        # theta = 0 and the two random points at each h of hs.
         t = torch.zeros(2 * len(basis), p, dtype=dtype, device=device)
         t[1::2] = 1.0
+        vs = torch.stack([values(h.detach()) for h in hs]).reshape(len(hs), n_values)
+        at = torch.stack([torch.zeros_like(points[0]), *points])
         try:
-            g = vmap(grad(lambda tt, v: penalty(tt, v)))(t, basis.repeat_interleave(2, dim=0))
+            g, pen = vmap(grad_and_value(lambda tt, v: penalty(tt, v)))(
+                torch.cat([t, at.repeat(len(hs), 1)]),
+                torch.cat([basis.repeat_interleave(2, dim=0), vs.repeat_interleave(3, dim=0)]),
+            )
+            g, checked = g[: len(t)], (vs, pen[len(t):].reshape(len(hs), 3))
         except (RuntimeError, ValueError, TypeError, IndexError):
             g = None  # a penalty that does not batch (or not depend on theta)
     if diagonal and g is None:
@@ -502,12 +515,24 @@ def linear_penalty_terms(
     # For callers that differentiate the terms in v by hand (no autograd graph).
     affine.table = (base, slopes, diagonal)
 
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    points = [
-        torch.randn(p, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
-        for _ in range(2)
-    ]
+    def close(want: torch.Tensor, got: torch.Tensor) -> bool:
+        return bool(torch.isfinite(want).all()) and bool(
+            ((want - got).abs() <= rtol * (want.abs() + got.abs() + 1)).all()
+        )
+
     with torch.no_grad():
+        if checked is not None:
+            # All at once from the batch: the penalty (less its value at 0)
+            # against the quadratic form at every (h, point); and one plain
+            # call against its batched value, which the table rests on too.
+            vs, pen = checked
+            flat = base + vs @ slopes.T  # (len(hs), n_R + p)
+            P = torch.stack(points)  # (2, p)
+            got = 0.5 * (flat[:, None, :p] * P**2).sum(-1) + flat[:, p:] @ P.T
+            plain = penalty(points[0], vs[0])
+            return affine if close(pen[:, 1:] - pen[:, :1], got) and close(
+                plain.reshape(1), pen[0, 1].reshape(1)
+            ) else None
         for h in hs:
             v = values(h.detach())
             R, r = affine(h.detach())
@@ -515,9 +540,7 @@ def linear_penalty_terms(
             for t in points:
                 want = penalty(t, v) - zero
                 got = 0.5 * t @ R @ t + r @ t
-                if not bool(torch.isfinite(want)) or not bool(
-                    (want - got).abs() <= rtol * (want.abs() + got.abs() + 1)
-                ):
+                if not close(want, got):
                     return None
     return affine
 
