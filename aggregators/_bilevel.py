@@ -835,12 +835,15 @@ class LinearSolutions:
 
     ``penalty_kind`` (``"diagonal"`` or ``"dense"``) and ``penalty_terms``
     (see :func:`~aggregators.hypergrad._acv_linear.linear_penalty_terms`) let
-    the fit on all rows skip the checks that found them.
+    the fit on all rows skip the checks that found them; ``shared_design``,
+    the design on all rows where every split has it (no buffers), lets it
+    skip forming it again.
     """
 
     fits: Callable[[torch.Tensor], torch.Tensor]
     penalty_kind: str
     penalty_terms: Callable | None = None
+    shared_design: torch.Tensor | None = None
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return self.fits(u)
@@ -854,7 +857,8 @@ def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, ter
     )
     if terms is not None:
         problem.outer_value_grads = _chosen_value_hypergrad(D, y, T, V, terms, space)
-    return problem, LinearSolutions(solutions, kind, terms), parts, reason
+    shared = None if any(buffers for _, buffers in parts) else designs[0]
+    return problem, LinearSolutions(solutions, kind, terms, shared), parts, reason
 
 
 def _chosen_value_hypergrad(D, y, train, val, terms, space) -> Callable:
@@ -1048,6 +1052,19 @@ def linear_full_fit(
     ``like``: the splits' solutions, whose penalty checks hold here too.
     """
     n = full.y.shape[0]
+    if (
+        like is not None and like.penalty_terms is not None and like.shared_design is not None
+        and not agg.fit_buffers(ctx, full.Z, full.y, full.X)
+    ):
+        # The splits' design is the one on all rows: one solve with all rows'
+        # weights, no second pass over the aggregation function.
+        w = (full.w if full.w is not None else full.Z.new_ones(n))[None]
+        _, solutions = linear_kfold_problem(
+            like.shared_design, full.y.reshape(n), w, w, reduction="folds",
+            penalty_terms=like.penalty_terms,
+        )
+        with torch.no_grad():
+            return solutions(u)[0].detach()
     idx = np.arange(n)
     _, solutions, _, _ = make_linear_cv_problem(
         agg, ctx, full, [(idx, idx)], space, check=False, like=like
