@@ -850,39 +850,56 @@ class LinearSolutions:
 
 
 def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, terms, space):
-    D, y, T, V = torch.stack(designs), full.y.reshape(n), train, val
+    D = torch.stack(designs)
+    problem, fits = _kfold(D, full.y.reshape(n), train, val, penalty, kind, terms, space)
+    shared = None if any(buffers for _, buffers in parts) else designs[0]
+    return problem, LinearSolutions(fits, kind, terms, shared), parts, reason
+
+
+def _kfold(D, y, train, val, penalty, kind, terms, space):
+    """:func:`~aggregators.hypergrad._acv_linear.linear_kfold_problem`, its
+    outer step and (without a graph to follow) its fits served by
+    :class:`_HostKFold` where that applies, else by the torch versions; the
+    choice is made at the first use (the refit's problem, never used, pays
+    for neither)."""
     problem, solutions = linear_kfold_problem(
-        D, y, T, V, penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
+        D, y, train, val, penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
         penalty_terms=terms,
     )
-    if terms is not None:
-        problem.outer_value_grads = _chosen_value_hypergrad(D, y, T, V, terms, space)
-    shared = None if any(buffers for _, buffers in parts) else designs[0]
-    return problem, LinearSolutions(solutions, kind, terms, shared), parts, reason
-
-
-def _chosen_value_hypergrad(D, y, train, val, terms, space) -> Callable:
-    """The host version where it applies, else the torch one; chosen at the first
-    call (the refit's problem never calls, and pays for neither)."""
     chosen: list = []
 
-    def value_grads(theta, u):
+    def host() -> "_HostKFold | None":
         if not chosen:
-            host = _host_kfold_value_hypergrad(D, y, train, val, terms, space, u)
-            value_grads.on_host = host is not None  # for tests: which one serves
-            chosen.append(host or _kfold_value_hypergrad(D, y, train, val, terms))
-        return chosen[0](theta, u)
+            chosen.append(_HostKFold.make(D, y, train, val, terms, space))
+            value_grads.on_host = chosen[0] is not None  # for tests: which one serves
+        return chosen[0]
+
+    def fits(u: torch.Tensor) -> torch.Tensor:
+        h = host() if not u.requires_grad else None
+        return solutions(u) if h is None else h.fits(u)
+
+    torch_value_grads: list = []
+
+    def value_grads(theta, u):
+        h = host()
+        if h is not None:
+            return h.value_grads(theta, u)
+        if not torch_value_grads:
+            torch_value_grads.append(_kfold_value_hypergrad(D, y, train, val, terms))
+        return torch_value_grads[0](theta, u)
 
     value_grads.on_host = None  # not chosen yet
-    return value_grads
+    if terms is not None:
+        problem.outer_value_grads = value_grads
+    return problem, fits
 
 
-def _host_values(space: HyperSpace, u0: torch.Tensor) -> Callable | None:
+def _host_values(space: HyperSpace) -> Callable | None:
     """``u -> (v, dv/du)`` in numpy: the tuned values of :func:`_tuned_values` and
     their derivative (``exp`` for log-scaled entries, else the identity).
 
-    ``None`` unless it matches :meth:`HyperSpace.values` at ``u0`` and half a
-    unit from it (a space that maps ``u`` otherwise keeps autograd).
+    ``None`` unless it matches :meth:`HyperSpace.values` at ``u = 0`` and
+    ``u = 0.5`` (a space that maps ``u`` otherwise keeps autograd).
     """
     log = np.concatenate(
         [np.full(s.size, bool(s.log)) for s in space.tuned] or [np.zeros(0, dtype=bool)]
@@ -893,85 +910,100 @@ def _host_values(space: HyperSpace, u0: torch.Tensor) -> Callable | None:
         return v, np.where(log, v, 1.0)
 
     values = _tuned_values(space)[0]
-    for h in (u0, u0 + 0.5):
-        want = values(h).detach().cpu().numpy()
+    for shift in (0.0, 0.5):
+        u = torch.full(log.shape, shift, dtype=space.dtype, device=space.device)
+        want = values(u).detach().cpu().numpy()
         if want.shape != log.shape or not np.allclose(
-            host(h.detach().cpu().numpy())[0], want, rtol=1e-12, atol=0.0
+            host(u.cpu().numpy())[0], want, rtol=1e-12, atol=0.0
         ):
             return None
     return host
 
 
-def _host_kfold_value_hypergrad(D, y, train, val, terms, space, u0) -> Callable | None:
-    """:func:`_kfold_value_hypergrad` in numpy on the host, for CPU tensors and
-    penalty terms affine in the tuned values with a diagonal ``R`` (an L2
-    weight per coefficient: ``terms.table``, see
-    :func:`~aggregators.hypergrad._acv_linear.linear_penalty_terms`).
+class _HostKFold:
+    """The closed-form K-fold problem in numpy on the host: the splits' fits,
+    and :func:`_kfold_value_hypergrad`'s value and adjoint hypergradient.
 
-    The same fit, value and adjoint, with the terms' derivative in ``u`` by
-    hand (``slopes`` times ``dv/du``) instead of an autograd graph: on a
-    stacking meta-learner's few coefficients an outer step is a few dozen
-    tiny operations, and torch's fixed cost per operation (and autograd's per
-    graph) was most of it. ``None`` where it does not apply (the torch version
-    then serves); ``u0``: the first point asked for, where the values are checked.
+    For CPU tensors and penalty terms affine in the tuned values with a
+    diagonal ``R`` (an L2 weight per coefficient: ``terms.table``, see
+    :func:`~aggregators.hypergrad._acv_linear.linear_penalty_terms`), the
+    terms' derivative in ``u`` by hand (``slopes`` times ``dv/du``) instead of
+    an autograd graph: on a stacking meta-learner's few coefficients an outer
+    step is a few dozen tiny operations, and torch's fixed cost per operation
+    (and autograd's per graph) was most of it. Use :meth:`make`.
     """
-    table = getattr(terms, "table", None)
-    if table is None or not table[2] or D.device.type != "cpu" or space is None:
-        return None
-    host_values = _host_values(space, u0.detach())
-    if host_values is None:
-        return None
-    base, slopes = (t.detach().numpy() for t in table[:2])
-    K, _, p = D.shape
-    moments: list = []  # formed at the first call: the refit's problem never calls
 
-    def value_grads(theta, u):
-        if not moments:
-            Dn, yn, tr, va = (t.detach().numpy() for t in (D, y, train, val))
-            # One design for every split where they are the same (no buffers).
-            same = all(np.array_equal(Dn[0], Dn[k]) for k in range(1, K))
-            trn = tr / tr.sum(1)[:, None]
-            gram = np.einsum("ki,kij,kil->kjl", trn, Dn, Dn)
-            moments.extend([
-                gram + gram.transpose(0, 2, 1),  # 2 G_k, symmetric to the last bit
-                2.0 * np.einsum("ki,kij,i->kj", trn, Dn, yn),
-                Dn[0] if same else Dn, va / va.sum(1)[:, None], yn,
-            ])
-        gram2, moment2, Dm, val_share, yn = moments
-        v, dv = host_values(u.detach().cpu().numpy())
-        flat = base + slopes @ v
-        A = gram2.copy()
-        A[:, np.arange(p), np.arange(p)] += flat[:p]
+    def __init__(self, D, y, train, val, base, slopes, host_values):
+        self.base, self.slopes, self.host_values = base, slopes, host_values
+        Dn, yn, tr, va = (t.detach().numpy() for t in (D, y, train, val))
+        K, _, p = Dn.shape
+        self.p = p
+        # One design for every split where they are the same (no buffers).
+        same = all(np.array_equal(Dn[0], Dn[k]) for k in range(1, K))
+        self.D = Dn[0] if same else Dn
+        trn = tr / tr.sum(1)[:, None]
+        # Each split's D^T diag(t_k) / sum t_k, then its moments by matmul.
+        Dt = trn[:, None, :] * (self.D.T if same else Dn.transpose(0, 2, 1))
+        gram = Dt @ (self.D if same else Dn)
+        self.gram2 = gram + gram.transpose(0, 2, 1)  # 2 G_k, symmetric to the last bit
+        self.moment2 = 2.0 * (Dt @ yn)
+        self.val_share, self.y = va / va.sum(1)[:, None], yn
+        self.diag = (slice(None), np.arange(p), np.arange(p))
+
+    @classmethod
+    def make(cls, D, y, train, val, terms, space) -> "_HostKFold | None":
+        """One, or ``None`` where it does not apply (the torch versions then serve)."""
+        table = getattr(terms, "table", None)
+        if table is None or not table[2] or D.device.type != "cpu" or space is None:
+            return None
+        host_values = _host_values(space)
+        if host_values is None:
+            return None
+        base, slopes = (t.detach().numpy() for t in table[:2])
+        return cls(D, y, train, val, base, slopes, host_values)
+
+    def _solve(self, u: torch.Tensor):
+        v, dv = self.host_values(u.detach().cpu().numpy())
+        flat = self.base + self.slopes @ v
+        A = self.gram2.copy()
+        A[self.diag] += flat[: self.p]
         try:
-            np.linalg.cholesky(A)  # the fits' problems strictly convex, as the torch path asks
+            np.linalg.cholesky(A)  # strictly convex fits, as the torch version asks
         except np.linalg.LinAlgError as e:
             raise InnerDivergenceError(
                 "the training loss of a split is not strictly convex at these "
                 "hyperparameters (its Gram matrix plus penalty is singular)."
             ) from e
-        thetas = np.linalg.solve(A, (moment2 - flat[p:])[..., None])[..., 0]  # (K, p)
-        if Dm.ndim == 2:
-            resid = thetas @ Dm.T - yn  # (K, n)
-            weighted = val_share * resid
-            adj = weighted @ Dm
+        thetas = np.linalg.solve(A, (self.moment2 - flat[self.p:])[..., None])[..., 0]
+        return A, thetas, dv
+
+    def fits(self, u: torch.Tensor) -> torch.Tensor:
+        """The splits' flat parameters at ``u``, ``(K, p)`` (no graph)."""
+        return torch.from_numpy(self._solve(u)[1]).to(u.dtype)
+
+    def value_grads(self, theta, u):
+        A, thetas, dv = self._solve(u)
+        D, y = self.D, self.y
+        if D.ndim == 2:
+            resid = thetas @ D.T - y  # (K, n)
+            weighted = self.val_share * resid
+            adj = weighted @ D
         else:
-            resid = np.einsum("kij,kj->ki", Dm, thetas) - yn
-            weighted = val_share * resid
-            adj = np.einsum("kij,ki->kj", Dm, weighted)
+            resid = np.einsum("kij,kj->ki", D, thetas) - y
+            weighted = self.val_share * resid
+            adj = np.einsum("kij,ki->kj", D, weighted)
         value = float((weighted * resid).sum())
         # Half the adjoint: lambda_k / 2 = A_k^{-1} D_k^T (v_k * resid_k) / sum v_k.
         half = np.linalg.solve(A, adj[..., None])[..., 0]
         # d/du of -(sum_k lambda_k^T diag(d) theta_k + lambda_k^T r): d and r are
         # base + slopes @ v, so the derivative in v is one product with slopes.
-        d_flat = -np.concatenate([2.0 * np.einsum("kj,kj->j", half, thetas), 2.0 * half.sum(0)])
-        grad = (d_flat @ slopes) * dv
+        d_flat = -2.0 * np.concatenate([np.einsum("kj,kj->j", half, thetas), half.sum(0)])
+        grad = (d_flat @ self.slopes) * dv
         return (
             torch.tensor(value, dtype=u.dtype, device=u.device),
             theta.new_zeros(theta.shape),
-            torch.from_numpy(np.asarray(grad, dtype=base.dtype)).to(u.dtype),
+            torch.from_numpy(np.asarray(grad, dtype=self.base.dtype)).to(u.dtype),
         )
-
-    return value_grads
 
 
 def _kfold_value_hypergrad(
@@ -1059,12 +1091,12 @@ def linear_full_fit(
         # The splits' design is the one on all rows: one solve with all rows'
         # weights, no second pass over the aggregation function.
         w = (full.w if full.w is not None else full.Z.new_ones(n))[None]
-        _, solutions = linear_kfold_problem(
-            like.shared_design, full.y.reshape(n), w, w, reduction="folds",
-            penalty_terms=like.penalty_terms,
+        _, fits = _kfold(
+            like.shared_design[None], full.y.reshape(n), w, w, None, like.penalty_kind,
+            like.penalty_terms, space,
         )
         with torch.no_grad():
-            return solutions(u)[0].detach()
+            return fits(u.detach())[0]
     idx = np.arange(n)
     _, solutions, _, _ = make_linear_cv_problem(
         agg, ctx, full, [(idx, idx)], space, check=False, like=like

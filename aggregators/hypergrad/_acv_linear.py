@@ -675,12 +675,16 @@ def linear_kfold_problem(
         raise ValueError(
             "every split needs training and validation rows of positive total weight."
         )
-    # Moments of each split's training rows, formed once.
-    gram = torch.einsum("ki,kij,kil->kjl", train, designs, designs) / w_tr[:, None, None]
-    moment = torch.einsum("ki,kij,i->kj", train, designs, y) / w_tr[:, None]
     dtype, device = designs.dtype, designs.device
+    moments: list = []  # of each split's training rows, formed at the first solve
 
     def solutions(h: torch.Tensor) -> torch.Tensor:
+        if not moments:
+            moments.append(
+                torch.einsum("ki,kij,kil->kjl", train, designs, designs) / w_tr[:, None, None]
+            )
+            moments.append(torch.einsum("ki,kij,i->kj", train, designs, y) / w_tr[:, None])
+        gram, moment = moments
         if penalty_terms is not None:
             R, r = penalty_terms(h)
         else:
