@@ -34,6 +34,10 @@ from .hypergrad import METHODS
 __all__ = ["AggregatedClassifier", "AggregatedRegressor", "HypergradientWarning"]
 
 
+#: Parameter names by constructor (see ``_BaseAggregated._get_param_names``).
+_PARAM_NAMES: dict = {}
+
+
 def _check_weights(sample_weight, X_arr) -> np.ndarray | None:
     """Validated sample weights; ``None`` for none or all equal (the same fit)."""
     if sample_weight is None:
@@ -121,6 +125,15 @@ class _BaseAggregated(_BaseComposition):
         self.dtype = dtype
         self.random_state = random_state
         self.verbose = verbose
+
+    @classmethod
+    def _get_param_names(cls):
+        # scikit-learn reads the constructor's signature on every get_params
+        # (fit asks twice): read once per constructor.
+        init = cls.__init__
+        if init not in _PARAM_NAMES:
+            _PARAM_NAMES[init] = tuple(super()._get_param_names())
+        return list(_PARAM_NAMES[init])
 
     # -- nested parameters: ``rf__max_depth`` as well as ``aggregator__l2`` ---------
     def get_params(self, deep=True):
