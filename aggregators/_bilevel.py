@@ -7,6 +7,7 @@ already on the device, the engine gets flat ``theta`` / ``h`` losses back.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -899,8 +900,11 @@ def _host_values(space: HyperSpace) -> Callable | None:
     their derivative (``exp`` for log-scaled entries, else the identity).
 
     ``None`` unless it matches :meth:`HyperSpace.values` at ``u = 0`` and
-    ``u = 0.5`` (a space that maps ``u`` otherwise keeps autograd).
+    ``u = 0.5`` (a space that maps ``u`` otherwise keeps autograd). Found once
+    per space (the splits' problem and the fit on all rows share it).
     """
+    if space in _HOST_VALUES:
+        return _HOST_VALUES[space]
     log = np.concatenate(
         [np.full(s.size, bool(s.log)) for s in space.tuned] or [np.zeros(0, dtype=bool)]
     )
@@ -916,8 +920,14 @@ def _host_values(space: HyperSpace) -> Callable | None:
         if want.shape != log.shape or not bool(
             np.all(np.abs(host(u.cpu().numpy())[0] - want) <= 1e-12 * np.abs(want))
         ):
-            return None
+            host = None
+            break
+    _HOST_VALUES[space] = host
     return host
+
+
+#: :func:`_host_values` by space, for as long as the space lives.
+_HOST_VALUES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class _HostKFold:
