@@ -913,6 +913,13 @@ def _host_values(space: HyperSpace) -> Callable | None:
         v = np.where(log, np.exp(np.where(log, u, 0.0)), u)
         return v, np.where(log, v, 1.0)
 
+    def all_log(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        v = np.exp(u)  # every entry log-scaled (an L2 weight per model): one call
+        return v, v
+
+    if log.all():
+        host = all_log
+
     values = _tuned_values(space)[0]
     for shift in (0.0, 0.5):
         u = torch.full(log.shape, shift, dtype=space.dtype, device=space.device)
@@ -958,7 +965,6 @@ class _HostKFold:
         self.gram2 = gram + gram.transpose(0, 2, 1)  # 2 G_k, symmetric to the last bit
         self.moment2 = 2.0 * (Dt @ yn)
         self.val_share, self.y = va / va.sum(1)[:, None], yn
-        self.diag = (slice(None), np.arange(p), np.arange(p))
 
     @classmethod
     def make(cls, D, y, train, val, terms, space) -> "_HostKFold | None":
@@ -975,8 +981,7 @@ class _HostKFold:
     def _solve(self, u: torch.Tensor):
         v, dv = self.host_values(u.detach().cpu().numpy())
         flat = self.base + self.slopes @ v
-        A = self.gram2.copy()
-        A[self.diag] += flat[: self.p]
+        A = self.gram2 + np.diag(flat[: self.p])
         try:
             np.linalg.cholesky(A)  # strictly convex fits, as the torch version asks
         except np.linalg.LinAlgError as e:
@@ -1010,7 +1015,7 @@ class _HostKFold:
         d_flat = -2.0 * np.concatenate([np.einsum("kj,kj->j", half, thetas), half.sum(0)])
         grad = (d_flat @ self.slopes) * dv
         return (
-            torch.tensor(value, dtype=u.dtype, device=u.device),
+            torch.from_numpy(np.array(value, dtype=self.base.dtype)).to(u.dtype),
             theta.new_zeros(theta.shape),
             torch.from_numpy(np.asarray(grad, dtype=self.base.dtype)).to(u.dtype),
         )
