@@ -836,15 +836,12 @@ class LinearSolutions:
 
     ``penalty_kind`` (``"diagonal"`` or ``"dense"``) and ``penalty_terms``
     (see :func:`~aggregators.hypergrad._acv_linear.linear_penalty_terms`) let
-    the fit on all rows skip the checks that found them; ``shared_design``,
-    the design on all rows where every split has it (no buffers), lets it
-    skip forming it again.
+    the fit on all rows skip the checks that found them.
     """
 
     fits: Callable[[torch.Tensor], torch.Tensor]
     penalty_kind: str
     penalty_terms: Callable | None = None
-    shared_design: torch.Tensor | None = None
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return self.fits(u)
@@ -853,8 +850,7 @@ class LinearSolutions:
 def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, terms, space):
     D = torch.stack(designs)
     problem, fits = _kfold(D, full.y.reshape(n), train, val, penalty, kind, terms, space)
-    shared = None if any(buffers for _, buffers in parts) else designs[0]
-    return problem, LinearSolutions(fits, kind, terms, shared), parts, reason
+    return problem, LinearSolutions(fits, kind, terms), parts, reason
 
 
 def _kfold(D, y, train, val, penalty, kind, terms, space):
@@ -1099,15 +1095,17 @@ def linear_full_fit(
     ``like``: the splits' solutions, whose penalty checks hold here too.
     """
     n = full.y.shape[0]
-    if (
-        like is not None and like.penalty_terms is not None and like.shared_design is not None
-        and not agg.fit_buffers(ctx, full.Z, full.y, full.X)
-    ):
-        # The splits' design is the one on all rows: one solve with all rows'
-        # weights, no second pass over the aggregation function.
+    design = None
+    if like is not None and like.penalty_terms is not None:
+        agg.bind(ctx)
+        # Without buffers the design needs nothing of the rows but themselves:
+        # one solve with all rows' weights, not a pass of make_linear_cv_problem.
+        if not agg.fit_buffers(ctx, full.Z, full.y, full.X):
+            design = agg.linear_design({}, full.Z, full.X)
+    if design is not None:
         w = (full.w if full.w is not None else full.Z.new_ones(n))[None]
         _, fits = _kfold(
-            like.shared_design[None], full.y.reshape(n), w, w, None, like.penalty_kind,
+            design[None], full.y.reshape(n), w, w, None, like.penalty_kind,
             like.penalty_terms, space,
         )
         with torch.no_grad():
