@@ -267,6 +267,20 @@ def l2_bounds_for(ctx: "AggregationContext", given: tuple | None) -> tuple[float
     return 1e-3, 1e2
 
 
+#: Constructor parameter names by constructor (see :func:`cached_param_names`).
+_PARAM_NAMES: dict = {}
+
+
+def cached_param_names(cls: type, read) -> list[str]:
+    """``read()`` (scikit-learn's ``_get_param_names``, which inspects the
+    constructor's signature) once per constructor of ``cls``: ``get_params``
+    asks on every call, and ``clone`` calls it twice."""
+    init = cls.__init__
+    if init not in _PARAM_NAMES:
+        _PARAM_NAMES[init] = tuple(read())
+    return list(_PARAM_NAMES[init])
+
+
 def readable_hyperparams(specs: list, values: dict) -> dict:
     """``name -> float`` for scalars, ``name -> Series`` (by label) for vectors."""
     out = {}
@@ -324,6 +338,10 @@ class Aggregator(BaseEstimator):
     #: temperature over a bounded score), which an error-free validation set
     #: would otherwise reward all the way to the temperature's floor.
     charge_unseen_errors: bool = False
+
+    @classmethod
+    def _get_param_names(cls):
+        return cached_param_names(cls, super()._get_param_names)
 
     # -- what the estimator tells it ---------------------------------------------
     def bind(self, ctx: AggregationContext) -> "Aggregator":

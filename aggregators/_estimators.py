@@ -27,15 +27,12 @@ from sklearn.utils.validation import (
 
 from base_models import pool_outputs, resolve_dtype, to_tensor
 
+from ._base import cached_param_names
 from ._fit import HypergradientWarning
 from .auto import fit_estimator
 from .hypergrad import METHODS
 
 __all__ = ["AggregatedClassifier", "AggregatedRegressor", "HypergradientWarning"]
-
-
-#: Parameter names by constructor (see ``_BaseAggregated._get_param_names``).
-_PARAM_NAMES: dict = {}
 
 
 def _check_weights(sample_weight, X_arr) -> np.ndarray | None:
@@ -130,10 +127,7 @@ class _BaseAggregated(_BaseComposition):
     def _get_param_names(cls):
         # scikit-learn reads the constructor's signature on every get_params
         # (fit asks twice): read once per constructor.
-        init = cls.__init__
-        if init not in _PARAM_NAMES:
-            _PARAM_NAMES[init] = tuple(super()._get_param_names())
-        return list(_PARAM_NAMES[init])
+        return cached_param_names(cls, super()._get_param_names)
 
     # -- nested parameters: ``rf__max_depth`` as well as ``aggregator__l2`` ---------
     def get_params(self, deep=True):
