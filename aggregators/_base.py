@@ -32,6 +32,7 @@ the estimator stores a copy with ``params_``, ``buffers_`` and
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,6 +282,14 @@ def cached_param_names(cls: type, read) -> list[str]:
     return list(_PARAM_NAMES[init])
 
 
+@functools.lru_cache(maxsize=256)
+def _label_index(labels: tuple) -> pd.Index:
+    """The (immutable) index of a vector hyperparameter's labels, built once:
+    inferring it from a list of strings costs several times the Series on
+    it, and a fit builds one for each fold's aggregation function."""
+    return pd.Index(list(labels))
+
+
 def readable_hyperparams(specs: list, values: dict) -> dict:
     """``name -> float`` for scalars, ``name -> Series`` (by label) for vectors."""
     out = {}
@@ -288,8 +297,13 @@ def readable_hyperparams(specs: list, values: dict) -> dict:
         v = np.asarray(values[spec.name], dtype=np.float64)
         if spec.size == 1 and spec.labels is None:
             out[spec.name] = float(v.ravel()[0])
-        else:
-            out[spec.name] = pd.Series(v, index=list(spec.labels or range(spec.size)), name=spec.name)
+            continue
+        labels = tuple(spec.labels or range(spec.size))
+        try:
+            index = _label_index(labels)
+        except TypeError:  # labels that do not hash
+            index = list(labels)
+        out[spec.name] = pd.Series(v, index=index, name=spec.name)
     return out
 
 
