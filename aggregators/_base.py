@@ -73,6 +73,15 @@ class Hyperparameter:
         Wider than the box where the box is a default rather than a limit
         (an L2 floor that follows the number of rows). A log-scaled
         hyperparameter must also be positive.
+    penalty : bool, default=False
+        Whether it weighs a penalty on the parameters alone (a prior) added to
+        the mean training loss, such as an L2 weight. The same prior over more
+        rows is a proportionally smaller weight on the mean loss, so when the
+        estimator tunes on a subsample of ``m`` of its ``n`` rows
+        (``max_tuning_rows``), the subsample's problems see ``value * n / m``:
+        they then weigh the prior against each row as the fit on all rows
+        does. Weights of terms computed from the rows (``data_penalty``), and
+        hyperparameters of the forward pass (temperatures), are not penalties.
 
     Notes
     -----
@@ -89,6 +98,7 @@ class Hyperparameter:
     size: int = 1
     labels: tuple | None = None
     limits: tuple | None = None
+    penalty: bool = False
 
     @classmethod
     def held(cls, name: str, value, limits: tuple, **kwargs) -> "Hyperparameter":

@@ -6,6 +6,7 @@ already on the device, the engine gets flat ``theta`` / ``h`` losses back.
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from dataclasses import dataclass, replace
@@ -150,11 +151,31 @@ class HyperSpace:
         self.ranged = set(ranges)  # the ones whose box the user gave
         self.device, self.dtype = device, dtype
         self.tuned = [s for s in specs if s.name not in fixed]
+        self._penalties = {s.name for s in specs if s.penalty}
+        self.penalty_factor = 1.0  # see rescaled
+        # The fixed values as the problems see them (penalties scaled).
         self.constants = {}
         for s in specs:
             if s.name in fixed:
                 v = s.check(fixed[s.name], owner, f"given as hyperparams={{{s.name!r}: ...}}")
                 self.constants[s.name] = torch.as_tensor(v, device=device, dtype=dtype)
+
+    def rescaled(self, penalty_factor: float) -> "HyperSpace":
+        """The same space whose :meth:`values` multiply the penalty weights
+        (:attr:`Hyperparameter.penalty`), tuned or fixed, by ``penalty_factor``.
+
+        ``n / m`` for the problems on a subsample of ``m`` of the ``n`` rows: the
+        same tuned vector (its start and bounds unchanged) then means the same
+        prior there as on all rows. :meth:`flat_values`, the record of the
+        tuning, gives the unscaled values.
+        """
+        out = copy.copy(self)
+        out.penalty_factor = float(penalty_factor)
+        ratio = out.penalty_factor / self.penalty_factor
+        out.constants = {
+            k: v * ratio if k in self._penalties else v for k, v in self.constants.items()
+        }
+        return out
 
     @staticmethod
     def _with_range(s: Hyperparameter, rng: tuple[float, float, bool]) -> Hyperparameter:
@@ -203,6 +224,8 @@ class HyperSpace:
             seg = u[..., off : off + s.size]
             off += s.size
             out[s.name] = torch.exp(seg) if s.log else seg
+            if self.penalty_factor != 1.0 and s.penalty:
+                out[s.name] = out[s.name] * self.penalty_factor
         return out
 
     def entry_names(self) -> list[str]:
@@ -214,7 +237,7 @@ class HyperSpace:
         batch = u.shape[:-1]
         if not self.specs:
             return np.zeros((*batch, 0))
-        vals = self.values(u)
+        vals = self.rescaled(1.0).values(u) if self.penalty_factor != 1.0 else self.values(u)
         cols = []
         for s in self.specs:
             v = vals[s.name].detach().cpu().reshape(-1, s.size)  # (1 or batch, size)
@@ -893,38 +916,43 @@ def _kfold(D, y, train, val, penalty, kind, terms, space):
 
 def _host_values(space: HyperSpace) -> Callable | None:
     """``u -> (v, dv/du)`` in numpy: the tuned values of :func:`_tuned_values` and
-    their derivative (``exp`` for log-scaled entries, else the identity).
+    their derivative: ``c exp(u)`` for log-scaled entries, else ``c u``, with
+    each entry's factor ``c`` (1, or the penalty weights' factor of a
+    :meth:`HyperSpace.rescaled` space) read off at ``u = 0`` and ``u = 0.5``.
 
-    ``None`` unless it matches :meth:`HyperSpace.values` at ``u = 0`` and
-    ``u = 0.5`` (a space that maps ``u`` otherwise keeps autograd). Found once
-    per space (the splits' problem and the fit on all rows share it).
+    ``None`` unless that also matches :meth:`HyperSpace.values` at ``u = -0.7``
+    (a space that maps ``u`` otherwise keeps autograd). Found once per space
+    (the splits' problem and the fit on all rows share it).
     """
     if space in _HOST_VALUES:
         return _HOST_VALUES[space]
     log = np.concatenate(
         [np.full(s.size, bool(s.log)) for s in space.tuned] or [np.zeros(0, dtype=bool)]
     )
+    values = _tuned_values(space)[0]
+
+    def at(shift: float) -> np.ndarray:
+        u = torch.full(log.shape, shift, dtype=space.dtype, device=space.device)
+        return values(u).detach().cpu().numpy().astype(np.float64)
+
+    want0, want1 = at(0.0), at(0.5)
+    c = np.where(log, want0, 2.0 * want1) if want0.shape == log.shape else None
 
     def host(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        v = np.where(log, np.exp(np.where(log, u, 0.0)), u)
-        return v, np.where(log, v, 1.0)
+        v = c * np.where(log, np.exp(np.where(log, u, 0.0)), u)
+        return v, np.where(log, v, c)
 
     def all_log(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        v = np.exp(u)  # every entry log-scaled (an L2 weight per model): one call
+        v = c * np.exp(u)  # every entry log-scaled (an L2 weight per model)
         return v, v
 
     if log.all():
         host = all_log
-
-    values = _tuned_values(space)[0]
-    for shift in (0.0, 0.5):
-        u = torch.full(log.shape, shift, dtype=space.dtype, device=space.device)
-        want = values(u).detach().cpu().numpy()
-        if want.shape != log.shape or not bool(
-            np.all(np.abs(host(u.cpu().numpy())[0] - want) <= 1e-12 * np.abs(want))
-        ):
-            host = None
-            break
+    if c is None or not all(
+        np.all(np.abs(host(np.full(log.shape, shift))[0] - want) <= 1e-12 * np.abs(want))
+        for shift, want in ((0.0, want0), (0.5, want1), (-0.7, at(-0.7)))
+    ):
+        host = None
     _HOST_VALUES[space] = host
     return host
 

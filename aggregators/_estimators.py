@@ -69,6 +69,7 @@ class _BaseAggregated(_BaseComposition):
         "cv": [None, Interval(Integral, 2, None, closed="left"), "cv_object"],
         "cv_mode": [StrOptions({"exact", "approx", "auto"})],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "max_tuning_rows": [StrOptions({"auto"}), None, Interval(Integral, 1, None, closed="left")],
         "max_outer_iter": [Interval(Integral, 0, None, closed="left")],
         "max_inner_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
@@ -93,6 +94,7 @@ class _BaseAggregated(_BaseComposition):
         cv=5,
         cv_mode="exact",
         validation_fraction=0.25,
+        max_tuning_rows="auto",
         max_outer_iter=30,
         max_inner_iter=100,
         tol=1e-4,
@@ -113,6 +115,7 @@ class _BaseAggregated(_BaseComposition):
         self.cv = cv
         self.cv_mode = cv_mode
         self.validation_fraction = validation_fraction
+        self.max_tuning_rows = max_tuning_rows
         self.max_outer_iter = max_outer_iter
         self.max_inner_iter = max_inner_iter
         self.tol = tol
@@ -344,6 +347,25 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         ``"iterative"`` or ``"newton-step"``).
     validation_fraction : float, default=0.25
         Validation share when ``cv=None``.
+    max_tuning_rows : "auto", int or None, default="auto"
+        Most rows the hyperparameters are tuned on. A larger set is tuned
+        on a random subsample of this many rows (stratified by class, every
+        class keeping at least as many rows as there are folds), then the
+        aggregation function is fitted on all rows at the tuned
+        hyperparameters, warm-started from the subsample's fit. Penalty
+        weights on the mean training loss (L2 weights, :attr:`Hyperparameter.penalty`)
+        are tuned as the same prior per row: the subsample's problems see
+        them multiplied by ``n_samples / max_tuning_rows``, and
+        ``hyperparams_`` holds the values the fit on all rows uses. The
+        tuning then costs about as much at a million rows as at this many,
+        and the tuned fit little more than an untuned one.
+        ``"auto"``: ``aggregators._fit.AUTO_TUNING_ROWS`` (10 000) rows.
+        ``None``: all rows. Only with an int ``cv`` or ``cv=None``: with a
+        splitter or explicit splits (which refer to all rows), ``"auto"``
+        tunes on all rows and an int is a ``ValueError``. The cross-fitting
+        splits, ``validation_loss_``, ``tuning_history_``'s losses and
+        ``fold_aggregators_`` are the subsample's;
+        ``tuning_history_.attrs["tuning_rows"]`` says how many rows it had.
     max_outer_iter : int, default=30
         Bound on outer (hyperparameter) iterations. With ``optimizer="lbfgs"``
         the line search may evaluate up to twice as many points, each a row
@@ -537,7 +559,7 @@ class AggregatedRegressor(RegressorMixin, _BaseAggregated):
         As for :class:`AggregatedClassifier`; ``"auto"`` compares the
         candidates on their held-out mean squared error.
     hyperparams, tune_ranges, tuner, tuner_options, optimizer, cv, cv_mode, \
-validation_fraction, max_outer_iter, max_inner_iter, tol, prefit, base_cv, device, dtype, \
+validation_fraction, max_tuning_rows, max_outer_iter, max_inner_iter, tol, prefit, base_cv, device, dtype, \
 random_state, verbose
         As for :class:`AggregatedClassifier`.
 

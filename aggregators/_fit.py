@@ -163,6 +163,57 @@ def make_splits(n: int, y_strat, seed: int, cv, validation_fraction: float) -> l
     return list(splitter.split(np.zeros((n, 1)), y_strat))
 
 
+#: Rows that ``max_tuning_rows="auto"`` tunes the hyperparameters on, of a
+#: larger aggregation set. The cross-fitted validation loss on this many rows
+#: resolves the hyperparameters' effect on the loss well below the gains that
+#: tuning brings, while the tuning's cost stops growing with the rows: the
+#: fit on all rows then costs about one untuned fit, warm-started.
+AUTO_TUNING_ROWS = 10_000
+
+
+def tuning_rows(
+    max_tuning_rows, cv, n: int, y_strat, seed: int
+) -> np.ndarray | None:
+    """The rows the hyperparameters are tuned on: ``None`` for all ``n``, else
+    a sorted index array of (about) ``max_tuning_rows`` of them.
+
+    Drawn at random with ``seed``; for classifiers stratified by class, each
+    class keeping its share of the rows but at least as many as the folds
+    (or all of its rows, if fewer), so that every class is in every fold
+    where it was on all rows. Only with ``cv`` an int or ``None``: the
+    splits of a splitter or an iterable the user gave refer to all rows.
+    """
+    if max_tuning_rows is None:
+        return None
+    auto = isinstance(max_tuning_rows, str)
+    m = AUTO_TUNING_ROWS if auto else int(max_tuning_rows)
+    if n <= m:
+        return None
+    if cv is not None and not isinstance(cv, Integral):
+        if auto:
+            return None
+        raise ValueError(
+            f"max_tuning_rows={m} subsamples the rows for tuning, which only an int "
+            f"cv (or cv=None) allows: the splits of cv={cv!r} refer to all "
+            f"{n} rows. Use max_tuning_rows=None or an int cv."
+        )
+    n_folds = 2 if cv is None else int(cv)
+    if m < 2 * n_folds:
+        raise ValueError(
+            f"max_tuning_rows={m} is too few rows to tune on with cv={cv!r}: give "
+            f"at least {2 * n_folds}, or None to tune on all rows."
+        )
+    rng = np.random.default_rng(seed)
+    if y_strat is None:
+        return np.sort(rng.choice(n, m, replace=False))
+    take = []
+    for c in np.unique(y_strat):
+        rows = np.flatnonzero(y_strat == c)
+        k = max(int(round(m * rows.size / n)), min(rows.size, n_folds))
+        take.append(rng.choice(rows, min(k, rows.size), replace=False))
+    return np.sort(np.concatenate(take))
+
+
 #: Whether exact cross-fitting solves the splits in closed form where the
 #: training loss is a quadratic (:func:`make_linear_cv_problem`: regression
 #: stacking on one target). ``False`` keeps the iterative inner solves, which
@@ -482,19 +533,35 @@ def fit_aggregated(
     estimators = check_pool(params["estimators"], reserved=params)
     names = [name for name, _ in estimators]
     gen = torch.Generator(device=device).manual_seed(seed)
-    splits = (
-        make_splits(n, y_strat, seed, params["cv"], params["validation_fraction"])
-        if max_outer_iter > 0 else [(np.arange(n), None)]
+    # Tuning on a subsample of a large set: the splits are the subsample's.
+    sub = (
+        tuning_rows(params.get("max_tuning_rows"), params["cv"], n, y_strat, seed)
+        if max_outer_iter > 0 else None
     )
+
+    def splits_of(sub):
+        if max_outer_iter == 0:
+            return [(np.arange(n), None)]
+        strat = y_strat if sub is None or y_strat is None else y_strat[sub]
+        return make_splits(n if sub is None else len(sub), strat, seed, params["cv"],
+                           params["validation_fraction"])
+
+    splits = splits_of(sub)
+    n_tune = n if sub is None else len(sub)
     ctx = AggregationContext(
         task=task, n_models=len(names), n_outputs=n_outputs, n_features=X.shape[1],
         model_names=names, classes=classes, device=device, dtype=dtype, generator=gen,
-        n_train=int(round(np.mean([len(tr) for tr, _ in splits]))),
+        # In rows of the whole set: the penalties are tuned in its units.
+        n_train=int(round(np.mean([len(tr) for tr, _ in splits]) * n / n_tune)),
     )
     agg_spec.check_task(ctx)
     specs = agg_spec.hyperparameters(ctx)
     fixed = held_and_ranged(specs, params["hyperparams"], params["tune_ranges"])
     space = HyperSpace(specs, fixed, device, dtype, owner=type(agg_spec).__name__)
+    if sub is not None and not space.tuned:
+        # Nothing to tune: the cross-fitting only validates, on all rows.
+        sub, n_tune = None, n
+        splits = splits_of(None)
 
     pool = fit_pool(
         estimators, Xb, y, task=task, classes=classes, n_outputs=n_outputs,
@@ -527,30 +594,40 @@ def fit_aggregated(
             history.attrs["cv_mode"] = None  # nothing is validated
             history.attrs["cv_mode_reason"] = "max_outer_iter=0"
             history.attrs["cv_solver"] = None
+            history.attrs["tuning_rows"] = 0  # nothing is tuned
             tuning_time, validation_loss, n_iter, fold_aggregators = 0.0, float("nan"), 0, []
         else:
+            # The tuning's rows and space: with a subsample, its problems see
+            # the penalty weights scaled by n / n_tune (the same prior per row
+            # as the fit on all rows), while the tuned vector and its record
+            # stay in the units of all rows.
+            if sub is None:
+                rows, tune_space = full, space
+            else:
+                rows = full.take(torch.as_tensor(sub, device=device))
+                tune_space = space.rescaled(n / n_tune)
             requested = params.get("cv_mode", "exact")
             linear, linear_solutions = None, None
             if requested != "approx" and LINEAR_CLOSED_FORM:
                 # A quadratic training loss: the splits' exact fits in closed form,
                 # so "auto" needs no approximation either.
                 linear, linear_solutions, linear_parts, linear_reason = (
-                    make_linear_cv_problem(agg_spec, ctx, full, splits, space)
+                    make_linear_cv_problem(agg_spec, ctx, rows, splits, tune_space)
                 )
             if linear is not None:
                 cv_mode, cv_mode_reason, cv_solver = "exact", linear_reason, "closed-form"
                 joint, split_theta, fold_parts = linear, None, linear_parts
             else:
                 cv_mode, cv_mode_reason = _cv_mode(
-                    requested, agg_spec, ctx, full, space, splits
+                    requested, agg_spec, ctx, rows, tune_space, splits
                 )
                 cv_solver = "newton-step" if cv_mode == "approx" else "iterative"
             if cv_solver == "newton-step":
                 # One full-data inner solve per outer step stands in for the K
                 # fold solves; the folds' parameters are Newton steps from it.
-                fold_ids = torch.as_tensor(acv_fold_ids(splits, n), device=device)
+                fold_ids = torch.as_tensor(acv_fold_ids(splits, n_tune), device=device)
                 joint, acv_packer, acv_buffers, acv_fold_thetas = make_acv_problem(
-                    agg_spec, ctx, full, fold_ids, space
+                    agg_spec, ctx, rows, fold_ids, tune_space
                 )
                 split_theta = None
                 fold_parts = [(acv_packer, acv_buffers)] * len(splits)
@@ -559,9 +636,9 @@ def fit_aggregated(
                 # (same optimum and hypergradient, a fraction of the solver overhead).
                 joint, split_theta, fold_parts = make_fold_problems(
                     agg_spec, ctx,
-                    [(full.take(torch.as_tensor(tr, device=device)),
-                      full.take(torch.as_tensor(va, device=device))) for tr, va in splits],
-                    space,
+                    [(rows.take(torch.as_tensor(tr, device=device)),
+                      rows.take(torch.as_tensor(va, device=device))) for tr, va in splits],
+                    tune_space,
                 )
             _declare_first_order(agg_spec, joint)
             lower, upper = space.bounds()
@@ -594,11 +671,14 @@ def fit_aggregated(
             history.attrs["cv_mode"] = cv_mode
             history.attrs["cv_mode_reason"] = cv_mode_reason
             history.attrs["cv_solver"] = cv_solver
+            history.attrs["tuning_rows"] = n_tune
             _record_hessian(history, joint.hessian)
             if linear_solutions is not None:  # closed form: every fit is one solve
                 fold_thetas = list(linear_solutions(result.h).detach())
+                # (With a subsample, the splits' penalty terms are scaled.)
                 warm = linear_full_fit(
-                    agg_spec, ctx, full, space, result.h, like=linear_solutions
+                    agg_spec, ctx, full, space, result.h,
+                    like=linear_solutions if sub is None else None,
                 )
             elif split_theta is None:  # approximate CV: the tuned fit is on all rows already
                 warm = result.thetas[0]
@@ -622,7 +702,9 @@ def fit_aggregated(
             # Each fold's solution at the tuned hyperparameters: the aggregator
             # fitted on that fold's training rows (what cross-validated scores need),
             # or with approximate CV the Newton step that stood in for that fit.
-            hyper = {k: v.detach().cpu().numpy() for k, v in space.values(result.h).items()}
+            hyper = {
+                k: v.detach().cpu().numpy() for k, v in tune_space.values(result.h).items()
+            }
             fold_aggregators = []
             # One clone; the folds get deep copies of it (the same unfitted
             # object, several times cheaper than cloning each).

@@ -357,9 +357,10 @@ class Choquet(Aggregator):
 
     # -- declared interface ----------------------------------------------------------
     def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
-        hp = [Hyperparameter("l2", self.l2, 1e-6, 1e2)]
+        hp = [Hyperparameter("l2", self.l2, 1e-6, 1e2, penalty=True)]
         if self._k(ctx.n_models) >= 2:
-            hp.insert(0, Hyperparameter("interaction", self.interaction, 1e-6, 1e2))
+            hp.insert(0, Hyperparameter("interaction", self.interaction, 1e-6, 1e2,
+                                           penalty=True))
         if ctx.task == "classification":
             hp.insert(0, Hyperparameter("temperature", self.temperature, 1e-3, 1e3))
         return hp

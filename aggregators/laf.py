@@ -248,7 +248,7 @@ class LAF(Aggregator):
         hp = [
             Hyperparameter(
                 "l2", self.l2, *l2_bounds_for(ctx, self.l2_bounds),
-                limits=l2_limits_for(self.l2_bounds),
+                limits=l2_limits_for(self.l2_bounds), penalty=True,
             )
         ]
         if ctx.task == "classification":

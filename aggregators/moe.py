@@ -358,7 +358,7 @@ default=None
 
     def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
         return [
-            Hyperparameter("gate_l2", self.gate_l2, *self.gate_l2_bounds),
+            Hyperparameter("gate_l2", self.gate_l2, *self.gate_l2_bounds, penalty=True),
             _held_unless_ranged("load_weight", self.load_weight, self.load_weight_bounds,
                                 LOAD_WEIGHT_LIMITS),
             _held_unless_ranged("noise_scale", self.noise_scale, self.noise_scale_bounds,

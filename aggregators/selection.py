@@ -294,7 +294,7 @@ class ModelSelection(Aggregator):
 
     def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
         return self._inner().hyperparameters(ctx) + [
-            Hyperparameter(_SPARSITY, self.sparsity, *self.sparsity_bounds)
+            Hyperparameter(_SPARSITY, self.sparsity, *self.sparsity_bounds, penalty=True)
         ]
 
     def fit_buffers(self, ctx, Z, y, X=None) -> Params:

@@ -159,16 +159,19 @@ class Stacking(Aggregator):
         hp = [
             Hyperparameter(
                 "l2", self.l2, low, high, log=True, size=ctx.n_models,
-                labels=tuple(ctx.model_names), limits=limits,
+                labels=tuple(ctx.model_names), limits=limits, penalty=True,
             )
             if self.per_model_l2
-            else Hyperparameter("l2", self.l2, low, high, log=True, limits=limits)
+            else Hyperparameter("l2", self.l2, low, high, log=True, limits=limits, penalty=True)
         ]
         if self._pools(ctx):
-            hp.append(Hyperparameter("l2_scale", self.l2_scale, low, high, limits=limits))
+            hp.append(Hyperparameter(
+                "l2_scale", self.l2_scale, low, high, limits=limits, penalty=True
+            ))
         if self.passthrough:
             hp.append(
-                Hyperparameter("l2_passthrough", self.l2_passthrough, low, high, limits=limits)
+                Hyperparameter("l2_passthrough", self.l2_passthrough, low, high, limits=limits,
+                               penalty=True)
             )
         return hp
 

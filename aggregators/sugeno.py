@@ -336,7 +336,7 @@ class Sugeno(Aggregator):
         lo, hi = self.softness_bounds
         hp = [
             Hyperparameter("softness", self.softness, lo, hi),
-            Hyperparameter("l2", self.l2, 1e-6, 1e2),
+            Hyperparameter("l2", self.l2, 1e-6, 1e2, penalty=True),
         ]
         if ctx.task == "classification":
             hp.insert(0, Hyperparameter("temperature", self.temperature, 1e-3, 1e3))

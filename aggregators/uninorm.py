@@ -272,8 +272,8 @@ class Uninorm(Aggregator):
         lo, hi = self.shrink_bounds
         return [
             Hyperparameter("shrink", self.shrink, lo, hi),
-            Hyperparameter("l2", self.l2, 1e-6, 1e2),
-            Hyperparameter("neutral", self.neutral, 1e-6, 1e2),
+            Hyperparameter("l2", self.l2, 1e-6, 1e2, penalty=True),
+            Hyperparameter("neutral", self.neutral, 1e-6, 1e2, penalty=True),
         ]
 
     def _prior(self, ctx: AggregationContext) -> float:

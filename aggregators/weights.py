@@ -103,18 +103,20 @@ class LearnedWeights(Aggregator):
 
     def hyperparameters(self, ctx: AggregationContext) -> list[Hyperparameter]:
         hp = [
-            self._declared("l2", self.l2, 1e-6, 1e2),
-            self._declared("entropy", self.entropy, 1e-6, 1.0),
+            self._declared("l2", self.l2, 1e-6, 1e2, penalty=True),
+            self._declared("entropy", self.entropy, 1e-6, 1.0, penalty=True),
         ]
         if ctx.task == "classification":
             lo, hi = self.temperature_bounds
             hp.insert(0, self._declared("temperature", self.temperature, lo, hi))
         return hp
 
-    def _declared(self, name: str, value, low: float, high: float) -> Hyperparameter:
+    def _declared(
+        self, name: str, value, low: float, high: float, penalty: bool = False
+    ) -> Hyperparameter:
         if name in self.tuned_by_default:
-            return Hyperparameter(name, value, low, high)
-        return Hyperparameter.held(name, value, (low, high))
+            return Hyperparameter(name, value, low, high, penalty=penalty)
+        return Hyperparameter.held(name, value, (low, high), penalty=penalty)
 
     def init_params(self, ctx: AggregationContext, Z, y, X=None) -> Params:
         shape = (ctx.n_models,) if self.per == "global" else (ctx.n_models, ctx.n_outputs)
