@@ -32,6 +32,7 @@ the estimator stores a copy with ``params_``, ``buffers_`` and
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -277,6 +278,28 @@ def l2_bounds_for(ctx: "AggregationContext", given: tuple | None) -> tuple[float
     return 1e-3, 1e2
 
 
+#: Constructor parameter names by constructor (see :func:`cached_param_names`).
+_PARAM_NAMES: dict = {}
+
+
+def cached_param_names(cls: type, read) -> list[str]:
+    """``read()`` (scikit-learn's ``_get_param_names``, which inspects the
+    constructor's signature) once per constructor of ``cls``: ``get_params``
+    asks on every call, and ``clone`` calls it twice."""
+    init = cls.__init__
+    if init not in _PARAM_NAMES:
+        _PARAM_NAMES[init] = tuple(read())
+    return list(_PARAM_NAMES[init])
+
+
+@functools.lru_cache(maxsize=256)
+def _label_index(labels: tuple) -> pd.Index:
+    """The (immutable) index of a vector hyperparameter's labels, built once:
+    inferring it from a list of strings costs several times the Series on
+    it, and a fit builds one for each fold's aggregation function."""
+    return pd.Index(list(labels))
+
+
 def readable_hyperparams(specs: list, values: dict) -> dict:
     """``name -> float`` for scalars, ``name -> Series`` (by label) for vectors."""
     out = {}
@@ -284,8 +307,13 @@ def readable_hyperparams(specs: list, values: dict) -> dict:
         v = np.asarray(values[spec.name], dtype=np.float64)
         if spec.size == 1 and spec.labels is None:
             out[spec.name] = float(v.ravel()[0])
-        else:
-            out[spec.name] = pd.Series(v, index=list(spec.labels or range(spec.size)), name=spec.name)
+            continue
+        labels = tuple(spec.labels or range(spec.size))
+        try:
+            index = _label_index(labels)
+        except TypeError:  # labels that do not hash
+            index = list(labels)
+        out[spec.name] = pd.Series(v, index=index, name=spec.name)
     return out
 
 
@@ -334,6 +362,10 @@ class Aggregator(BaseEstimator):
     #: temperature over a bounded score), which an error-free validation set
     #: would otherwise reward all the way to the temperature's floor.
     charge_unseen_errors: bool = False
+
+    @classmethod
+    def _get_param_names(cls):
+        return cached_param_names(cls, super()._get_param_names)
 
     # -- what the estimator tells it ---------------------------------------------
     def bind(self, ctx: AggregationContext) -> "Aggregator":

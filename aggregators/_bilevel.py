@@ -7,6 +7,8 @@ already on the device, the engine gets flat ``theta`` / ``h`` losses back.
 from __future__ import annotations
 
 import copy
+import math
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -45,7 +47,7 @@ class ParamPacker:
     def __init__(self, params: Params):
         self.names = list(params)
         self.shapes = [params[k].shape for k in self.names]
-        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.sizes = [math.prod(s) for s in self.shapes]
 
     def flatten(self, params: Params) -> torch.Tensor:
         parts = [params[k].reshape(-1) for k in self.names]
@@ -734,36 +736,44 @@ def make_linear_cv_problem(
     if any(va is None for _, va in splits):
         return None, None, [], "there is no validation split"
     agg.bind(ctx)
-    n = full.y.shape[0]
-    w = full.w if full.w is not None else full.Z.new_ones(n)
-    designs, train, val, parts = [], [], [], []
+    n, K = full.y.shape[0], len(splits)
     h0 = space.initial()
-    for tr, va in splits:
-        rows = full.take(torch.as_tensor(tr, device=full.Z.device))
+    hyper0 = space.values(h0)
+    # The base class's data_penalty is None: no need to ask it per split.
+    own_data_penalty = type(agg).data_penalty is not Aggregator.data_penalty
+    designs, parts, design = [], [], None
+    train_rows, val_rows = np.zeros((K, n)), np.zeros((K, n))
+    device = full.Z.device
+    for k, (tr, va) in enumerate(splits):
+        rows = full.take(torch.as_tensor(tr, device=device))
         if full.w is not None:  # the iterative folds' error for a weightless split
             rows.mean_weights()
-            full.take(torch.as_tensor(va, device=full.Z.device)).mean_weights()
+            full.take(torch.as_tensor(va, device=device)).mean_weights()
         buffers = agg.fit_buffers(ctx, rows.Z, rows.y, rows.X)
         init = agg.init_params(ctx, rows.Z, rows.y, rows.X)
         packer = ParamPacker(init)
-        if agg.data_penalty({**init, **buffers}, space.values(h0), rows.Z, rows.X) is not None:
+        if own_data_penalty and agg.data_penalty(
+            {**init, **buffers}, hyper0, rows.Z, rows.X
+        ) is not None:
             return None, None, [], f"{name} adds a data_penalty (not a quadratic loss)"
-        design = agg.linear_design(buffers, full.Z, full.X)
-        if design is None:
-            return None, None, [], (
-                f"{name} has no single linear design (several targets, each with "
-                "its own coefficients, or not linear in its parameters)"
-            )
+        # The design reads the split's rows only through its buffers: without
+        # any, every split has the same one.
+        if buffers or design is None:
+            design = agg.linear_design(buffers, full.Z, full.X)
+            if design is None:
+                return None, None, [], (
+                    f"{name} has no single linear design (several targets, each with "
+                    "its own coefficients, or not linear in its parameters)"
+                )
         if design.shape[1] != sum(packer.sizes):
             return None, None, [], f"{name}'s linear design does not match its parameters"
-        mask_tr = torch.zeros(n, dtype=w.dtype, device=w.device)
-        mask_tr[torch.as_tensor(tr, device=w.device)] = 1.0
-        mask_va = torch.zeros_like(mask_tr)
-        mask_va[torch.as_tensor(va, device=w.device)] = 1.0
+        train_rows[k, tr] = 1.0
+        val_rows[k, va] = 1.0
         designs.append(design)
-        train.append(mask_tr * w)
-        val.append(mask_va * w)
         parts.append((packer, buffers))
+    w = full.w if full.w is not None else full.Z.new_ones(n)
+    train = torch.as_tensor(train_rows, dtype=w.dtype, device=device) * w
+    val = torch.as_tensor(val_rows, dtype=w.dtype, device=device) * w
     packer, buffers = parts[0]
     p = designs[0].shape[1]
 
@@ -777,13 +787,13 @@ def make_linear_cv_problem(
         if like is not None:  # the checks made for the splits hold here
             return _closed_form(
                 designs, full, n, train, val, penalty, like.penalty_kind, parts, "",
-                like.penalty_terms,
+                like.penalty_terms, space,
             )
         kind = quadratic_penalty_kind(penalty, p, [h0], dtype=dtype, device=device)
-        return _closed_form(designs, full, n, train, val, penalty, kind, parts, "", None)
+        return _closed_form(designs, full, n, train, val, penalty, kind, parts, "", None, space)
     gen = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(p, generator=gen, dtype=torch.float64).to(full.Z.dtype).to(full.Z.device)
-    out = agg.forward({**packer.unflatten(probe), **buffers}, space.values(h0), full.Z, full.X)
+    out = agg.forward({**packer.unflatten(probe), **buffers}, hyper0, full.Z, full.X)
     # Tolerances scale with the precision: float32 rounds at ~1e-7.
     tol = max(1e-8, 100 * torch.finfo(full.Z.dtype).eps)
     if out.reshape(n, -1).shape[1] != 1 or not torch.allclose(
@@ -816,7 +826,7 @@ def make_linear_cv_problem(
     return _closed_form(designs, full, n, train, val, penalty, kind, parts, (
         f"{name} is linear in its {p} parameters with squared loss and a quadratic "
         "penalty: each split's fit in closed form"
-    ), terms)
+    ), terms, space)
 
 
 def _tuned_values(space: HyperSpace):
@@ -860,15 +870,179 @@ class LinearSolutions:
         return self.fits(u)
 
 
-def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, terms):
-    D, y, T, V = torch.stack(designs), full.y.reshape(n), torch.stack(train), torch.stack(val)
+def _closed_form(designs, full, n, train, val, penalty, kind, parts, reason, terms, space):
+    D = torch.stack(designs)
+    problem, fits = _kfold(D, full.y.reshape(n), train, val, penalty, kind, terms, space)
+    return problem, LinearSolutions(fits, kind, terms), parts, reason
+
+
+def _kfold(D, y, train, val, penalty, kind, terms, space):
+    """:func:`~aggregators.hypergrad._acv_linear.linear_kfold_problem`, its
+    outer step and (without a graph to follow) its fits served by
+    :class:`_HostKFold` where that applies, else by the torch versions; the
+    choice is made at the first use (the refit's problem, never used, pays
+    for neither)."""
     problem, solutions = linear_kfold_problem(
-        D, y, T, V, penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
+        D, y, train, val, penalty, diagonal_penalty=kind == "diagonal", reduction="folds",
         penalty_terms=terms,
     )
+    chosen: list = []
+
+    def host() -> "_HostKFold | None":
+        if not chosen:
+            chosen.append(_HostKFold.make(D, y, train, val, terms, space))
+            value_grads.on_host = chosen[0] is not None  # for tests: which one serves
+        return chosen[0]
+
+    def fits(u: torch.Tensor) -> torch.Tensor:
+        h = host() if not u.requires_grad else None
+        return solutions(u) if h is None else h.fits(u)
+
+    torch_value_grads: list = []
+
+    def value_grads(theta, u):
+        h = host()
+        if h is not None:
+            return h.value_grads(theta, u)
+        if not torch_value_grads:
+            torch_value_grads.append(_kfold_value_hypergrad(D, y, train, val, terms))
+        return torch_value_grads[0](theta, u)
+
+    value_grads.on_host = None  # not chosen yet
     if terms is not None:
-        problem.outer_value_grads = _kfold_value_hypergrad(D, y, T, V, terms)
-    return problem, LinearSolutions(solutions, kind, terms), parts, reason
+        problem.outer_value_grads = value_grads
+    return problem, fits
+
+
+def _host_values(space: HyperSpace) -> Callable | None:
+    """``u -> (v, dv/du)`` in numpy: the tuned values of :func:`_tuned_values` and
+    their derivative: ``c exp(u)`` for log-scaled entries, else ``c u``, with
+    each entry's factor ``c`` (1, or the penalty weights' factor of a
+    :meth:`HyperSpace.rescaled` space) read off at ``u = 0`` and ``u = 0.5``.
+
+    ``None`` unless that also matches :meth:`HyperSpace.values` at ``u = -0.7``
+    (a space that maps ``u`` otherwise keeps autograd). Found once per space
+    (the splits' problem and the fit on all rows share it).
+    """
+    if space in _HOST_VALUES:
+        return _HOST_VALUES[space]
+    log = np.concatenate(
+        [np.full(s.size, bool(s.log)) for s in space.tuned] or [np.zeros(0, dtype=bool)]
+    )
+    values = _tuned_values(space)[0]
+
+    def at(shift: float) -> np.ndarray:
+        u = torch.full(log.shape, shift, dtype=space.dtype, device=space.device)
+        return values(u).detach().cpu().numpy().astype(np.float64)
+
+    want0, want1 = at(0.0), at(0.5)
+    c = np.where(log, want0, 2.0 * want1) if want0.shape == log.shape else None
+
+    def host(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        v = c * np.where(log, np.exp(np.where(log, u, 0.0)), u)
+        return v, np.where(log, v, c)
+
+    def all_log(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        v = c * np.exp(u)  # every entry log-scaled (an L2 weight per model)
+        return v, v
+
+    if log.all():
+        host = all_log
+    if c is None or not all(
+        np.all(np.abs(host(np.full(log.shape, shift))[0] - want) <= 1e-12 * np.abs(want))
+        for shift, want in ((0.0, want0), (0.5, want1), (-0.7, at(-0.7)))
+    ):
+        host = None
+    _HOST_VALUES[space] = host
+    return host
+
+
+#: :func:`_host_values` by space, for as long as the space lives.
+_HOST_VALUES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _HostKFold:
+    """The closed-form K-fold problem in numpy on the host: the splits' fits,
+    and :func:`_kfold_value_hypergrad`'s value and adjoint hypergradient.
+
+    For CPU tensors and penalty terms affine in the tuned values with a
+    diagonal ``R`` (an L2 weight per coefficient: ``terms.table``, see
+    :func:`~aggregators.hypergrad._acv_linear.linear_penalty_terms`), the
+    terms' derivative in ``u`` by hand (``slopes`` times ``dv/du``) instead of
+    an autograd graph: on a stacking meta-learner's few coefficients an outer
+    step is a few dozen tiny operations, and torch's fixed cost per operation
+    (and autograd's per graph) was most of it. Use :meth:`make`.
+    """
+
+    def __init__(self, D, y, train, val, base, slopes, host_values):
+        self.base, self.slopes, self.host_values = base, slopes, host_values
+        Dn, yn, tr, va = (t.detach().numpy() for t in (D, y, train, val))
+        K, _, p = Dn.shape
+        self.p = p
+        # One design for every split where they are the same (no buffers).
+        same = all(np.array_equal(Dn[0], Dn[k]) for k in range(1, K))
+        self.D = Dn[0] if same else Dn
+        trn = tr / tr.sum(1)[:, None]
+        # Each split's D^T diag(t_k) / sum t_k, then its moments by matmul.
+        Dt = trn[:, None, :] * (self.D.T if same else Dn.transpose(0, 2, 1))
+        gram = Dt @ (self.D if same else Dn)
+        self.gram2 = gram + gram.transpose(0, 2, 1)  # 2 G_k, symmetric to the last bit
+        self.moment2 = 2.0 * (Dt @ yn)
+        self.val_share, self.y = va / va.sum(1)[:, None], yn
+
+    @classmethod
+    def make(cls, D, y, train, val, terms, space) -> "_HostKFold | None":
+        """One, or ``None`` where it does not apply (the torch versions then serve)."""
+        table = getattr(terms, "table", None)
+        if table is None or not table[2] or D.device.type != "cpu" or space is None:
+            return None
+        host_values = _host_values(space)
+        if host_values is None:
+            return None
+        base, slopes = (t.detach().numpy() for t in table[:2])
+        return cls(D, y, train, val, base, slopes, host_values)
+
+    def _solve(self, u: torch.Tensor):
+        v, dv = self.host_values(u.detach().cpu().numpy())
+        flat = self.base + self.slopes @ v
+        A = self.gram2 + np.diag(flat[: self.p])
+        try:
+            np.linalg.cholesky(A)  # strictly convex fits, as the torch version asks
+        except np.linalg.LinAlgError as e:
+            raise InnerDivergenceError(
+                "the training loss of a split is not strictly convex at these "
+                "hyperparameters (its Gram matrix plus penalty is singular)."
+            ) from e
+        thetas = np.linalg.solve(A, (self.moment2 - flat[self.p:])[..., None])[..., 0]
+        return A, thetas, dv
+
+    def fits(self, u: torch.Tensor) -> torch.Tensor:
+        """The splits' flat parameters at ``u``, ``(K, p)`` (no graph)."""
+        return torch.from_numpy(self._solve(u)[1]).to(u.dtype)
+
+    def value_grads(self, theta, u):
+        A, thetas, dv = self._solve(u)
+        D, y = self.D, self.y
+        if D.ndim == 2:
+            resid = thetas @ D.T - y  # (K, n)
+            weighted = self.val_share * resid
+            adj = weighted @ D
+        else:
+            resid = np.einsum("kij,kj->ki", D, thetas) - y
+            weighted = self.val_share * resid
+            adj = np.einsum("kij,ki->kj", D, weighted)
+        value = float((weighted * resid).sum())
+        # Half the adjoint: lambda_k / 2 = A_k^{-1} D_k^T (v_k * resid_k) / sum v_k.
+        half = np.linalg.solve(A, adj[..., None])[..., 0]
+        # d/du of -(sum_k lambda_k^T diag(d) theta_k + lambda_k^T r): d and r are
+        # base + slopes @ v, so the derivative in v is one product with slopes.
+        d_flat = -2.0 * np.concatenate([np.einsum("kj,kj->j", half, thetas), half.sum(0)])
+        grad = (d_flat @ self.slopes) * dv
+        return (
+            torch.from_numpy(np.array(value, dtype=self.base.dtype)).to(u.dtype),
+            theta.new_zeros(theta.shape),
+            torch.from_numpy(np.asarray(grad, dtype=self.base.dtype)).to(u.dtype),
+        )
 
 
 def _kfold_value_hypergrad(
@@ -949,6 +1123,21 @@ def linear_full_fit(
     ``like``: the splits' solutions, whose penalty checks hold here too.
     """
     n = full.y.shape[0]
+    design = None
+    if like is not None and like.penalty_terms is not None:
+        agg.bind(ctx)
+        # Without buffers the design needs nothing of the rows but themselves:
+        # one solve with all rows' weights, not a pass of make_linear_cv_problem.
+        if not agg.fit_buffers(ctx, full.Z, full.y, full.X):
+            design = agg.linear_design({}, full.Z, full.X)
+    if design is not None:
+        w = (full.w if full.w is not None else full.Z.new_ones(n))[None]
+        _, fits = _kfold(
+            design[None], full.y.reshape(n), w, w, None, like.penalty_kind,
+            like.penalty_terms, space,
+        )
+        with torch.no_grad():
+            return fits(u.detach())[0]
     idx = np.arange(n)
     _, solutions, _, _ = make_linear_cv_problem(
         agg, ctx, full, [(idx, idx)], space, check=False, like=like

@@ -27,6 +27,7 @@ from sklearn.utils.validation import (
 
 from base_models import pool_outputs, resolve_dtype, to_tensor
 
+from ._base import cached_param_names
 from ._fit import HypergradientWarning
 from .auto import fit_estimator
 from .hypergrad import METHODS
@@ -124,6 +125,12 @@ class _BaseAggregated(_BaseComposition):
         self.dtype = dtype
         self.random_state = random_state
         self.verbose = verbose
+
+    @classmethod
+    def _get_param_names(cls):
+        # scikit-learn reads the constructor's signature on every get_params
+        # (fit asks twice): read once per constructor.
+        return cached_param_names(cls, super()._get_param_names)
 
     # -- nested parameters: ``rf__max_depth`` as well as ``aggregator__l2`` ---------
     def get_params(self, deep=True):

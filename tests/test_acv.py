@@ -716,8 +716,12 @@ def test_linear_penalty_terms_refuse_a_nonlinear_penalty():
     squared = lambda t, v: 0.5 * (v.pow(2) * t.pow(2)).sum()  # noqa: E731
     series = lambda t, v: 0.5 * (v[0] * v[1] / (v[0] + v[1])) * t @ t  # noqa: E731
     linear = lambda t, v: 0.5 * (v * t.pow(2)).sum() + v[0] * t.sum()  # noqa: E731
+    # Quartic in theta, but with the gradients of 0.5 v t^2 at theta = 0 and 1:
+    # the table reads it as the quadratic, the check at random theta does not.
+    quartic = lambda t, v: (v * (0.25 * t.pow(4) + 0.25 * t.pow(2))).sum()  # noqa: E731
     assert linear_penalty_terms(squared, values, 2, 2, hs, diagonal=True, dtype=DT) is None
     assert linear_penalty_terms(series, values, 2, 2, hs, diagonal=True, dtype=DT) is None
+    assert linear_penalty_terms(quartic, values, 2, 2, hs, diagonal=True, dtype=DT) is None
     affine = linear_penalty_terms(linear, values, 2, 2, hs, diagonal=True, dtype=DT)
     assert affine is not None
     R, r = affine(hs[1])

@@ -158,6 +158,35 @@ def test_closed_form_hypergradient_equals_autograd(passthrough, weighted):
         assert float(got.value) == pytest.approx(float(want.value), rel=1e-12)
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-14)
         assert not got.grad.requires_grad and not got.value.requires_grad
+    # On the CPU with an L2 weight per coefficient: numpy on the host served.
+    assert problem.outer_value_grads.on_host is True
+
+
+# The dense penalty's Hessian goes through torch.func, which warns of its own internals.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_closed_form_dense_penalty_keeps_the_torch_step():
+    """A penalty coupling two coefficients (a dense R) is not served on the host:
+    the torch step serves, with the same value and hypergradient as autograd."""
+    from aggregators import Stacking
+    from aggregators.hypergrad import BilevelProblem
+    from aggregators.hypergrad._tuner import _direct_hypergradient
+
+    class Coupled(Stacking):
+        def penalty(self, params, hyper):
+            coef = params["coef"]
+            return super().penalty(params, hyper) + 0.5 * hyper["l2"][0] * (
+                coef[0] - coef[1]
+            ).pow(2).sum()
+
+    problem, solutions, space, _ = _closed_form_problem(Coupled())
+    assert solutions.penalty_kind == "dense"
+    autograd = BilevelProblem(problem.inner_loss, problem.outer_loss, problem.theta0)
+    u = space.initial() + torch.linspace(-1.0, 1.0, space.initial().numel(), dtype=torch.float64)
+    got = _direct_hypergradient(problem, problem.theta0, u)
+    want = _direct_hypergradient(autograd, problem.theta0, u)
+    assert problem.outer_value_grads.on_host is False
+    assert float(got.value) == pytest.approx(float(want.value), rel=1e-12)
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-14)
 
 
 def test_refit_from_a_wrong_warm_start_solves_with_closed_form_derivatives():
