@@ -115,6 +115,16 @@ def _declare_first_order(agg, problem) -> None:
         problem.hessian = HessianDecision(False, reason)
 
 
+def _tuner_options(agg, tuner: str, options: dict | None) -> dict | None:
+    """The tuner's options: the user's, over the aggregation function's own
+    defaults for the method (``hoag_eps0`` and ``hoag_decay`` for ``"hoag"``)."""
+    own = {k: getattr(agg, f"hoag_{k}", None) for k in ("eps0", "decay")}
+    own = {k: v for k, v in own.items() if v is not None}
+    if tuner != "hoag" or not own:
+        return options
+    return {**own, **(options or {})}
+
+
 class _Progress:
     """Prints one line per outer step (``verbose > 0``).
 
@@ -569,7 +579,8 @@ def fit_aggregated(
             try:
                 result = tune(
                     [joint], space.initial(), lower=lower, upper=upper,
-                    method=params["tuner"], method_options=params["tuner_options"],
+                    method=params["tuner"], method_options=_tuner_options(
+                        agg_spec, params["tuner"], params["tuner_options"]),
                     optimizer=params["optimizer"], max_outer_iter=max_outer_iter,
                     tol=params["tol"], max_inner_iter=params["max_inner_iter"],
                     callback=_Progress(len(splits)) if params["verbose"] else None,

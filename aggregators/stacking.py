@@ -122,6 +122,20 @@ class Stacking(Aggregator):
     #: that the shared stage's budget of 8 allowed lowered the validation
     #: loss a little but not the test loss, on the benchmark datasets.
     outer_budget = 6
+    #: HOAG's tolerance schedule (``eps0`` and ``decay`` of
+    #: :func:`~aggregators.hypergrad.hoag_tolerance`, used where
+    #: ``tuner_options`` gives none) on the inner gradient and the
+    #: hypergradient's linear solve: ``3e-4 * (k + 1) ** -1.5`` at outer
+    #: evaluation ``k``, against the engine's ``1e-4 * (k + 1) ** -2``. The
+    #: inner problem is smooth and strongly convex: a looser solve moves the
+    #: validation loss little, while each tolerance step costs L-BFGS and
+    #: conjugate-gradient iterations in every evaluation. The first
+    #: evaluation (all an untuned fit makes) stays near the engine's default,
+    #: so that untuned validation losses can still be compared with tuned ones
+    #: (an ``eps0`` of ``1e-3`` moved them by more than ``tests/test_no_stall.py``
+    #: allows).
+    hoag_eps0 = 3e-4
+    hoag_decay = 1.5
 
     def __init__(
         self,
