@@ -117,8 +117,9 @@ def _declare_first_order(agg, problem) -> None:
 
 def _tuner_options(agg, tuner: str, options: dict | None) -> dict | None:
     """The tuner's options: the user's, over the aggregation function's own
-    defaults for the method (``hoag_eps0`` and ``hoag_decay`` for ``"hoag"``)."""
-    own = {k: getattr(agg, f"hoag_{k}", None) for k in ("eps0", "decay")}
+    defaults for the method (``hoag_eps0``, ``hoag_decay`` and ``hoag_min_tol``
+    for ``"hoag"``)."""
+    own = {k: getattr(agg, f"hoag_{k}", None) for k in ("eps0", "decay", "min_tol")}
     own = {k: v for k, v in own.items() if v is not None}
     if tuner != "hoag" or not own:
         return options

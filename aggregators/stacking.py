@@ -136,6 +136,13 @@ class Stacking(Aggregator):
     #: allows).
     hoag_eps0 = 3e-4
     hoag_decay = 1.5
+    #: Floor of the relative residual of the hypergradient's linear solve
+    #: (HOAG's ``min_tol``): the hypergradient steers an outer search of a
+    #: few evaluations, for which a thousandth of its size is precision
+    #: enough, and the last conjugate-gradient iterations to the schedule's
+    #: tolerance cost more than the inner solve's. The outer values, on which
+    #: the best point is chosen, keep the inner solve's schedule.
+    hoag_min_tol = 1e-3
 
     def __init__(
         self,

@@ -9,12 +9,13 @@ from aggregators.laf import LAF
 
 
 def test_tuner_options_put_the_aggregators_eps0_under_the_users():
-    own = {"eps0": Stacking.hoag_eps0, "decay": Stacking.hoag_decay}
-    assert own == {"eps0": 3e-4, "decay": 1.5}
+    own = {"eps0": Stacking.hoag_eps0, "decay": Stacking.hoag_decay,
+           "min_tol": Stacking.hoag_min_tol}
+    assert own == {"eps0": 3e-4, "decay": 1.5, "min_tol": 1e-3}
     assert _tuner_options(Stacking(), "hoag", None) == own
     assert _tuner_options(Stacking(), "hoag", {"max_iter": 5}) == {**own, "max_iter": 5}
     # The user's options win; other methods and other aggregators are left alone.
-    assert _tuner_options(Stacking(), "hoag", {"eps0": 1e-5}) == {"eps0": 1e-5, "decay": 1.5}
+    assert _tuner_options(Stacking(), "hoag", {"eps0": 1e-5}) == {**own, "eps0": 1e-5}
     assert _tuner_options(Stacking(), "implicit-cg", None) is None
     assert _tuner_options(LAF(), "hoag", {"max_iter": 50}) == {"max_iter": 50}
 
@@ -35,9 +36,10 @@ def test_stacking_fit_tunes_with_its_looser_tolerance(frozen_pool, cancer_pool, 
         return est.fit(d.X_agg, d.y_agg)
 
     loose = fit()
-    assert seen[-1] == {"eps0": 3e-4, "decay": 1.5}
-    tight = fit(tuner_options={"eps0": 1e-4, "decay": 2.0})
-    assert seen[-1] == {"eps0": 1e-4, "decay": 2.0}
+    assert seen[-1] == {"eps0": 3e-4, "decay": 1.5, "min_tol": 1e-3}
+    engine = {"eps0": 1e-4, "decay": 2.0, "min_tol": 1e-10}
+    tight = fit(tuner_options=engine)
+    assert seen[-1] == engine
     # The looser solves take fewer inner iterations to much the same validation loss.
     assert loose.tuning_history_["inner_iter"].sum() < tight.tuning_history_["inner_iter"].sum()
     assert loose.validation_loss_ == pytest.approx(tight.validation_loss_, rel=0.02)
