@@ -293,3 +293,34 @@ def test_newton_blocks_in_low_precision(monkeypatch, n_classes):
     full, ctx = _data("regression", 1, True)
     space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
     assert make_fold_problems(agg, ctx, _folds(full), space)[0].newton_hessian is None
+
+
+class _UnbatchedStacking(Stacking):
+    """The same penalty through ``.item()``, which ``torch.func.vmap`` refuses."""
+
+    def penalty(self, params, hyper):
+        pen = super().penalty(params, hyper)
+        return pen * (1.0 + 0.0 * float(params["intercept"].sum().item() != 0))
+
+
+@pytest.mark.parametrize("agg", [Stacking(), _UnbatchedStacking()], ids=["batched", "fallback"])
+def test_mixed_product_by_polarization_equals_autograd(agg):
+    """The mixed product of a quadratic penalty from its values at theta +- s v
+    (batched over folds), or fold by fold where the penalty does not batch:
+    autograd's second-order product, also with v far larger than theta."""
+    full, ctx = _data("classification", 3, True)
+    space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
+    joint, _, _ = make_fold_problems(agg, ctx, _folds(full), space)
+    plain = _plain(joint)
+    gen = torch.Generator().manual_seed(5)
+    theta = 1e-3 * torch.randn(joint.theta0.numel(), generator=gen, dtype=DT)
+    u = space.initial() + 0.5
+    for v in (torch.randn(theta.numel(), generator=gen, dtype=DT),
+              1e4 * torch.randn(theta.numel(), generator=gen, dtype=DT)):
+        with torch.enable_grad():
+            th, hh = theta.clone().requires_grad_(True), u.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(plain.inner_loss(th, hh), th, create_graph=True)
+            (want,) = torch.autograd.grad((g * v).sum(), hh)
+        got = joint.mixed_product(theta, u, v)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+    assert torch.equal(joint.mixed_product(theta, u, torch.zeros_like(theta)), torch.zeros_like(u))
