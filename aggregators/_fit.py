@@ -115,13 +115,15 @@ def _declare_first_order(agg, problem) -> None:
         problem.hessian = HessianDecision(False, reason)
 
 
-def _tuner_options(agg, tuner: str, options: dict | None) -> dict | None:
+def _tuner_options(agg, tuner: str, options: dict | None, cv_solver: str) -> dict | None:
     """The tuner's options: the user's, over the aggregation function's own
     defaults for the method (``hoag_eps0``, ``hoag_decay`` and ``hoag_min_tol``
-    for ``"hoag"``)."""
+    for ``"hoag"``), which serve exact cross-fitting by iterative fold solves
+    (``cv_solver="iterative"``) only: approximate cross-validation's values are
+    extrapolated from one full-data solve, whose error a looser solve adds to."""
     own = {k: getattr(agg, f"hoag_{k}", None) for k in ("eps0", "decay", "min_tol")}
     own = {k: v for k, v in own.items() if v is not None}
-    if tuner != "hoag" or not own:
+    if tuner != "hoag" or not own or cv_solver != "iterative":
         return options
     return {**own, **(options or {})}
 
@@ -581,7 +583,7 @@ def fit_aggregated(
                 result = tune(
                     [joint], space.initial(), lower=lower, upper=upper,
                     method=params["tuner"], method_options=_tuner_options(
-                        agg_spec, params["tuner"], params["tuner_options"]),
+                        agg_spec, params["tuner"], params["tuner_options"], cv_solver),
                     optimizer=params["optimizer"], max_outer_iter=max_outer_iter,
                     tol=params["tol"], max_inner_iter=params["max_inner_iter"],
                     callback=_Progress(len(splits)) if params["verbose"] else None,
