@@ -396,6 +396,7 @@ def attach_linear_derivatives(
     hs: list[torch.Tensor],
     *,
     check: bool = True,
+    low_precision: bool = False,
 ) -> str:
     """Give ``problem`` closed-form derivatives when ``agg`` is linear in its parameters.
 
@@ -419,6 +420,12 @@ def attach_linear_derivatives(
         ``False``: the closed form of this aggregation function was checked on
         another problem of the same fit (the folds'), so the values and
         gradients are not compared again; the structural checks still run.
+    low_precision : bool, default=False
+        Whether Newton's steps and the preconditioner may use float32 blocks
+        (see ``LOW_PRECISION_BLOCKS``): for the tuning's fold problems, whose
+        solves stop at HOAG's tolerances. A problem whose solution is the
+        fitted model (the refit) keeps exact Newton steps, which converge far
+        below the tolerance, so that equal problems give equal models.
 
     Returns
     -------
@@ -490,7 +497,8 @@ def attach_linear_derivatives(
         return (data + pen).detach(), (g.reshape(-1) + gp.reshape(-1)).detach()
 
     low = None
-    if LOW_PRECISION_BLOCKS and ctx.task == "classification" and train.D.dtype == torch.float64:
+    if (low_precision and LOW_PRECISION_BLOCKS and ctx.task == "classification"
+            and train.D.dtype == torch.float64):
         # Entries below float32's resolution, relative to the largest (the
         # design's) or to one (the probabilities, in lowered), are set to zero:
         # the blocks' products of four such factors would otherwise fall

@@ -266,6 +266,9 @@ def test_newton_blocks_in_low_precision(monkeypatch, n_classes):
     space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
     joint, _, _ = make_fold_problems(agg, ctx, _folds(full), space)
     assert joint.newton_hessian is not None
+    # A problem whose solution is the model (the refit) keeps exact Newton steps.
+    single, _, _ = make_problem(agg, ctx, full, None, space)
+    assert single.inner_hessian is not None and single.newton_hessian is None
     gen = torch.Generator().manual_seed(3)
     theta = 0.3 * torch.randn(joint.theta0.numel(), generator=gen, dtype=DT)
     h = space.initial()
