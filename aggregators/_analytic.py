@@ -37,6 +37,22 @@ ANALYTIC = True
 #: of one fold and one output (``False``: unpreconditioned, for comparison).
 PRECONDITION = True
 
+#: Whether classifiers' Newton steps and block-Jacobi preconditioner form the
+#: data part of their Hessian blocks from a float32 copy of a float64 design
+#: (``BilevelProblem.newton_hessian``): about half the time of those batched
+#: products, the largest of an outer evaluation, on CPU. Both only steer the
+#: solves: convergence is judged on the float64 gradient, and the
+#: hypergradient's conjugate gradient on float64 Hessian-vector products.
+#: ``False``: the working precision throughout, for comparison.
+LOW_PRECISION_BLOCKS = True
+
+#: Levenberg shift of those Newton blocks, relative to each block's largest
+#: diagonal entry: a few float32 roundings. The data blocks are singular (the
+#: logits' common shift is free), and rounding pushes that eigenvalue either
+#: side of zero: without it, Newton's factorisation found the shift by
+#: retries, several per step.
+LOW_PRECISION_SHIFT = 1e-6
+
 #: Largest number of parameters per fold whose penalty Hessian is formed as a
 #: matrix (once per hyperparameter vector); above it the penalty's
 #: derivatives come from autograd on the penalty alone.
@@ -257,6 +273,14 @@ class _LinearRows:
         else:
             self.y = y.reshape(D.shape[0], D.shape[1], c)
 
+    def to(self, dtype: torch.dtype) -> "_LinearRows":
+        """The same rows with the design and row weights in ``dtype``."""
+        out = object.__new__(_LinearRows)
+        out.task, out.c, out.y = self.task, self.c, self.y
+        out.D, out.w = self.D.to(dtype), self.w.to(dtype)
+        out.Dt = out.D.transpose(1, 2)
+        return out
+
     def value_grad(self, Theta: torch.Tensor, with_probs: bool = False):
         """Loss, its gradient ``(F, q, c)`` and (classification) the softmax."""
         Z = torch.bmm(self.D, Theta)
@@ -372,6 +396,7 @@ def attach_linear_derivatives(
     hs: list[torch.Tensor],
     *,
     check: bool = True,
+    low_precision: bool = False,
 ) -> str:
     """Give ``problem`` closed-form derivatives when ``agg`` is linear in its parameters.
 
@@ -395,6 +420,12 @@ def attach_linear_derivatives(
         ``False``: the closed form of this aggregation function was checked on
         another problem of the same fit (the folds'), so the values and
         gradients are not compared again; the structural checks still run.
+    low_precision : bool, default=False
+        Whether Newton's steps and the preconditioner may use float32 blocks
+        (see ``LOW_PRECISION_BLOCKS``): for the tuning's fold problems, whose
+        solves stop at HOAG's tolerances. A problem whose solution is the
+        fitted model (the refit) keeps exact Newton steps, which converge far
+        below the tolerance, so that equal problems give equal models.
 
     Returns
     -------
@@ -450,14 +481,55 @@ def attach_linear_derivatives(
     def shaped(theta: torch.Tensor) -> torch.Tensor:
         return theta.reshape(F, q, c)
 
+    # The softmax at the last point whose gradient was asked (Newton's line
+    # search accepts a point, then asks for the Hessian there).
+    last: list = [None, None]
+
+    def probs(theta):
+        if last[0] is not None and last[0].shape == theta.shape and torch.equal(last[0], theta):
+            return last[1]
+        return train.value_grad(shaped(theta))[2]
+
     def inner_value_grad(theta, h):
-        data, g, _ = train.value_grad(shaped(theta))
+        data, g, P = train.value_grad(shaped(theta))
+        last[:] = theta.detach().clone(), P
         pen, gp = model(h).value_grad(theta.reshape(F, p))
         return (data + pen).detach(), (g.reshape(-1) + gp.reshape(-1)).detach()
 
+    low = None
+    if (low_precision and LOW_PRECISION_BLOCKS and ctx.task == "classification"
+            and train.D.dtype == torch.float64):
+        # Entries below float32's resolution, relative to the largest (the
+        # design's) or to one (the probabilities, in lowered), are set to zero:
+        # the blocks' products of four such factors would otherwise fall
+        # below float32's smallest normal number, and subnormal arithmetic
+        # is many times slower on CPUs. They count for less than the rounding.
+        eps = torch.finfo(torch.float32).eps
+        low = train.to(torch.float32)
+        low.D = low.D.masked_fill(train.D.abs() < eps * train.D.abs().max(), 0.0)
+        low.Dt = low.D.transpose(1, 2)
+
+    def lowered(P):
+        return P.masked_fill(P < torch.finfo(torch.float32).eps, 0.0).to(torch.float32)
+
+    def data_class_blocks(theta):
+        P = probs(theta)
+        if low is None:
+            return train.class_blocks(P)
+        return low.class_blocks(lowered(P)).to(P.dtype)
+
+    def newton_hessian(theta, h):
+        P = probs(theta)
+        H = low.hessian(lowered(P)).to(P.dtype)
+        R = model(h).dense()
+        if R is None:
+            return inner_hessian(theta, h)
+        H = H + R
+        shift = LOW_PRECISION_SHIFT * H.diagonal(dim1=1, dim2=2).abs().amax(1)
+        return H + shift[:, None, None] * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+
     def inner_hvp(theta, h):
-        _, _, P = train.value_grad(shaped(theta))
-        data = train.hvp(P)
+        data = train.hvp(probs(theta))
         pen = model(h).hvp(theta.reshape(F, p))
 
         def product(v: torch.Tensor) -> torch.Tensor:
@@ -466,8 +538,7 @@ def attach_linear_derivatives(
         return product
 
     def inner_hessian(theta, h):
-        _, _, P = train.value_grad(shaped(theta))
-        H = train.hessian(P)
+        H = train.hessian(probs(theta))
         R = model(h).dense()
         if R is None:  # the penalty's Hessian column by column
             pen = model(h).hvp(theta.reshape(F, p))
@@ -499,8 +570,7 @@ def attach_linear_derivatives(
         R = penalty_class_blocks(h)
         if R is None:
             return None
-        _, _, P = train.value_grad(shaped(theta))
-        chol, info = torch.linalg.cholesky_ex(train.class_blocks(P) + R)
+        chol, info = torch.linalg.cholesky_ex(data_class_blocks(theta) + R)
         if bool(info.any()):
             return None
         # Explicit inverses: one batched product per application rather than
@@ -518,8 +588,35 @@ def attach_linear_derivatives(
         value, g, _ = val.value_grad(shaped(theta))
         return value.detach(), g.reshape(-1).detach(), torch.zeros_like(h)
 
+    batched_penalty = torch.func.vmap(penalty, in_dims=(0, None))
+    polarized = [True]  # until the batched penalty fails once
+
     def mixed_product(theta, h, v):
         # Only the penalty depends on h: autograd on it alone, once per hypergradient.
+        if polarized[0] and model(h).R is not None:
+            # A quadratic in theta (its model at h says so): v . d pen / d theta
+            # = (pen(theta + s v) - pen(theta - s v)) / (2 s) exactly, so
+            # d/dh of it takes one first-order pass over the 2 F folds' penalties,
+            # batched, instead of a second-order pass fold by fold. s brings s v
+            # to theta's size, so that the difference loses no digits.
+            t, vv = theta.detach().reshape(F, p), v.detach().reshape(F, p)
+            v_norm = vv.norm()
+            if v_norm == 0:
+                return torch.zeros_like(h)
+            s = (t.norm() / v_norm).clamp_min(torch.finfo(t.dtype).eps)
+            sign = torch.cat([t.new_ones(F), -t.new_ones(F)])
+            try:
+                with torch.enable_grad():
+                    hh = h.detach().requires_grad_(True)
+                    values = batched_penalty(torch.cat([t + s * vv, t - s * vv]), hh)
+                    (prod,) = torch.autograd.grad(
+                        (values * sign).sum() / (2 * s), hh, allow_unused=True
+                    )
+                return torch.zeros_like(h) if prod is None else prod.detach()
+            except RuntimeError as e:  # a penalty that does not batch
+                if is_out_of_memory(e):
+                    raise
+                polarized[0] = False
         with torch.enable_grad():
             t = theta.detach().reshape(F, p).requires_grad_(True)
             hh = h.detach().requires_grad_(True)
@@ -543,6 +640,7 @@ def attach_linear_derivatives(
     problem.inner_value_grad = inner_value_grad
     problem.inner_hvp = inner_hvp
     problem.inner_hessian = inner_hessian if blocks_ok else None
+    problem.newton_hessian = newton_hessian if blocks_ok and low is not None else None
     problem.outer_value_grads = outer_value_grads
     problem.mixed_product = mixed_product
     problem.inner_preconditioner = inner_preconditioner if PRECONDITION else None

@@ -421,7 +421,7 @@ def make_problem(
 
 
 def _attach(problem, agg, ctx, space, packer, folds, check: bool = True,
-            charge: float = 0.0) -> str:
+            charge: float = 0.0, low_precision: bool = False) -> str:
     """Closed-form derivatives on ``problem`` where ``agg`` is linear in its parameters
     (checked at the start and at the box's ends, unless ``check`` is ``False``);
     returns why not, or ``""``. ``charge``: the validation loss's charge for
@@ -444,7 +444,8 @@ def _attach(problem, agg, ctx, space, packer, folds, check: bool = True,
         return agg.penalty(packer.unflatten(theta), space.values(u))
 
     return attach_linear_derivatives(
-        problem, agg, ctx, folds, penalty, _check_points(space), check=check
+        problem, agg, ctx, folds, penalty, _check_points(space), check=check,
+        low_precision=low_precision,
     )
 
 
@@ -549,7 +550,7 @@ def make_fold_problems(
             return part.Z, part.X, part.y, (part.Z.new_ones(n) if w is None else w) / n
         return _attach(joint, agg, ctx, space, parts[0][0], [
             (buffers, rows(train), rows(val)) for (train, val), (_, buffers) in zip(folds, parts)
-        ], charge=charge)
+        ], charge=charge, low_precision=True)
 
     # LearnedWeights' closed form answers every loss and derivative the engine
     # asks of the folds: where it attaches, batching their autograd losses (and

@@ -115,6 +115,19 @@ def _declare_first_order(agg, problem) -> None:
         problem.hessian = HessianDecision(False, reason)
 
 
+def _tuner_options(agg, tuner: str, options: dict | None, cv_solver: str) -> dict | None:
+    """The tuner's options: the user's, over the aggregation function's own
+    defaults for the method (``hoag_eps0``, ``hoag_decay`` and ``hoag_min_tol``
+    for ``"hoag"``), which serve exact cross-fitting by iterative fold solves
+    (``cv_solver="iterative"``) only: approximate cross-validation's values are
+    extrapolated from one full-data solve, whose error a looser solve adds to."""
+    own = {k: getattr(agg, f"hoag_{k}", None) for k in ("eps0", "decay", "min_tol")}
+    own = {k: v for k, v in own.items() if v is not None}
+    if tuner != "hoag" or not own or cv_solver != "iterative":
+        return options
+    return {**own, **(options or {})}
+
+
 class _Progress:
     """Prints one line per outer step (``verbose > 0``).
 
@@ -646,7 +659,8 @@ def fit_aggregated(
             try:
                 result = tune(
                     [joint], space.initial(), lower=lower, upper=upper,
-                    method=params["tuner"], method_options=params["tuner_options"],
+                    method=params["tuner"], method_options=_tuner_options(
+                        agg_spec, params["tuner"], params["tuner_options"], cv_solver),
                     optimizer=params["optimizer"], max_outer_iter=max_outer_iter,
                     tol=params["tol"], max_inner_iter=params["max_inner_iter"],
                     callback=_Progress(len(splits)) if params["verbose"] else None,

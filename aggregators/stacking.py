@@ -122,6 +122,27 @@ class Stacking(Aggregator):
     #: that the shared stage's budget of 8 allowed lowered the validation
     #: loss a little but not the test loss, on the benchmark datasets.
     outer_budget = 6
+    #: HOAG's tolerance schedule (``eps0`` and ``decay`` of
+    #: :func:`~aggregators.hypergrad.hoag_tolerance`, used where
+    #: ``tuner_options`` gives none, with exact cross-fitting; approximate
+    #: cross-validation keeps the engine's) on the inner gradient:
+    #: ``1e-4 * (k + 1) ** -1.01`` at outer evaluation ``k``, against the
+    #: engine's ``1e-4 * (k + 1) ** -2``. The inner problem is smooth and
+    #: strongly convex: the later evaluations' looser solves move the
+    #: validation loss little, while each tolerance step costs L-BFGS
+    #: iterations in every evaluation. The first evaluation (all an untuned
+    #: fit makes) keeps the engine's tolerance: a looser one moved untuned
+    #: validation losses by more than ``tests/test_no_stall.py`` and
+    #: ``tests/test_cv_mode.py`` allow, most where the loss is near zero.
+    hoag_eps0 = 1e-4
+    hoag_decay = 1.01
+    #: Floor of the relative residual of the hypergradient's linear solve
+    #: (HOAG's ``min_tol``): the hypergradient steers an outer search of a
+    #: few evaluations, for which a thousandth of its size is precision
+    #: enough, and the last conjugate-gradient iterations to the schedule's
+    #: tolerance cost more than the inner solve's. The outer values, on which
+    #: the best point is chosen, keep the inner solve's schedule.
+    hoag_min_tol = 1e-3
 
     def __init__(
         self,

@@ -254,3 +254,76 @@ def test_whole_fit_matches_autograd(monkeypatch, n_classes, params):
         np.testing.assert_allclose(np.log(fast.hyperparams_[name]), np.log(value), atol=1e-2)
     np.testing.assert_allclose(fast.predict_proba(X_test), plain.predict_proba(X_test),
                                atol=1e-3)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_newton_blocks_in_low_precision(monkeypatch, n_classes):
+    """Classifiers' Newton blocks come from a float32 copy of the design: within
+    float32 rounding (and the small Levenberg shift) of the exact blocks, which
+    the direct solves keep; a Newton solve with them reaches the same optimum."""
+    full, ctx = _data("classification", n_classes, True)
+    agg = Stacking(passthrough=True)
+    space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
+    joint, _, _ = make_fold_problems(agg, ctx, _folds(full), space)
+    assert joint.newton_hessian is not None
+    # A problem whose solution is the model (the refit) keeps exact Newton steps.
+    single, _, _ = make_problem(agg, ctx, full, None, space)
+    assert single.inner_hessian is not None and single.newton_hessian is None
+    gen = torch.Generator().manual_seed(3)
+    theta = 0.3 * torch.randn(joint.theta0.numel(), generator=gen, dtype=DT)
+    h = space.initial()
+    exact, low = joint.inner_hessian(theta, h), joint.newton_hessian(theta, h)
+    assert low.dtype == exact.dtype == DT
+    scale = exact.diagonal(dim1=1, dim2=2).abs().amax()
+    assert float((low - exact).abs().max()) <= 1e-5 * float(scale)
+    assert float((low - exact).abs().max()) > 0  # not the exact blocks after all
+    theta_low, _, ok_low = solve_inner(joint, h, joint.theta0, tol=1e-10, solver="newton")
+    joint.newton_hessian = None
+    theta_exact, _, ok_exact = solve_inner(joint, h, joint.theta0, tol=1e-10, solver="newton")
+    assert ok_low and ok_exact
+    # The same optimum up to the logits' common shift (the intercepts'), which
+    # nothing penalises: compared with each row's mean over the classes removed.
+    def centred(t):
+        t = t.reshape(5, -1, n_classes)
+        return t - t.mean(-1, keepdim=True)
+
+    torch.testing.assert_close(centred(theta_low), centred(theta_exact), rtol=0, atol=1e-8)
+    # Off: regressors, float32 designs, and the switch.
+    monkeypatch.setattr(analytic, "LOW_PRECISION_BLOCKS", False)
+    joint, _, _ = make_fold_problems(agg, ctx, _folds(full), space)
+    assert joint.newton_hessian is None
+    monkeypatch.setattr(analytic, "LOW_PRECISION_BLOCKS", True)
+    full, ctx = _data("regression", 1, True)
+    space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
+    assert make_fold_problems(agg, ctx, _folds(full), space)[0].newton_hessian is None
+
+
+class _UnbatchedStacking(Stacking):
+    """The same penalty through ``.item()``, which ``torch.func.vmap`` refuses."""
+
+    def penalty(self, params, hyper):
+        pen = super().penalty(params, hyper)
+        return pen * (1.0 + 0.0 * float(params["intercept"].sum().item() != 0))
+
+
+@pytest.mark.parametrize("agg", [Stacking(), _UnbatchedStacking()], ids=["batched", "fallback"])
+def test_mixed_product_by_polarization_equals_autograd(agg):
+    """The mixed product of a quadratic penalty from its values at theta +- s v
+    (batched over folds), or fold by fold where the penalty does not batch:
+    autograd's second-order product, also with v far larger than theta."""
+    full, ctx = _data("classification", 3, True)
+    space = HyperSpace(agg.hyperparameters(ctx), {}, torch.device("cpu"), DT)
+    joint, _, _ = make_fold_problems(agg, ctx, _folds(full), space)
+    plain = _plain(joint)
+    gen = torch.Generator().manual_seed(5)
+    theta = 1e-3 * torch.randn(joint.theta0.numel(), generator=gen, dtype=DT)
+    u = space.initial() + 0.5
+    for v in (torch.randn(theta.numel(), generator=gen, dtype=DT),
+              1e4 * torch.randn(theta.numel(), generator=gen, dtype=DT)):
+        with torch.enable_grad():
+            th, hh = theta.clone().requires_grad_(True), u.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(plain.inner_loss(th, hh), th, create_graph=True)
+            (want,) = torch.autograd.grad((g * v).sum(), hh)
+        got = joint.mixed_product(theta, u, v)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+    assert torch.equal(joint.mixed_product(theta, u, torch.zeros_like(theta)), torch.zeros_like(u))

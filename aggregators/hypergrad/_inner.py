@@ -85,9 +85,13 @@ def solve_inner(
             return theta, newton_iter, True
         start = theta  # a stalled line search: L-BFGS finishes from here
 
+    last: list = [None, None]  # the last point evaluated and its gradient
+
     def fun_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if problem.inner_value_grad is not None:  # closed form: no graph to build
-            return problem.inner_value_grad(x.detach(), h)
+            value, g = problem.inner_value_grad(x.detach(), h)
+            last[:] = x, g
+            return value, g
         with torch.enable_grad():
             xx = x.detach().requires_grad_(True)
             loss = problem.inner_loss(xx, h)
@@ -105,7 +109,10 @@ def solve_inner(
     )
     n_iter += newton_iter
     theta = theta.detach()
-    g = problem.inner_grad(theta, h)
+    # L-BFGS returns the last point it evaluated: its gradient is known.
+    g = last[1] if last[0] is not None and torch.equal(last[0], theta) else None
+    if g is None:
+        g = problem.inner_grad(theta, h)
     if not (torch.isfinite(theta).all() and torch.isfinite(g).all()):
         raise InnerDivergenceError(
             "the inner solve diverged: non-finite parameters or gradient."

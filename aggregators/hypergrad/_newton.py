@@ -318,7 +318,7 @@ def newton_solve(
             if it == max_iter:
                 break
             if analytic:
-                blocks = problem.inner_hessian(theta, h)
+                blocks = (problem.newton_hessian or problem.inner_hessian)(theta, h)
             else:
                 blocks = hessian_blocks(g_graph, th, sizes).detach()
         try:

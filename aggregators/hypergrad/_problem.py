@@ -125,6 +125,12 @@ class BilevelProblem:
         ``(theta, h) -> blocks``: the Hessian blocks of ``L`` (as
         :func:`~aggregators.hypergrad._newton.hessian_blocks` returns them,
         one per entry of ``blocks``), for Newton steps and direct solves.
+    newton_hessian : callable, default=None
+        ``(theta, h) -> blocks`` like ``inner_hessian``, but only near the
+        exact blocks (formed in a lower precision, say): Newton's steps use it
+        when given. A step's direction needs no more (the solve stops on the
+        exact gradient, and its factors only precondition the hypergradient's
+        solve); the direct linear solves keep to ``inner_hessian``.
     outer_value_grads : callable, default=None
         ``(theta, h) -> (Q, dQ/dtheta, dQ/dh)``, detached, ``dQ/dh`` the
         direct derivative (``theta`` held fixed).
@@ -154,6 +160,7 @@ class BilevelProblem:
     inner_value_grad: ValueGrad | None = None
     inner_hvp: HvpFactory | None = None
     inner_hessian: Loss | None = None
+    newton_hessian: Loss | None = None
     outer_value_grads: Callable | None = None
     mixed_product: Callable | None = None
     inner_preconditioner: Callable | None = None
