@@ -947,8 +947,7 @@ def _host_values(space: HyperSpace) -> Callable | None:
         v = c * np.exp(u)  # every entry log-scaled (an L2 weight per model)
         return v, v
 
-    if log.all():
-        host = all_log
+    host = all_log if log.all() else host
     if c is None or not all(
         np.all(np.abs(host(np.full(log.shape, shift))[0] - want) <= 1e-12 * np.abs(want))
         for shift, want in ((0.0, want0), (0.5, want1), (-0.7, at(-0.7)))

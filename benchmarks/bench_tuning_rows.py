@@ -26,7 +26,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from sklearn.datasets import make_classification, make_friedman1
