@@ -312,6 +312,9 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         nor exact linear solves.
     tuner_options : dict, default=None
         Options of the method (e.g. ``{"n_steps": 200}`` for ``"reverse"``).
+        An aggregation function may declare its own defaults for ``"hoag"``
+        (``hoag_eps0``, ``hoag_decay``, ``hoag_min_tol``, as ``Stacking``
+        does for exact cross-fitting); options given here override them.
     optimizer : {"lbfgs", "adam"}, default="lbfgs"
         Outer optimizer over the (log-scaled, bounded) hyperparameters.
     cv : int, cross-validation generator or None, default=5
