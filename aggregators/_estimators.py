@@ -430,8 +430,12 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         outer-fold fits, plus the final fit for the winner), ``chosen`` and
         ``error`` (why a candidate could not be fitted, else empty).
         ``attrs`` holds ``n_outer``, ``n_se``, the ``skipped`` candidates
-        with the reason, and the held-out ``row_losses`` and ``error_losses``
-        (candidates x rows; NaN where not fitted).
+        with the reason, the held-out ``row_losses`` and ``error_losses``
+        (candidates x compared rows; NaN where not fitted) and
+        ``compared_rows``, the rows they were compared on: all of them, or
+        on more than ``3 * max_tuning_rows`` rows (``N_OUTER`` outer folds)
+        a stratified subsample of that many, each outer fold's training part
+        then holding the rows a fit tunes on (the winner is fitted on all).
     hyperparams_ : dict
         Tuned hyperparameters: ``name -> float``, or a Series by base model.
     tuning_history_ : DataFrame

@@ -40,7 +40,7 @@ from base_models import BaseModel, check_pool, fit_pool
 
 from ._base import AggregationContext
 from ._bilevel import row_losses
-from ._fit import FitResult, fit_aggregated
+from ._fit import AUTO_TUNING_ROWS, FitResult, fit_aggregated, tuning_rows
 from ._registry import resolve_aggregator
 from .greedy import GreedySelection
 
@@ -163,6 +163,19 @@ def _held_out_losses(fitted: FitResult, Z, X, y_model, task, standardize,
                 error.cpu().numpy().astype(np.float64))
 
 
+def comparison_rows(max_tuning_rows, n: int, y_strat, seed: int) -> np.ndarray:
+    """The rows the candidates are compared on: all ``n``, or with more than
+    ``N_OUTER * max_tuning_rows`` rows a (stratified, seeded) subsample of that
+    many, so that each outer fold's training part still holds the rows a fit
+    tunes on (``"auto"``: :data:`~aggregators._fit.AUTO_TUNING_ROWS`)."""
+    if max_tuning_rows is not None:
+        m = AUTO_TUNING_ROWS if isinstance(max_tuning_rows, str) else int(max_tuning_rows)
+        sub = tuning_rows(N_OUTER * m, N_OUTER, n, y_strat, seed)
+        if sub is not None:
+            return sub
+    return np.arange(n)
+
+
 def outer_folds(n: int, y_strat, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The outer folds: ``N_OUTER`` (stratified where every class allows it), fewer on tiny sets."""
     k = min(N_OUTER, n)
@@ -266,7 +279,16 @@ def fit_estimator(
     Z = pool.outputs
     seed = int(check_random_state(params["random_state"]).randint(np.iinfo(np.int32).max))
     y_strat = y_model if task == "classification" else None
-    folds = outer_folds(n, y_strat, seed)
+    # The rows the candidates are compared on: all of them, or on a large set
+    # a subsample of N_OUTER * max_tuning_rows (each outer fold's training part
+    # then still holds the rows a fit tunes on). Held-out losses of that many
+    # rows resolve the candidates far below the margin; the winner is fitted
+    # on every row.
+    cmp = comparison_rows(params.get("max_tuning_rows"), n, y_strat, seed)
+    n_cmp = len(cmp)
+    w_cmp = None if sample_weight is None else sample_weight[cmp]
+    folds = [(cmp[tr], va) for tr, va in
+             outer_folds(n_cmp, None if y_strat is None else y_strat[cmp], seed)]
     dtype = torch.float64 if params["dtype"] == "float64" else torch.float32
     fast = [dict(cv=None, random_state=seed, max_outer_iter=min(
         FOLD_OUTER_STEPS.get(name, OUTER_STEPS), params["max_outer_iter"])) for name, _ in specs]
@@ -278,11 +300,12 @@ def fit_estimator(
     # next to nothing and always run every fold: a dear candidate that led
     # on the first fold and faltered later then still meets them at the end.
     racing = np.array([bool(agg.hyperparameters(ctx)) for _, agg in specs])
-    raw, unseen = np.full((n_cand, n), np.nan), np.full((n_cand, n), np.nan)
+    raw, unseen = np.full((n_cand, n_cmp), np.nan), np.full((n_cand, n_cmp), np.nan)
     seconds, errors = np.zeros(n_cand), [""] * n_cand
     alive, n_folds = np.ones(n_cand, dtype=bool), np.zeros(n_cand, dtype=int)
-    seen = np.zeros(n, dtype=bool)
+    seen = np.zeros(n_cmp, dtype=bool)
     for j, (tr, va) in enumerate(folds):
+        rows = cmp[va]
         for i in np.flatnonzero(alive):
             t0 = time.perf_counter()
             try:
@@ -292,7 +315,7 @@ def fit_estimator(
                     fitted = _fit_on_outputs(params, specs[i][1], Z, X, y, y_model, tr,
                                              **kw, **fast[i])
                     raw[i, va], unseen[i, va] = _held_out_losses(
-                        fitted, Z[va], X[va], y_model[va], task, standardize, dtype
+                        fitted, Z[rows], X[rows], y_model[rows], task, standardize, dtype
                     )
                 n_folds[i] += 1
             except (ValueError, RuntimeError, FloatingPointError) as e:
@@ -302,21 +325,21 @@ def fit_estimator(
             seconds[i] += time.perf_counter() - t0
         seen[va] = True
         if j < len(folds) - 1 and alive.sum() > 1 and np.isfinite(RACE_STANDARD_ERRORS):
-            w_seen = None if sample_weight is None else sample_weight[seen]
-            L = _charged(raw, unseen, n)[:, seen]
+            w_seen = None if w_cmp is None else w_cmp[seen]
+            L = _charged(raw, unseen, n_cmp)[:, seen]
             L[~alive] = np.nan
             _, means, se = choose(L, n_se=RACE_STANDARD_ERRORS, weights=w_seen)
             worse = means - means[alive].min() > RACE_STANDARD_ERRORS * np.nan_to_num(se)
             alive &= ~(worse & racing)
-    charged = _charged(raw, unseen, n)
+    charged = _charged(raw, unseen, n_cmp)
     losses = np.where((n_folds < len(folds))[:, None], np.nan, charged)
     if not np.isfinite(losses).all(axis=1).any():
         raise RuntimeError(
             "aggregator='auto': no candidate could be fitted on the outer folds of "
-            f"these {n} rows: " + "; ".join(f"{s}: {e}" for (s, _), e in zip(specs, errors))
+            f"these {n_cmp} rows: " + "; ".join(f"{s}: {e}" for (s, _), e in zip(specs, errors))
         )
-    winner, _, se = choose(losses, n_se=N_STANDARD_ERRORS, weights=sample_weight)
-    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+    winner, _, se = choose(losses, n_se=N_STANDARD_ERRORS, weights=w_cmp)
+    w = np.ones(n_cmp) if w_cmp is None else np.asarray(w_cmp, dtype=float)
 
     def mean_over_scored(L):
         ok = np.isfinite(L)
@@ -344,5 +367,5 @@ def fit_estimator(
     }, index=pd.Index([s for s, _ in specs], name="candidate"))
     table.loc[name, "fit_seconds"] += final_seconds
     table.attrs.update(n_outer=len(folds), n_se=N_STANDARD_ERRORS, skipped=skipped,
-                       row_losses=raw, error_losses=unseen)
+                       row_losses=raw, error_losses=unseen, compared_rows=cmp)
     return result, table

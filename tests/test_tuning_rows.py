@@ -176,3 +176,18 @@ def test_max_tuning_rows_errors_name_it():
     with pytest.raises(ValueError, match=r"max_tuning_rows=100 .* only an int cv"):
         AggregatedClassifier(pool, aggregator="stacking", cv=KFold(3),
                              max_tuning_rows=100).fit(X, y)
+
+
+def test_auto_compares_candidates_on_a_subsample_and_fits_the_winner_on_all_rows():
+    pool, X, y = _classification(900)
+    est = AggregatedClassifier(pool, cv=3, max_tuning_rows=100, random_state=0).fit(X, y)
+    cmp = est.candidates_.attrs["compared_rows"]
+    assert len(cmp) == 300 and np.all(np.diff(cmp) > 0)  # N_OUTER * max_tuning_rows rows
+    assert est.candidates_.attrs["row_losses"].shape[1] == 300
+    chosen = est.candidates_.index[est.candidates_["chosen"]][0]
+    # The winner's final fit saw every row: a fit of the same aggregator on all rows.
+    again = AggregatedClassifier(pool, aggregator=type(est.aggregator_)(**est.aggregator_.get_params()),
+                                 cv=3, max_tuning_rows=100, random_state=0).fit(X, y)
+    assert np.allclose(est.predict_proba(X), again.predict_proba(X), atol=1e-8), chosen
+    full = AggregatedClassifier(pool, cv=3, max_tuning_rows=None, random_state=0).fit(X, y)
+    assert len(full.candidates_.attrs["compared_rows"]) == 900
