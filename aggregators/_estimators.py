@@ -369,6 +369,8 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         splits, ``validation_loss_``, ``tuning_history_``'s losses and
         ``fold_aggregators_`` are the subsample's;
         ``tuning_history_.attrs["tuning_rows"]`` says how many rows it had.
+        With ``aggregator="auto"`` the candidates are also compared on at
+        most ``3 * max_tuning_rows`` rows (see ``candidates_``).
     max_outer_iter : int, default=30
         Bound on outer (hyperparameter) iterations. With ``optimizer="lbfgs"``
         the line search may evaluate up to twice as many points, each a row
