@@ -345,6 +345,36 @@ class _LinearRows:
         return H - torch.bmm(KwT, K)
 
 
+class _LastPoint:
+    """What a closed form computed at the last point it was asked for.
+
+    Newton's line search evaluates the point its next iteration starts from,
+    then asks for the Hessian there: the first pass's by-products (the
+    softmax, the rows' state) are kept for that one point, keyed by exact
+    equality of the tensors (``theta``, and ``h`` where it matters).
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.key, self.value = None, None
+
+    def get(self, *key: torch.Tensor):
+        """The value stored at ``key``, or ``None``."""
+        if self.key is None or len(key) != len(self.key) or not all(
+            a.shape == b.shape and torch.equal(a, b) for a, b in zip(self.key, key)
+        ):
+            return None
+        return self.value
+
+    def put(self, value, *key: torch.Tensor):
+        """Store ``value`` at (copies of) ``key``; returns ``value``."""
+        self.key = tuple(k.detach().clone() for k in key)
+        self.value = value
+        return value
+
+
 def _padded_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Folds' tensors (rows first) padded with zeros to one length and stacked:
     with zero row weights, padding rows add nothing to a loss."""
@@ -481,18 +511,16 @@ def attach_linear_derivatives(
     def shaped(theta: torch.Tensor) -> torch.Tensor:
         return theta.reshape(F, q, c)
 
-    # The softmax at the last point whose gradient was asked (Newton's line
-    # search accepts a point, then asks for the Hessian there).
-    last: list = [None, None]
+    # The softmax at the last point whose gradient was asked.
+    last = _LastPoint()
 
     def probs(theta):
-        if last[0] is not None and last[0].shape == theta.shape and torch.equal(last[0], theta):
-            return last[1]
-        return train.value_grad(shaped(theta))[2]
+        P = last.get(theta)
+        return P if P is not None else train.value_grad(shaped(theta))[2]
 
     def inner_value_grad(theta, h):
         data, g, P = train.value_grad(shaped(theta))
-        last[:] = theta.detach().clone(), P
+        last.put(P, theta)
         pen, gp = model(h).value_grad(theta.reshape(F, p))
         return (data + pen).detach(), (g.reshape(-1) + gp.reshape(-1)).detach()
 
@@ -871,27 +899,23 @@ def attach_weights_derivatives(
         wts, gw, state, wc, l2, ent = first_state
         return _logit_hessian(wts, gw, train.second(state), wc, ent, l2)
 
-    # theta, h, (value, gradient), first_state: Newton's line search evaluates
-    # the point its next iteration starts from, and takes its Hessian there.
-    last: list = [None, None, None, None]
-
-    def cached(theta, h):
-        return (last[0] is not None and last[0].shape == theta.shape
-                and torch.equal(last[0], theta) and torch.equal(last[1], h))
+    # ((value, gradient), first_state) at the last (theta, h).
+    last = _LastPoint()
 
     @torch.no_grad()
+    def first_pass(theta, h):
+        got = last.get(theta, h)
+        if got is None:
+            value, g, first_state = inner_first(theta, h)
+            got = last.put(((value, g.reshape(-1)), first_state), theta, h)
+        return got
+
     def inner_value_grad(theta, h):
-        if cached(theta, h):
-            return last[2]
-        value, g, first_state = inner_first(theta, h)
-        last[:] = theta.detach().clone(), h.detach().clone(), (value, g.reshape(-1)), first_state
-        return last[2]
+        return first_pass(theta, h)[0]
 
     @torch.no_grad()
     def inner_hessian(theta, h):
-        if not cached(theta, h):
-            inner_value_grad(theta, h)
-        H = inner_second(last[3])
+        H = inner_second(first_pass(theta, h)[1])
         return 0.5 * (H + H.transpose(1, 2))
 
     def inner_hvp(theta, h):
@@ -920,9 +944,8 @@ def attach_weights_derivatives(
         in ``l2`` and the entropy weight their own terms' gradients."""
         a = theta.detach().reshape(F, m)
         vv = v.reshape(F, m)
-        if not cached(theta, h):  # at the inner solution its last pass is cached
-            inner_value_grad(theta, h)
-        wts, _, state, wc, _, _ = last[3]
+        # At the inner solution its last pass is kept.
+        wts, _, state, wc, _, _ = first_pass(theta, h)[1]
         c_T = None
         if classify:
             c_T = (train.temperature_terms(state)[1] * _softmax_grad(wts, vv)).sum()

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._analytic import _match_autograd, _padded_stack
+from ._analytic import _LastPoint, _match_autograd, _padded_stack
 from ._base import AggregationContext, Aggregator
 from ._capacity import n_capacities, pair_index
 from .choquet import Choquet, _pairwise_min
@@ -448,27 +448,23 @@ def attach_choquet_derivatives(
         H = H[:, pos][:, :, pos]
         return 0.5 * (H + H.transpose(1, 2))
 
-    # theta, h, (value, gradient), state: Newton's line search evaluates the
-    # point its next iteration starts from, and takes its Hessian there.
-    last: list = [None, None, None, None]
-
-    def cached(theta, h):
-        return (last[0] is not None and last[0].shape == theta.shape
-                and torch.equal(last[0], theta) and torch.equal(last[1], h))
+    # ((value, gradient), state) at the last (theta, h).
+    last = _LastPoint()
 
     @torch.no_grad()
+    def first_pass(theta, h):
+        got = last.get(theta, h)
+        if got is None:
+            value, g, state = first(theta, h)
+            got = last.put(((value, g), state), theta, h)
+        return got
+
     def inner_value_grad(theta, h):
-        if cached(theta, h):
-            return last[2]
-        value, g, state = first(theta, h)
-        last[:] = theta.detach().clone(), h.detach().clone(), (value, g), state
-        return last[2]
+        return first_pass(theta, h)[0]
 
     @torch.no_grad()
     def inner_hessian(theta, h):
-        if not cached(theta, h):
-            inner_value_grad(theta, h)
-        return second(last[3])
+        return second(first_pass(theta, h)[1])
 
     def mixed_product(theta, h, v):
         with torch.enable_grad():
@@ -488,7 +484,7 @@ def attach_choquet_derivatives(
         # The validation loss stays with autograd: only the inner one is compared.
         if not _match_autograd(problem, theta, hs, scale, inner_value_grad, None):
             return "the closed-form loss does not match the forward pass"
-        last[:] = [None, None, None, None]
+        last.clear()
     problem.inner_value_grad = inner_value_grad
     problem.inner_hessian = inner_hessian
     problem.mixed_product = mixed_product
