@@ -184,6 +184,13 @@ def make_splits(n: int, y_strat, seed: int, cv, validation_fraction: float) -> l
 AUTO_TUNING_ROWS = 10_000
 
 
+def tuning_row_limit(max_tuning_rows) -> int | None:
+    """The estimator's ``max_tuning_rows`` as a number of rows (``None``: no limit)."""
+    if max_tuning_rows is None:
+        return None
+    return AUTO_TUNING_ROWS if isinstance(max_tuning_rows, str) else int(max_tuning_rows)
+
+
 def tuning_rows(
     max_tuning_rows, cv, n: int, y_strat, seed: int
 ) -> np.ndarray | None:
@@ -196,12 +203,10 @@ def tuning_rows(
     where it was on all rows. Only with ``cv`` an int or ``None``: the
     splits of a splitter or an iterable the user gave refer to all rows.
     """
-    if max_tuning_rows is None:
+    m = tuning_row_limit(max_tuning_rows)
+    if m is None or n <= m:
         return None
     auto = isinstance(max_tuning_rows, str)
-    m = AUTO_TUNING_ROWS if auto else int(max_tuning_rows)
-    if n <= m:
-        return None
     if cv is not None and not isinstance(cv, Integral):
         if auto:
             return None
@@ -694,7 +699,7 @@ def fit_aggregated(
                     agg_spec, ctx, full, space, result.h,
                     like=linear_solutions if sub is None else None,
                 )
-            elif split_theta is None:  # approximate CV: the tuned fit is on all rows already
+            elif split_theta is None:  # approximate CV: the fit on the tuning's rows
                 warm = result.thetas[0]
                 fold_thetas = list(acv_fold_thetas(warm, result.h).detach())
             else:

@@ -40,7 +40,7 @@ from base_models import BaseModel, check_pool, fit_pool
 
 from ._base import AggregationContext
 from ._bilevel import row_losses
-from ._fit import AUTO_TUNING_ROWS, FitResult, fit_aggregated, tuning_rows
+from ._fit import FitResult, fit_aggregated, tuning_row_limit, tuning_rows
 from ._registry import resolve_aggregator
 from .greedy import GreedySelection
 
@@ -168,12 +168,10 @@ def comparison_rows(max_tuning_rows, n: int, y_strat, seed: int) -> np.ndarray:
     ``N_OUTER * max_tuning_rows`` rows a (stratified, seeded) subsample of that
     many, so that each outer fold's training part still holds the rows a fit
     tunes on (``"auto"``: :data:`~aggregators._fit.AUTO_TUNING_ROWS`)."""
-    if max_tuning_rows is not None:
-        m = AUTO_TUNING_ROWS if isinstance(max_tuning_rows, str) else int(max_tuning_rows)
-        sub = tuning_rows(N_OUTER * m, N_OUTER, n, y_strat, seed)
-        if sub is not None:
-            return sub
-    return np.arange(n)
+    m = tuning_row_limit(max_tuning_rows)
+    # (Below 2 rows a fold, the fits themselves say max_tuning_rows is too small.)
+    sub = tuning_rows(N_OUTER * m, N_OUTER, n, y_strat, seed) if m and m >= 2 else None
+    return np.arange(n) if sub is None else sub
 
 
 def outer_folds(n: int, y_strat, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
