@@ -43,8 +43,16 @@ class Interrupted(Exception):
     """Stands in for a killed job (the tests kill a real process with SIGKILL)."""
 
 
-def main(rows: int = 200_000, chunk_rows: int = 20_000) -> pd.DataFrame:
-    folder = Path(tempfile.mkdtemp(prefix="hyperagg-deploy-"))
+def main(rows: int = 200_000, chunk_rows: int = 20_000, folder: str | None = None) -> pd.DataFrame:
+    """Run the walk-through in ``folder``, or in a temporary folder removed afterwards."""
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return walk_through(Path(folder), rows, chunk_rows)
+    with tempfile.TemporaryDirectory(prefix="hyperagg-deploy-") as tmp:
+        return walk_through(Path(tmp), rows, chunk_rows)
+
+
+def walk_through(folder: Path, rows: int, chunk_rows: int) -> pd.DataFrame:
 
     # 1. A frozen pool and a tuned aggregator.
     X, y = task(6000, seed=0)
@@ -103,7 +111,7 @@ def main(rows: int = 200_000, chunk_rows: int = 20_000) -> pd.DataFrame:
     diff = np.abs(cpu.predict_proba(head) - scores.filter(like="proba_").head(1000).to_numpy())
     print(f"loaded on the CPU: max difference to the scored file {diff.max():.1e}")
 
-    print("\nThe same from a shell:")
+    print("\nThe same from a shell (pass --folder DIR to keep these files):")
     print(f"  hyperagg info {model}")
     print(f"  hyperagg score {model} {src} {out} --id-column id --chunk-rows {chunk_rows}"
           " [--resume] [--on-bad-rows skip]")
@@ -115,5 +123,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--chunk-rows", type=int, default=20_000)
+    ap.add_argument("--folder", help="keep the model and the files here (default: a "
+                    "temporary folder, removed at the end)")
     args = ap.parse_args()
-    main(args.rows, args.chunk_rows)
+    main(args.rows, args.chunk_rows, args.folder)
