@@ -272,13 +272,13 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         :func:`aggregators.available_aggregators`) or an :class:`Aggregator`
         instance (its parameters are reachable as ``aggregator__<name>``).
         ``"auto"`` fits the candidates of :data:`aggregators.auto.CANDIDATES`
-        (the best single model, greedy ensemble selection, convex weights,
-        stacking, a Choquet integral; those that cannot serve the task are
+        (the best single model, stacking, greedy ensemble selection, convex
+        weights, a Choquet integral; those that cannot serve the task are
         skipped) on 3 outer folds of the rows, each with one inner split and at
         most 3 outer steps, scores each row with the fits that did not see it,
-        keeps the simplest candidate whose mean held-out loss is within one
-        standard error (of the paired difference) of the lowest, and fits it
-        on all rows as the other parameters say. ``candidates_`` reports the
+        keeps the first candidate in that order whose mean held-out loss is
+        within three standard errors (of the paired difference) of the
+        lowest, and fits it on all rows as the other parameters say. ``candidates_`` reports the
         race. It cannot be combined with a ``hyperparams`` dict or
         ``tune_ranges``, which name one function's hyperparameters.
     hyperparams : "tune", "fixed" or dict, default="tune"

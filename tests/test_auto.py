@@ -29,7 +29,7 @@ from aggregators import (
 from aggregators import auto as auto_module
 from aggregators.auto import choose
 
-CLASSIFIER_CANDIDATES = ["single", "greedy", "weights", "stacking", "choquet"]
+CLASSIFIER_CANDIDATES = ["single", "stacking", "greedy", "weights", "choquet"]
 
 
 @pytest.fixture(scope="module")
