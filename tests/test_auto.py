@@ -397,3 +397,40 @@ def test_the_race_does_not_depend_on_fit_times(monkeypatch):
     b = AggregatedRegressor(pool, random_state=3).fit(X[200:350], y[200:350])
     pd.testing.assert_series_equal(a.candidates_["estimate"], b.candidates_["estimate"])
     pd.testing.assert_series_equal(a.candidates_["folds"], b.candidates_["folds"])
+
+
+def test_dominated_marks_what_a_preferred_candidate_clearly_beats():
+    rng = np.random.default_rng(0)
+    base = rng.normal(1.0, 0.1, 400)
+    losses = np.stack([base, base + 0.05, base - 0.001 * rng.normal(size=400), base + 0.05])
+    alive = np.array([True, True, True, False])
+    out = auto_module.dominated(losses, alive, 1.0)
+    # 1 is beaten by 0 (before it); 2 is within the noise of 0; 3 is dead; 0 has nothing before it.
+    assert out.tolist() == [False, True, False, False]
+    assert not auto_module.dominated(losses, alive, np.inf).any()
+    # Only a candidate before it counts: 0 is not marked for being above 2.
+    assert not auto_module.dominated(losses[[1, 0]], np.ones(2, bool), 1.0)[1]
+    # Weights: rows of weight 0 do not count. 1 is worse than 0 on the first
+    # half and better on the second: beaten on the first half's rows alone.
+    w = np.r_[np.ones(200), np.zeros(200)]
+    flipped = losses.copy()
+    flipped[1, :200] = base[:200] + 0.05
+    flipped[1, 200:] = base[200:] - 0.05
+    assert not auto_module.dominated(flipped, alive, 1.0)[1]
+    assert auto_module.dominated(flipped, alive, 1.0, weights=w)[1]
+
+
+def test_a_candidate_a_preferred_one_clearly_beats_is_raced_out(monkeypatch, cancer_pool):
+    c = cancer_pool
+    pool = [("lr", FrozenEstimator(c.pool["lr"])),
+            ("prior", FrozenEstimator(DummyClassifier().fit(c.X_agg, c.y_agg)))]
+    monkeypatch.setattr(auto_module, "CANDIDATES", (
+        ("single", lambda: GreedySelection(n_rounds=1)), ("worst", _WorstTuned)))
+    # The first rule (distance to the best) off: only dominance drops it.
+    monkeypatch.setattr(auto_module, "RACE_STANDARD_ERRORS", 1e9)
+    table = AggregatedClassifier(pool, random_state=0).fit(c.X_agg, c.y_agg).candidates_
+    assert table.loc["worst", "folds"] == 1
+    assert table.loc["single", "folds"] == table.attrs["n_outer"]
+    monkeypatch.setattr(auto_module, "RACE_DOMINATED_STANDARD_ERRORS", np.inf)
+    table = AggregatedClassifier(pool, random_state=0).fit(c.X_agg, c.y_agg).candidates_
+    assert table.loc["worst", "folds"] == table.attrs["n_outer"]
