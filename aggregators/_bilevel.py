@@ -420,13 +420,56 @@ def make_problem(
     return problem, packer, buffers
 
 
+#: Closed forms that matched autograd in this process, by what decides their
+#: algebra (:func:`_closed_form_key`): a later problem of the same key is not
+#: checked again. ``aggregator="auto"`` fits the same few configurations a
+#: dozen times on its outer folds, and the check (autograd at three points)
+#: was a sixth of a small stacking fit.
+_CHECKED: set = set()
+#: Bound on :data:`_CHECKED`'s size (it is emptied when reached).
+_CHECKED_MAX = 1024
+
+
+def _closed_form_key(problem, agg, ctx, n_folds: int, charge: float):
+    """What a closed form's agreement with autograd depends on: the aggregation
+    function's class and the methods that define its loss (so that a subclass
+    or a patched method is checked anew), callables set on the instance, its
+    parameters, the task's shape, whether the validation loss is charged, the
+    number of folds, the dtype and the device type. ``None`` where the
+    parameters cannot be read: then the check always runs."""
+    cls = type(agg)
+    try:
+        params = repr(sorted(agg.get_params(deep=False).items()))
+    except Exception:  # noqa: BLE001 - an unreadable aggregator is checked every time
+        return None
+    methods = tuple(getattr(cls, m, None) for m in (
+        "forward", "penalty", "linear_design", "data_penalty", "init_params", "fit_buffers"))
+    own = tuple(sorted(k for k, v in vars(agg).items() if callable(v)))
+    return (cls, methods, own, params, ctx.task, ctx.n_models, ctx.n_outputs,
+            ctx.n_features if agg.uses_X else None, bool(charge), n_folds,
+            problem.theta0.dtype, problem.theta0.device.type)
+
+
 def _attach(problem, agg, ctx, space, packer, folds, check: bool = True,
             charge: float = 0.0, low_precision: bool = False) -> str:
     """Closed-form derivatives on ``problem`` where ``agg`` is linear in its parameters
-    (checked at the start and at the box's ends, unless ``check`` is ``False``);
+    (checked at the start and at the box's ends, unless ``check`` is ``False``
+    or a problem of the same :func:`_closed_form_key` was checked before);
     returns why not, or ``""``. ``charge``: the validation loss's charge for
     unseen errors, which only closed forms that leave the outer loss to
     autograd (Choquet's) serve."""
+    key = _closed_form_key(problem, agg, ctx, len(folds), charge) if check else None
+    why = _attach_checked(problem, agg, ctx, space, packer, folds,
+                          check and key not in _CHECKED, charge, low_precision)
+    if why == "" and key is not None:
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED.add(key)
+    return why
+
+
+def _attach_checked(problem, agg, ctx, space, packer, folds, check: bool,
+                    charge: float, low_precision: bool) -> str:
     if type(agg).data_penalty is not Aggregator.data_penalty:
         return f"{type(agg).__name__} adds a data_penalty"
     if isinstance(agg, Choquet):

@@ -327,3 +327,32 @@ def test_mixed_product_by_polarization_equals_autograd(agg):
         got = joint.mixed_product(theta, u, v)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
     assert torch.equal(joint.mixed_product(theta, u, torch.zeros_like(theta)), torch.zeros_like(u))
+
+
+def test_a_closed_form_checked_once_is_not_checked_again_for_the_same_configuration(monkeypatch):
+    import aggregators._bilevel as bilevel
+
+    X, y = make_classification(300, 6, n_informative=4, n_classes=3, random_state=0)
+    pool = [("lr", FrozenEstimator(LogisticRegression(max_iter=500).fit(X[:150], y[:150]))),
+            ("nb", FrozenEstimator(GaussianNB().fit(X[:150], y[:150])))]
+    calls = []
+    real = analytic._match_autograd
+    monkeypatch.setattr(analytic, "_match_autograd",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(bilevel, "_CHECKED", set())
+
+    def fit(**params):
+        calls.clear()
+        est = AggregatedClassifier(pool, aggregator=Stacking(**params), random_state=0,
+                                   max_outer_iter=2).fit(X[150:], y[150:])
+        return len(calls), est.predict_proba(X[:20])
+
+    first, p1 = fit()
+    again, p2 = fit()
+    assert first > 0 and again == 0
+    np.testing.assert_array_equal(p1, p2)
+    # Another configuration, or a method patched on the class, is checked anew.
+    assert fit(per_model_l2=False)[0] > 0
+    penalty = Stacking.penalty
+    monkeypatch.setattr(Stacking, "penalty", lambda self, *a: penalty(self, *a))
+    assert fit()[0] > 0
