@@ -259,6 +259,8 @@ def test_refit_reuses_the_folds_closed_form_check(monkeypatch):
         return out
 
     monkeypatch.setattr(bilevel, "attach_linear_derivatives", recording)
+    # As in a fresh process: no configuration checked before.
+    monkeypatch.setattr(bilevel, "_CHECKED", set())
     make = lambda: AggregatedClassifier(  # noqa: E731
         pool, aggregator="stacking", max_outer_iter=2, random_state=0).fit(X, y)
     fast = make()
