@@ -19,8 +19,9 @@ The base models' outputs are computed once; every candidate fit reuses them.
 Candidate fits on the outer folds use one inner split (``cv=None``) and at most
 ``OUTER_STEPS`` outer steps (``FOLD_OUTER_STEPS`` for the dearest), and the
 candidates race: after each fold, one clearly worse than the best so far, or
-clearly beaten by one the rule prefers to it, is not fitted on the next folds, so that the whole choice costs a few fits of
-``stacking`` (see ``benchmarks/bench_regret.py`` and ``bench_auto_cost.py``).
+clearly beaten by one the rule prefers to it, is not fitted on the next
+folds, so that the whole choice costs a few fits of ``stacking`` (see
+``benchmarks/bench_regret.py`` and ``bench_auto_cost.py``).
 """
 
 from __future__ import annotations
