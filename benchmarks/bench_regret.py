@@ -161,7 +161,8 @@ def run(name: str, seed: int, reuse: list[dict] | None = None) -> list[dict]:
                  "n_outer": auto_module.N_OUTER, "outer_steps": auto_module.OUTER_STEPS,
                  "fold_steps": str(auto_module.FOLD_OUTER_STEPS),
                  "n_se": auto_module.N_STANDARD_ERRORS,
-                 "race_se": auto_module.RACE_STANDARD_ERRORS})
+                 "race_se": auto_module.RACE_STANDARD_ERRORS,
+                 "race_dominated_se": auto_module.RACE_DOMINATED_STANDARD_ERRORS})
     return rows
 
 
@@ -253,6 +254,8 @@ def main(argv=None) -> None:
                         help="set aggregators.auto.N_OUTER")
     parser.add_argument("--race-se", type=float, default=None,
                         help="set aggregators.auto.RACE_STANDARD_ERRORS (inf: no racing)")
+    parser.add_argument("--race-dominated-se", type=float, default=None,
+                        help="set aggregators.auto.RACE_DOMINATED_STANDARD_ERRORS (inf: off)")
     args = parser.parse_args(argv)
     if args.src:
         report(pd.read_csv(args.src))
@@ -266,6 +269,8 @@ def main(argv=None) -> None:
         auto_module.N_OUTER = args.n_outer
     if args.race_se is not None:
         auto_module.RACE_STANDARD_ERRORS = args.race_se
+    if args.race_dominated_se is not None:
+        auto_module.RACE_DOMINATED_STANDARD_ERRORS = args.race_dominated_se
     reuse = None if args.reuse is None else pd.read_csv(args.reuse).to_dict("records")
     torch_threads()
     rows = []
