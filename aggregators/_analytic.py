@@ -39,10 +39,10 @@ PRECONDITION = True
 
 #: Whether classifiers' Newton steps and block-Jacobi preconditioner form the
 #: data part of their Hessian blocks from a float32 copy of a float64 design
-#: (``BilevelProblem.newton_hessian``): about half the time of those batched
-#: products, the largest of an outer evaluation, on CPU. Both only steer the
-#: solves: convergence is judged on the float64 gradient, and the
-#: hypergradient's conjugate gradient on float64 Hessian-vector products.
+#: (``BilevelProblem.newton_hessian``): those batched products are the largest
+#: cost of an outer evaluation, and float32 products are cheaper on CPU. Both
+#: only steer the solves: convergence is judged on the float64 gradient, and
+#: the hypergradient's conjugate gradient on float64 Hessian-vector products.
 #: ``False``: the working precision throughout, for comparison.
 LOW_PRECISION_BLOCKS = True
 

@@ -422,9 +422,9 @@ def make_problem(
 
 #: Closed forms that matched autograd in this process, by what decides their
 #: algebra (:func:`_closed_form_key`): a later problem of the same key is not
-#: checked again. ``aggregator="auto"`` fits the same few configurations a
+#: checked again: ``aggregator="auto"`` fits the same few configurations a
 #: dozen times on its outer folds, and the check (autograd at three points)
-#: was a sixth of a small stacking fit.
+#: is a fixed cost of every small fit that the algebra does not need twice.
 _CHECKED: set = set()
 #: Bound on :data:`_CHECKED`'s size (it is emptied when reached).
 _CHECKED_MAX = 1024

@@ -278,9 +278,10 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         most 3 outer steps, scores each row with the fits that did not see it,
         keeps the first candidate in that order whose mean held-out loss is
         within three standard errors (of the paired difference) of the
-        lowest, and fits it on all rows as the other parameters say. ``candidates_`` reports the
-        race. It cannot be combined with a ``hyperparams`` dict or
-        ``tune_ranges``, which name one function's hyperparameters.
+        lowest, and fits it on all rows as the other parameters say.
+        ``candidates_`` reports the race. It cannot be combined with a
+        ``hyperparams`` dict or ``tune_ranges``, which name one function's
+        hyperparameters.
     hyperparams : "tune", "fixed" or dict, default="tune"
         ``"tune"`` tunes every hyperparameter from the aggregator's initial
         values; ``"fixed"`` tunes none; a dict fixes the named ones (to the

@@ -515,7 +515,7 @@ def linear_penalty_terms(
         ]).detach(), None)
 
     # The diagonal reading from the penalty's values alone, in one batch under
-    # vmap (three times cheaper there than its gradients): with P(theta) =
+    # vmap (cheaper there than its gradients): with P(theta) =
     # 0.5 theta^T diag(d) theta + r^T theta + c, d_i = P(e_i) + P(-e_i) - 2 P(0)
     # and r_i = (P(e_i) - P(-e_i)) / 2, the same numbers as its gradients at
     # theta = 0 and 1 give for an L2 weight. The same batch evaluates the
