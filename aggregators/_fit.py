@@ -28,6 +28,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, check_cv, train_test
 from sklearn.utils import Bunch, check_random_state
 
 from base_models import (
+    PoolFit,
     check_pool,
     fit_pool,
     resolve_device,
@@ -503,6 +504,7 @@ def fit_aggregated(
     n_outputs: int,
     standardize: tuple | None = None,
     sample_weight: np.ndarray | None = None,
+    pool: PoolFit | None = None,
 ) -> FitResult:
     """Fit the pool and the tuned aggregation function.
 
@@ -528,6 +530,11 @@ def fit_aggregated(
         Applied to the base outputs of a regressor, as to its target.
     sample_weight : ndarray, default=None
         Validated row weights, or ``None`` for equal weights.
+    pool : PoolFit, default=None
+        The base models' outputs on these rows, collected already by
+        :func:`~base_models.fit_pool` (``aggregator="auto"`` collects them
+        once for all its fits); ``None`` collects them here. When given, no
+        base model is called and ``Xb`` is not read.
 
     Returns
     -------
@@ -548,8 +555,15 @@ def fit_aggregated(
     # Everything that can be checked without the base models' outputs is
     # checked before fitting any of them.
     agg_spec = resolve_aggregator(params["aggregator"])
-    estimators = check_pool(params["estimators"], reserved=params)
-    names = [name for name, _ in estimators]
+    if pool is None:
+        estimators = check_pool(params["estimators"], reserved=params)
+        names = [name for name, _ in estimators]
+    else:
+        if pool.outputs.shape[0] != n:
+            raise ValueError(
+                f"the pool's outputs hold {pool.outputs.shape[0]} rows; the fit has {n}."
+            )
+        names = list(pool.base_models)
     gen = torch.Generator(device=device).manual_seed(seed)
     # Tuning on a subsample of a large set: the splits are the subsample's.
     sub = (
@@ -581,10 +595,11 @@ def fit_aggregated(
         sub, n_tune = None, n
         splits = splits_of(None)
 
-    pool = fit_pool(
-        estimators, Xb, y, task=task, classes=classes, n_outputs=n_outputs,
-        prefit=params["prefit"], base_cv=params["base_cv"], sample_weight=sample_weight,
-    )
+    if pool is None:
+        pool = fit_pool(
+            estimators, Xb, y, task=task, classes=classes, n_outputs=n_outputs,
+            prefit=params["prefit"], base_cv=params["base_cv"], sample_weight=sample_weight,
+        )
     Z = pool.outputs
     if standardize is not None:
         Z = (Z - standardize[0]) / standardize[1]  # broadcast over the outputs axis

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import replace
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch
 from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.utils import check_random_state
 
-from base_models import BaseModel, check_pool, fit_pool
+from base_models import PoolFit, check_pool, fit_pool
 
 from ._base import AggregationContext
 from ._bilevel import row_losses
@@ -122,33 +123,15 @@ def _charged(raw: np.ndarray, unseen: np.ndarray, n: int) -> np.ndarray:
     return raw + unseen / (n + 1)
 
 
-class _StoredColumn(BaseModel):
-    """One base model's outputs computed already, looked up by row position.
-
-    The candidate fits are handed positions ``0 .. n-1`` as their "rows", so
-    the pool is never called again.
-    """
-
-    def __init__(self, outputs: np.ndarray, task: str, classes):
-        self.outputs = outputs
-        self.task = task
-        self.classes_ = classes
-        self.output = "proba" if task == "classification" else "value"
-
-    def predict_raw(self, X) -> np.ndarray:
-        return self.outputs[np.asarray(X)[:, 0].astype(np.intp)]
-
-
-def _fit_on_outputs(params, agg, Z, X, y, y_model, rows, *, task, classes, n_outputs,
-                    standardize, sample_weight, **overrides) -> FitResult:
-    """Fit ``agg`` on the stored outputs ``Z[rows]`` (no base model is called)."""
-    names = [name for name, _ in params["estimators"]]
-    pool = [(name, _StoredColumn(Z[rows, m], task, classes)) for m, name in enumerate(names)]
-    p = {**params, **overrides, "aggregator": agg, "estimators": pool, "verbose": 0}
+def _fit_on_outputs(params, agg, pool: PoolFit, X, y, y_model, rows, *, task, classes,
+                    n_outputs, standardize, sample_weight, **overrides) -> FitResult:
+    """Fit ``agg`` on ``rows`` from the pool's stored outputs (no base model is called)."""
+    p = {**params, **overrides, "aggregator": agg, "verbose": 0}
     return fit_aggregated(
-        p, X[rows], np.arange(len(rows))[:, None], y[rows], y_model[rows],
+        p, X[rows], X[rows], y[rows], y_model[rows],
         task=task, classes=classes, n_outputs=n_outputs, standardize=standardize,
         sample_weight=None if sample_weight is None else sample_weight[rows],
+        pool=replace(pool, outputs=pool.outputs[rows]),
     )
 
 
@@ -357,7 +340,7 @@ def fit_estimator(
                 with warnings.catch_warnings():
                     # A short tuning on a fold may stop early; the estimate says how it fared.
                     warnings.simplefilter("ignore")
-                    fitted = _fit_on_outputs(params, specs[i][1], Z, X, y, y_model, tr,
+                    fitted = _fit_on_outputs(params, specs[i][1], pool, X, y, y_model, tr,
                                              **kw, **fast[i])
                     raw[i, va], unseen[i, va] = _held_out_losses(
                         fitted, Z[rows], X[rows], y_model[rows], task, standardize, dtype
@@ -394,13 +377,8 @@ def fit_estimator(
 
     name, agg = specs[winner]
     t0 = time.perf_counter()
-    result = _fit_on_outputs(params, agg, Z, X, y, y_model, np.arange(n), **kw)
+    result = _fit_on_outputs(params, agg, pool, X, y, y_model, np.arange(n), **kw)
     final_seconds = time.perf_counter() - t0
-    # The stored columns stood in for the pool: the estimator keeps the real one.
-    result.base_models = pool.base_models
-    result.estimators = pool.estimators
-    result.named_estimators = pool.named_estimators
-    result.fitted_inside = pool.fitted_inside
 
     table = pd.DataFrame({
         "estimate": mean_over_scored(charged),

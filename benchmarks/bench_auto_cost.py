@@ -41,13 +41,13 @@ def main(argv=None) -> None:
     log: list = []
     inner = A._fit_on_outputs
 
-    def timed(params, agg, Z, X, y, y_model, rows, **kw):
+    def timed(params, agg, pool, X, y, y_model, rows, **kw):
         t0 = time.perf_counter()
         try:
-            return inner(params, agg, Z, X, y, y_model, rows, **kw)
+            return inner(params, agg, pool, X, y, y_model, rows, **kw)
         finally:
             name = type(agg).__name__ + str(getattr(agg, "n_rounds", ""))
-            kind = "final" if len(rows) == Z.shape[0] else "fold"
+            kind = "final" if len(rows) == len(pool.outputs) else "fold"
             log.append((name, kind, time.perf_counter() - t0))
 
     A._fit_on_outputs = timed

@@ -81,9 +81,9 @@ def test_each_row_is_scored_by_fits_that_never_saw_it(monkeypatch, frozen_pool, 
     fits = []
     real = auto_module._fit_on_outputs
 
-    def spy(params, agg, Z, X, y, y_model, rows, **kw):
+    def spy(params, agg, pool, X, y, y_model, rows, **kw):
         fits.append((type(agg).__name__, np.array(rows), kw.get("max_outer_iter")))
-        return real(params, agg, Z, X, y, y_model, rows, **kw)
+        return real(params, agg, pool, X, y, y_model, rows, **kw)
 
     monkeypatch.setattr(auto_module, "_fit_on_outputs", spy)
     monkeypatch.setattr(auto_module, "RACE_STANDARD_ERRORS", np.inf)  # every fold of each
@@ -113,10 +113,10 @@ def test_fold_fits_take_each_candidates_own_step_bound_under_the_estimators(
     steps = {}
     real = auto_module._fit_on_outputs
 
-    def spy(params, agg, Z, X, y, y_model, rows, **kw):
+    def spy(params, agg, pool, X, y, y_model, rows, **kw):
         if len(rows) < len(y):  # a fold fit, not the winner's
             steps.setdefault(type(agg).__name__, set()).add(kw["max_outer_iter"])
-        return real(params, agg, Z, X, y, y_model, rows, **kw)
+        return real(params, agg, pool, X, y, y_model, rows, **kw)
 
     monkeypatch.setattr(auto_module, "_fit_on_outputs", spy)
     monkeypatch.setattr(auto_module, "RACE_STANDARD_ERRORS", np.inf)
