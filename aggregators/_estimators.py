@@ -274,10 +274,10 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         ``"auto"`` fits the candidates of :data:`aggregators.auto.CANDIDATES`
         (the best single model, stacking, greedy ensemble selection, convex
         weights, a Choquet integral; those that cannot serve the task are
-        skipped) on 3 outer folds of the rows, each with one inner split and at
+        skipped) on 2 outer folds of the rows, each with one inner split and at
         most 3 outer steps, scores each row with the fits that did not see it,
         keeps the first candidate in that order whose mean held-out loss is
-        within three standard errors (of the paired difference) of the
+        within two standard errors (of the paired difference) of the
         lowest, and fits it on all rows as the other parameters say.
         ``candidates_`` reports the race. It cannot be combined with a
         ``hyperparams`` dict or ``tune_ranges``, which name one function's
@@ -436,7 +436,7 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         with the reason, the held-out ``row_losses`` and ``error_losses``
         (candidates x compared rows; NaN where not fitted) and
         ``compared_rows``, the rows they were compared on: all of them, or
-        on more than ``3 * max_tuning_rows`` rows (``N_OUTER`` outer folds)
+        on more than ``2 * max_tuning_rows`` rows (``N_OUTER`` outer folds)
         a stratified subsample of that many, each outer fold's training part
         then holding the rows a fit tunes on (the winner is fitted on all).
     hyperparams_ : dict

@@ -11,7 +11,7 @@ the loss the candidate would pay there on an error (see :func:`_charged`):
 candidate that turned error-free rows into near-certainty would otherwise
 look perfect. The candidates are compared on those losses row by row
 (paired), and the first candidate in the order of preference whose mean
-is within ``N_STANDARD_ERRORS`` (three) standard errors of the best one's
+is within ``N_STANDARD_ERRORS`` (two) standard errors of the best one's
 is kept (see :data:`CANDIDATES` for the order). The winner is then fitted on all rows as
 the estimator's own parameters say.
 
@@ -67,8 +67,12 @@ CANDIDATES: tuple[tuple[str, Any], ...] = (
     ("choquet", lambda: resolve_aggregator("choquet")),
 )
 
-#: Outer folds of the honest estimate.
-N_OUTER = 3
+#: Outer folds of the honest estimate. Two: each candidate's fold fits then
+#: see half the rows, a handicap for the candidates that fit more parameters
+#: on small sets, which the smaller margin that goes with two folds
+#: (``N_STANDARD_ERRORS``) offsets, at two thirds of the fold fits of three
+#: (``benchmarks/bench_regret.py --n-outer`` compares counts of folds).
+N_OUTER = 2
 #: Bound on the outer (hyperparameter) steps of a candidate fitted on an outer
 #: fold: the estimate needs a good fit, not the last digit of the tuning.
 OUTER_STEPS = 3
@@ -88,8 +92,9 @@ FOLD_OUTER_STEPS: dict[str, int] = {"choquet": 2}
 #: datasets where it is no worse than the best single model and greedy
 #: selection, then by its mean regret. Smaller margins gain more on average
 #: where blends help and lose on small sets where the estimate favours blends
-#: that the test rows do not.
-N_STANDARD_ERRORS = 3.0
+#: that the test rows do not. The margin goes with ``N_OUTER``: with three
+#: folds the same procedure chose three.
+N_STANDARD_ERRORS = 2.0
 #: Racing: after each outer fold but the last, a candidate whose estimate on
 #: the rows scored so far is more than this many standard errors (of its
 #: paired difference) above the best one's is dropped (one that tunes no
