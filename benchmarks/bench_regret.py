@@ -18,7 +18,7 @@ regression). Printed per dataset, as means over the seeds:
 * ``auto`` as fitted, next to other rules applied to the same fits: the
   lowest tuned validation loss (``by val. loss``), the lowest estimate
   (``argmin``), the first candidate in auto's order within 0.5, 1 or 2
-  standard errors of the lowest estimate (auto uses ``N_STANDARD_ERRORS``, 1.5), and
+  standard errors of the lowest estimate (auto uses ``N_STANDARD_ERRORS``), and
   ``1 se`` with greedy selection before the single model; and auto's fit
   time over stacking's. The estimate is auto's (``candidates_["estimate"]``:
   held-out losses charged for the errors the rows cannot show); a candidate
