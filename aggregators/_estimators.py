@@ -275,7 +275,7 @@ class AggregatedClassifier(ClassifierMixin, _BaseAggregated):
         (the best single model, stacking, greedy ensemble selection, convex
         weights, a Choquet integral; those that cannot serve the task are
         skipped) on 2 outer folds of the rows, each with one inner split and at
-        most 3 outer steps, scores each row with the fits that did not see it,
+        most 2 outer steps, scores each row with the fits that did not see it,
         keeps the first candidate in that order whose mean held-out loss is
         within two standard errors (of the paired difference) of the
         lowest, and fits it on all rows as the other parameters say.

@@ -17,7 +17,7 @@ the estimator's own parameters say.
 
 The base models' outputs are computed once; every candidate fit reuses them.
 Candidate fits on the outer folds use one inner split (``cv=None``) and at most
-``OUTER_STEPS`` outer steps (``FOLD_OUTER_STEPS`` for the dearest), and the
+``OUTER_STEPS`` outer steps (``FOLD_OUTER_STEPS`` where it names one), and the
 candidates race: after each fold, one clearly worse than the best so far, or
 clearly beaten by one the rule prefers to it, is not fitted on the next
 folds, so that the whole choice costs a few fits of ``stacking`` (see
@@ -75,15 +75,15 @@ CANDIDATES: tuple[tuple[str, Any], ...] = (
 N_OUTER = 2
 #: Bound on the outer (hyperparameter) steps of a candidate fitted on an outer
 #: fold: the estimate needs a good fit, not the last digit of the tuning.
-OUTER_STEPS = 3
+#: More steps tune a fold fit further to its one inner split, which the
+#: held-out rows then pay for (``benchmarks/bench_regret.py --outer-steps``).
+OUTER_STEPS = 2
 #: Outer steps of the fold fits of the candidates named here, instead of
-#: ``OUTER_STEPS``. ``choquet``'s fold fits are still the dearest of the
-#: candidates' (more parameters, and a Newton solve per step): they stop a
-#: step earlier, where a third step changed no choice on the regret
-#: benchmarks. Too few steps leave its estimate that of a barely tuned fit,
-#: which moves the reference the rule measures the simpler candidates against
-#: (the trade-off: ``benchmarks/bench_regret.py --fold-steps choquet=K``).
-FOLD_OUTER_STEPS: dict[str, int] = {"choquet": 2}
+#: ``OUTER_STEPS`` (none by default). Fewer steps make a dear candidate's
+#: fold fits cheaper, but leave its estimate that of a barely tuned fit,
+#: which moves the reference the rule measures the simpler candidates
+#: against (the trade-off: ``benchmarks/bench_regret.py --fold-steps NAME=K``).
+FOLD_OUTER_STEPS: dict[str, int] = {}
 #: Standard errors of the paired difference within which a simpler candidate
 #: is preferred to the one with the lowest estimate. Chosen by
 #: leave-one-dataset-out over 0 to 5 on the out-of-fold losses of
