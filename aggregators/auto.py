@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import replace
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -92,8 +92,8 @@ FOLD_OUTER_STEPS: dict[str, int] = {}
 #: datasets where it is no worse than the best single model and greedy
 #: selection, then by its mean regret. Smaller margins gain more on average
 #: where blends help and lose on small sets where the estimate favours blends
-#: that the test rows do not. The margin goes with ``N_OUTER``: with three
-#: folds the same procedure chose three.
+#: that the test rows do not. The margin goes with ``N_OUTER`` (the share of
+#: the rows each fold fit sees): change them together.
 N_STANDARD_ERRORS = 2.0
 #: Racing: after each outer fold but the last, a candidate whose estimate on
 #: the rows scored so far is more than this many standard errors (of its
